@@ -1,0 +1,155 @@
+"""UNet architectures known by name, and the tiny models built in code.
+
+The public Stable Diffusion configs are written out here so that `dreamcache inspect` and the
+tests can build the real structures (on the meta device, no weights) without any download.
+The tiny pipeline is the bundled default model until the project ships trained weights: it has
+the Stable Diffusion layout (cross-attention down blocks, a mid block, cross-attention up
+blocks) at a size that runs in well under a second on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# Public `unet/config.json` of runwayml/stable-diffusion-v1-5.
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    norm_num_groups=32,
+)
+
+# Public `unet/config.json` of stabilityai/stable-diffusion-2-1-base (the authors' base model).
+SD21_UNET = dict(
+    SD15_UNET,
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+)
+
+# Public `unet/config.json` of stabilityai/stable-diffusion-xl-base-1.0.
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+ARCHITECTURES: dict[str, dict] = {"sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET}
+
+# Latent channels are downsampled by 2 per VAE block after the first: SD's 4-block VAE gives 8.
+SD_VAE_SCALE = 8
+
+
+def unet_config(architecture: str) -> dict:
+    try:
+        return dict(ARCHITECTURES[architecture])
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
+        ) from None
+
+
+def build_unet(architecture: str, device: str | torch.device = "meta") -> UNet2DConditionModel:
+    """The named UNet with random weights; on the meta device by default (no memory used)."""
+    with torch.device(device):
+        return UNet2DConditionModel(**unet_config(architecture))
+
+
+# --- the tiny model ----------------------------------------------------------------------
+
+TINY_RESOLUTION = 64
+TINY_UNET = dict(
+    sample_size=TINY_RESOLUTION // 2,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    attention_head_dim=8,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+)
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    """A CLIP vocabulary of single byte-level characters: every text tokenizes, no merges needed."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    symbols = [chr(c) for c in codes]
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=77)
+
+
+def build_tiny_pipeline_components(seed: int = 0, resolution: int = TINY_RESOLUTION) -> dict:
+    """Components of a tiny randomly initialised SD pipeline, deterministic for a seed.
+
+    Its VAE downsamples by 2, so the latent side is resolution / 2.
+    """
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    unet = UNet2DConditionModel(**dict(TINY_UNET, sample_size=resolution // 2))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)

@@ -1,0 +1,86 @@
+"""Settings, in one typed object, read from `DREAMCACHE_*` environment variables and a TOML file.
+
+Precedence: explicit arguments, then environment variables, then the file named by
+`DREAMCACHE_CONFIG` (TOML, same field names without the prefix), then the defaults below.
+The CLI, the flows and the tests all build their settings here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+BUNDLED_MODEL = "bundled:tiny-random"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DREAMCACHE_", extra="forbid", validate_default=True)
+
+    home: Path = Field(
+        default=Path("~/.dreamcache"),
+        description="Data directory of the embedded default: models, caches, outputs (and later the database).",
+    )
+    base_model: str = Field(
+        default=BUNDLED_MODEL,
+        description="Base Stable Diffusion pipeline: a local diffusers directory, a hub id, or the bundled model.",
+    )
+    adapter: str | None = Field(
+        default=None,
+        description="DreamCache adapter directory (adapter_config.json + adapter_model.safetensors); "
+        "None uses the bundled model's adapters.",
+    )
+    preset: str = Field(default="default", description="Layer preset for freshly initialised adapters.")
+    device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="'auto' is float16 on CUDA and float32 on CPU."
+    )
+    sam_checkpoint: Path | None = Field(default=None, description="Segment Anything checkpoint file.")
+    clip_model: str | None = Field(default=None, description="CLIP ViT-B/32 scorer: local directory or hub id.")
+    dino_model: str | None = Field(default=None, description="DINO ViT-S/16 scorer: local directory or hub id.")
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = os.environ.get("DREAMCACHE_CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"DREAMCACHE_CONFIG names {config_file}, which is not a file")
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
+        return sources
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if self.torch_device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.home / "outputs"

@@ -1,0 +1,46 @@
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from dreamcache.architectures import build_tiny_pipeline_components, build_unet
+from dreamcache.pipeline import DreamCachePipeline
+
+TEST_RESOLUTION = 32
+
+
+def make_tiny_pipeline(seed: int = 0) -> DreamCachePipeline:
+    pipe = DreamCachePipeline(
+        **build_tiny_pipeline_components(seed=seed, resolution=TEST_RESOLUTION),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_pipe() -> DreamCachePipeline:
+    """A fresh tiny pipeline with freshly initialised default adapters (fp32, CPU)."""
+    pipe = make_tiny_pipeline()
+    torch.manual_seed(1)
+    pipe.load_dreamcache(preset="default")
+    return pipe
+
+
+def product_image(color=(200, 30, 40), size=(96, 80), shape="ellipse") -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    box = (size[0] // 5, size[1] // 6, size[0] * 4 // 5, size[1] * 5 // 6)
+    (draw.ellipse if shape == "ellipse" else draw.rectangle)(box, fill=color)
+    return image
+
+
+@pytest.fixture(scope="session")
+def sd15_unet():
+    return build_unet("sd15")
+
+
+@pytest.fixture(scope="session")
+def sd21_unet():
+    return build_unet("sd21")

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dreamcache.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("architecture", ["sd15", "sd21"])
+def test_inspect_reports_the_released_adapter(architecture):
+    result = runner.invoke(app, ["inspect", "--architecture", architecture, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["adapter_parameters"] == 25_207_040
+    assert report["cache_values"] == 3_031_040 and report["cache_bytes"] == 6_062_080
+    assert [(layer["name"], layer["tokens"], layer["channels"]) for layer in report["layers"]] == [
+        ("mid_block.attentions.0", 64, 1280), ("up_blocks.1.attentions.1", 256, 1280),
+        ("up_blocks.2.attentions.0", 1024, 640), ("up_blocks.2.attentions.2", 1024, 640),
+        ("up_blocks.3.attentions.1", 4096, 320),
+    ]
+
+
+def test_inspect_text_and_resolution():
+    result = runner.invoke(app, ["inspect", "--architecture", "sd15", "--resolution", "768", "--preset", "middle"])
+    assert result.exit_code == 0, result.output
+    assert "adapter parameters: 9,835,520" in result.output
+    assert "144 x 1280" in result.output  # 768 / 8 / 8 = 12, 12 * 12 = 144
+
+
+def test_inspect_reads_only_the_unet_config_of_a_base(tmp_path):
+    from tests.conftest import make_tiny_pipeline
+
+    make_tiny_pipeline().unet.save_config(tmp_path / "base" / "unet")
+    result = runner.invoke(app, ["inspect", "--base", str(tmp_path / "base"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert [layer["name"] for layer in json.loads(result.output)["layers"]] == [
+        "mid_block.attentions.0", "up_blocks.1.attentions.1", "up_blocks.2.attentions.1"
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "exactly one of --architecture or --base"),
+        (["--architecture", "sd3"], "unknown architecture 'sd3'"),
+        (["--architecture", "sd15", "--preset", "most"], "unknown layer preset 'most'"),
+        (["--base", "/nonexistent/model"], "no UNet config under /nonexistent/model"),
+    ],
+)
+def test_inspect_errors(args, message):
+    result = runner.invoke(app, ["inspect", *args])
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_demo_writes_shots_and_a_contact_sheet(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMCACHE_HOME", str(tmp_path / "home"))
+    result = runner.invoke(app, ["demo", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "home" / "outputs" / "demo"
+    shots = sorted(out.glob("shot-*.png"))
+    assert len(shots) == 4 and all(Image.open(p).size == (64, 64) for p in shots)
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width >= 5 * 256
+    assert f"contact sheet: {out / 'contact_sheet.png'}" in result.output
+    assert "images are noise" in result.output
+    # The bundled model went through the real loading path: a diffusers directory on disk.
+    assert (tmp_path / "home" / "models" / "tiny-random" / "model_index.json").is_file()
