@@ -153,3 +153,48 @@ def build_tiny_pipeline_components(seed: int = 0, resolution: int = TINY_RESOLUT
         steps_offset=1,
     )
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+# --- full-size pipelines with random weights (speed and memory measurements) --------------------
+
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+# CLIP ViT-L/14 text tower (SD 1.5) and OpenCLIP ViT-H/14 (SD 2.1), penultimate layer included.
+TEXT_ENCODERS = {
+    "sd15": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="quick_gelu"),
+    "sd21": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 hidden_act="gelu"),
+}
+
+
+def build_random_pipeline_components(architecture: str = "sd15", seed: int = 0) -> dict:
+    """A full-size SD 1.5 / 2.1 pipeline with random weights: real shapes and cost, no download.
+
+    The tokenizer is the tiny byte-level one (the real vocabulary is a download); the text
+    encoder keeps the real width and depth, so its cost is the real one.
+    """
+    if architecture not in TEXT_ENCODERS:
+        raise ValueError(f"random full-size pipelines exist for {', '.join(TEXT_ENCODERS)}, not {architecture!r}")
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT_ENCODERS[architecture],
+        )
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return dict(unet=UNet2DConditionModel(**unet_config(architecture)), vae=AutoencoderKL(**SD_VAE),
+                text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)

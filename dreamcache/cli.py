@@ -101,4 +101,5 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     app()
