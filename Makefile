@@ -3,13 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install postgres clean
 
 demo: $(VENV)/.installed
 	$(BIN)/dreamcache demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed postgres
 	$(BIN)/pytest
+
+# The tests start a real PostgreSQL server from Debian's binaries; install them if they are missing.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  { echo "The tests need PostgreSQL's server binaries: sudo apt-get install postgresql" >&2; exit 1; }
 
 install: $(VENV)/.installed
 

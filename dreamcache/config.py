@@ -25,6 +25,16 @@ class Settings(BaseSettings):
         default=Path("~/.dreamcache"),
         description="Data directory of the embedded default: models, caches, outputs (and later the database).",
     )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the platform database; default: a SQLite file in `home`. "
+        "Production: postgresql+psycopg://user@host/db (password from the URL or PGPASSWORD).",
+    )
+    objects_url: str | None = Field(
+        default=None,
+        description="Object storage root: s3://bucket/prefix, or a local directory; default: `home`/objects. "
+        "S3 endpoint and credentials come from the standard AWS environment and config.",
+    )
     base_model: str = Field(
         default=BUNDLED_MODEL,
         description="Base Stable Diffusion pipeline: a local diffusers directory, a hub id, or the bundled model.",
@@ -76,6 +86,14 @@ class Settings(BaseSettings):
         if self.dtype == "auto":
             return torch.float16 if self.torch_device.type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'dreamcache.db'}"
+
+    @property
+    def resolved_objects_url(self) -> str:
+        return self.objects_url or str(self.home / "objects")
 
     @property
     def models_dir(self) -> Path:

@@ -1,39 +1,21 @@
+import itertools
+import os
+
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
-from dreamcache.architectures import build_tiny_pipeline_components, build_unet
-from dreamcache.pipeline import DreamCachePipeline
-
-TEST_RESOLUTION = 32
-
-
-def make_tiny_pipeline(seed: int = 0) -> DreamCachePipeline:
-    pipe = DreamCachePipeline(
-        **build_tiny_pipeline_components(seed=seed, resolution=TEST_RESOLUTION),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from dreamcache.architectures import build_unet
+from tests.helpers import make_tiny_pipeline
+from tests.servers import PostgresServer
 
 
 @pytest.fixture
-def tiny_pipe() -> DreamCachePipeline:
+def tiny_pipe():
     """A fresh tiny pipeline with freshly initialised default adapters (fp32, CPU)."""
     pipe = make_tiny_pipeline()
     torch.manual_seed(1)
     pipe.load_dreamcache(preset="default")
     return pipe
-
-
-def product_image(color=(200, 30, 40), size=(96, 80), shape="ellipse") -> Image.Image:
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    box = (size[0] // 5, size[1] // 6, size[0] * 4 // 5, size[1] * 5 // 6)
-    (draw.ellipse if shape == "ellipse" else draw.rectangle)(box, fill=color)
-    return image
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +26,64 @@ def sd15_unet():
 @pytest.fixture(scope="session")
 def sd21_unet():
     return build_unet("sd21")
+
+
+# --- real servers ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    server = PostgresServer().start()
+    yield server
+    server.destroy()
+
+
+_database_names = itertools.count()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """An empty database of its own on the suite's PostgreSQL server."""
+    return postgres_server.create_database(f"test_{os.getpid()}_{next(_database_names)}")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'dreamcache.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request):
+    """An empty database, once on SQLite and once on PostgreSQL."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server over real HTTP, with test credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            env.setenv(name, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        yield endpoint
+        server.stop()
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    import boto3
+
+    name = f"dreamcache-test-{next(_buckets)}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name

@@ -3,7 +3,7 @@ import torch
 
 from dreamcache.adapter import DreamCacheAttnProcessor, dreamcache_processors, remove_dreamcache, set_memory, use_memory
 from dreamcache.cache import collate_memory
-from tests.conftest import make_tiny_pipeline, product_image
+from tests.helpers import make_tiny_pipeline, product_image
 
 
 def unet_inputs(pipe, batch: int, seed: int = 0):

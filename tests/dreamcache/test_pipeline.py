@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 from dreamcache.errors import AdapterWeightsError
 from dreamcache.weights import CONFIG_NAME, WEIGHTS_NAME, expected_shapes
-from tests.conftest import TEST_RESOLUTION, make_tiny_pipeline, product_image
+from tests.helpers import TEST_RESOLUTION, make_tiny_pipeline, product_image
 
 
 def generate(pipe, prompts, subjects, seeds, **kwargs):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from dreamcache.errors import ReferenceImageError
 from dreamcache.images import foreground_box, load_reference, open_image
-from tests.conftest import product_image
+from tests.helpers import product_image
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -5,7 +5,7 @@ import torch
 
 from dreamcache.cache import FeatureCache, model_fingerprint
 from dreamcache.errors import CacheError
-from tests.conftest import TEST_RESOLUTION, make_tiny_pipeline, product_image
+from tests.helpers import TEST_RESOLUTION, make_tiny_pipeline, product_image
 
 
 def test_cache_holds_each_layers_input_tokens(tiny_pipe):

@@ -4,7 +4,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from dreamcache.guidance import combine, combined_guidance, joint_guidance
-from tests.conftest import make_tiny_pipeline, product_image
+from tests.helpers import make_tiny_pipeline, product_image
 
 
 def test_combined_guidance_by_hand():

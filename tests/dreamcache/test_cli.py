@@ -31,7 +31,7 @@ def test_inspect_text_and_resolution():
 
 
 def test_inspect_reads_only_the_unet_config_of_a_base(tmp_path):
-    from tests.conftest import make_tiny_pipeline
+    from tests.helpers import make_tiny_pipeline
 
     make_tiny_pipeline().unet.save_config(tmp_path / "base" / "unet")
     result = runner.invoke(app, ["inspect", "--base", str(tmp_path / "base"), "--json"])

@@ -1,0 +1,221 @@
+"""Object storage behind one small interface: `s3://bucket/prefix` or a local directory.
+
+S3 (or MinIO, or any S3-compatible endpoint) goes through boto3: endpoint, region and credentials
+come from the standard AWS environment and config files (`AWS_ENDPOINT_URL`, `AWS_PROFILE`, ...),
+never from this project's settings or logs. Throttling, 5xx answers and dropped connections are
+retried with exponential backoff by botocore's standard retry mode; large objects go up in
+multipart uploads. Every object records its sha256, and reads verify it.
+
+Keys are relative, '/'-separated, and can never leave the store's root or prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+from urllib.parse import urlparse
+
+SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256 on S3, a sidecar attribute locally
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+
+
+class ObjectStoreError(RuntimeError):
+    """An object is missing, corrupt, or could not be written; the message names its URI."""
+
+
+class ObjectNotFound(ObjectStoreError, KeyError):
+    pass
+
+
+class CorruptObject(ObjectStoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    uri: str
+    size: int
+    sha256: str
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def clean_key(key: str) -> str:
+    """The key itself if it is a plain relative path; an error if it could escape the store's root."""
+    parts = key.split("/")
+    if not key or "\x00" in key or "\\" in key or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(
+            f"invalid object key {key!r}: use a relative '/'-separated path without empty, '.' or '..' parts"
+        )
+    return key
+
+
+class ObjectStore(Protocol):
+    url: str
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject: ...
+    def get(self, key: str, expected_sha256: str | None = None) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+    def uri(self, key: str) -> str: ...
+    def public_url(self, key: str, expires_s: int = 3600) -> str: ...
+
+
+def _verify(uri: str, data: bytes, expected: str | None) -> bytes:
+    if expected is not None and sha256_hex(data) != expected:
+        raise CorruptObject(f"{uri} is corrupt: sha256 {sha256_hex(data)[:12]}... expected {expected[:12]}...")
+    return data
+
+
+class LocalStore:
+    """A directory: writes are atomic (temporary file, then rename)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / clean_key(key)).resolve()
+        if not path.is_relative_to(self.root):  # a symlink inside the root pointing out of it
+            raise ValueError(f"object key {key!r} resolves outside {self.root}")
+        return path
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def public_url(self, key: str, expires_s: int = 3600) -> str:
+        return self.uri(key)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+        return StoredObject(clean_key(key), path.as_uri(), len(data), sha256_hex(data))
+
+    def get(self, key: str, expected_sha256: str | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{path.as_uri()} does not exist") from None
+        return _verify(path.as_uri(), data, expected_sha256)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        folder = prefix.rpartition("/")[0]
+        start = self._path(folder) if folder else self.root
+        for path in sorted(start.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):  # dot-files are in-flight writes
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield key
+
+
+class S3Store:
+    """`s3://bucket/prefix` through boto3, with retries, multipart uploads and sha256 checks."""
+
+    def __init__(self, url: str, client=None, max_attempts: int = 8):
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ValueError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client(
+                "s3",
+                config=Config(retries={"mode": "standard", "max_attempts": max_attempts},
+                              connect_timeout=10, read_timeout=60),
+            )
+        self.client = client
+
+    def _key(self, key: str) -> str:
+        key = clean_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def public_url(self, key: str, expires_s: int = 3600) -> str:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
+        )
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
+        from boto3.s3.transfer import TransferConfig
+
+        digest = sha256_hex(data)
+        full_key = self._key(key)
+        try:
+            self.client.upload_fileobj(
+                io.BytesIO(data), self.bucket, full_key,
+                ExtraArgs={"ContentType": content_type, "Metadata": {SHA256_METADATA: digest}},
+                Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD),
+            )
+        except Exception as exc:
+            raise ObjectStoreError(f"upload of s3://{self.bucket}/{full_key} failed: {exc}") from exc
+        return StoredObject(clean_key(key), f"s3://{self.bucket}/{full_key}", len(data), digest)
+
+    def get(self, key: str, expected_sha256: str | None = None) -> bytes:
+        uri = self.uri(key)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            raise ObjectNotFound(f"{uri} does not exist") from None
+        data = response["Body"].read()
+        recorded = response.get("Metadata", {}).get(SHA256_METADATA)
+        _verify(uri, data, recorded)
+        return _verify(uri, data, expected_sha256)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
+            for item in page.get("Contents", []):
+                yield item["Key"][len(root):]
+
+
+def open_store(url: str) -> ObjectStore:
+    """`s3://bucket/prefix` -> S3Store; `file:///path` or a plain path -> LocalStore."""
+    if url.startswith("s3://"):
+        return S3Store(url)
+    if url.startswith("file://"):
+        return LocalStore(urlparse(url).path)
+    if "://" in url:
+        raise ValueError(f"unsupported object storage URL {url!r}: use s3://bucket/prefix or a local path")
+    return LocalStore(url)

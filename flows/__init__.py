@@ -1,0 +1,1 @@
+"""Orchestration: composes the model library (`dreamcache`) and persistence (`db`)."""
