@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +19,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _quiet_third_parties() -> None:
+    """Personalised product shots from cached reference features."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Loading bars and notices from diffusers/transformers drown the command's own output. The
+    # variables take effect when those libraries are imported (commands import them lazily, so
+    # `dreamcache db ...` never pays for torch); already imported ones are told directly.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("diffusers", "transformers"):
+        if name in sys.modules:
+            library_logging = importlib.import_module(f"{name}.utils.logging")
+            library_logging.set_verbosity_error()
+            library_logging.disable_progress_bar()
 
 
 def _fail(message: str) -> None:
@@ -92,14 +112,100 @@ def convert_checkpoint(
     typer.echo(f"converted {len(config.layers)} layers (preset {config.preset!r}) to {dst}")
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # Loading bars and notices from diffusers/transformers drown the command's own output.
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+@app.command()
+def segment(
+    images: list[Path] = typer.Argument(..., help="Product photos."),
+    output: Path = typer.Option(Path("segmented"), help="Folder for <name>.mask.png and <name>.subject.png."),
+    category: Optional[str] = typer.Option(None, help="Product category, for the text-grounded detector."),
+    resolution: int = typer.Option(512, min=16, help="Side of the subject-on-white image."),
+) -> None:
+    """Cut products out: mask, quality figures and the subject on white (bad items are reported, not fatal)."""
+    from PIL import Image
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    from dreamcache.config import Settings
+    from dreamcache.images import open_image
+    from dreamcache.models import load_segmenter
+
+    segmenter = load_segmenter(Settings())
+    output.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in images:
+        try:
+            image = open_image(path)
+            result = segmenter.segment(image, category, name=str(path))
+        except DreamCacheError as exc:
+            failed += 1
+            typer.secho(f"rejected {exc}", fg=typer.colors.RED, err=True)
+            continue
+        Image.fromarray(result.mask).save(output / f"{path.stem}.mask.png")
+        result.subject_on_white(image, resolution).save(output / f"{path.stem}.subject.png")
+        notes = "; ".join(result.warnings) or "ok"
+        typer.echo(f"{path}: {result.method}, area {result.area_fraction:.1%}, "
+                   f"largest part {result.largest_component_share:.0%}: {notes}")
+    typer.echo(f"{len(images) - failed} segmented, {failed} rejected; written to {output}")
+
+
+@app.command()
+def score(
+    generated: Path = typer.Argument(..., help="A generated image."),
+    reference: Path = typer.Argument(..., help="The reference image of its subject."),
+    prompt: str = typer.Option(..., help="The prompt it was generated from."),
+    category: Optional[str] = typer.Option(None, help="Subject category, for the masked metrics."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """DINO, CLIP-I, CLIP-T and the masked MDINO, MCLIP-I of one image (models from the settings)."""
+    import json
+
+    from dreamcache.config import Settings
+    from dreamcache.images import open_image
+    from dreamcache.models import load_scorer
+
+    scorer = load_scorer(Settings())
+    if not scorer.available:
+        _fail("no scorer models configured: set DREAMCACHE_CLIP_MODEL and/or DREAMCACHE_DINO_MODEL (see docs/models.md)")
+    try:
+        (scores,) = scorer.score([open_image(generated)], [open_image(reference)], [prompt], [category],
+                                 names=[str(generated)])
+    except DreamCacheError as exc:
+        _fail(str(exc))
+    values = {s.label: round(s.value, 4) for s in scores}
+    typer.echo(json.dumps(values) if json_output else "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+
+
+@app.command("eval")
+def evaluate(
+    dataset: Path = typer.Argument(..., help="DreamBench folder: one folder per subject + prompts_and_classes.txt."),
+    output: Path = typer.Option(Path("eval"), help="Where the images, CSVs and table.md go."),
+    images_per_prompt: int = typer.Option(4, min=1, help="Images per subject-prompt pair (the paper: 4)."),
+    steps: int = typer.Option(50, min=1, max=1000, help="Denoising steps."),
+    guidance: str = typer.Option("combined", help="combined (3 evaluations a step) or joint (2)."),
+    text_scale: float = typer.Option(7.5, help="Text guidance scale."),
+    image_scale: Optional[float] = typer.Option(None, help="Image guidance scale (combined; default 0.35)."),
+    seed: int = typer.Option(0, help="First seed."),
+    max_subjects: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N subjects."),
+    max_prompts: Optional[int] = typer.Option(None, min=1, help="Use only the first N prompts of each kind."),
+    batch_size: int = typer.Option(8, min=1, help="Images per generation batch."),
+) -> None:
+    """Generate and score DreamBench: writes Table 2 (DINO, CLIP-I, CLIP-T) and the masked table."""
+    from dreamcache.config import Settings
+    from dreamcache.evaluation import EvalSettings, run_eval
+    from dreamcache.models import load_pipeline, load_scorer, load_segmenter
+
+    settings = Settings()
+    segmenter = load_segmenter(settings)
+    scorer = load_scorer(settings, segmenter)
+    if not scorer.available:
+        _fail("no scorer models configured: set DREAMCACHE_CLIP_MODEL and DREAMCACHE_DINO_MODEL (see docs/models.md)")
+    pipe = load_pipeline(settings)
+    options = EvalSettings(images_per_prompt, steps, guidance, text_scale, image_scale, seed, 0, batch_size,
+                           max_subjects, max_prompts)
+    try:
+        result = run_eval(pipe, scorer, segmenter, dataset, output, options, model_label=f"DreamCache ({settings.base_model})")
+    except (DreamCacheError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo((result.output_dir / "table.md").read_text())
+    typer.echo(f"written to {result.output_dir}")
+
+
+def main() -> None:
     app()

@@ -49,7 +49,15 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="'auto' is float16 on CUDA and float32 on CPU."
     )
-    sam_checkpoint: Path | None = Field(default=None, description="Segment Anything checkpoint file.")
+    sam_checkpoint: Path | None = Field(
+        default=None, description="Segment Anything checkpoint (.pth or .safetensors); unset: the border-colour segmenter."
+    )
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] | None = Field(
+        default=None, description="SAM size; unset: read from the checkpoint's file name."
+    )
+    detector_model: str | None = Field(
+        default=None, description="Text-grounded detector for SAM's box (OWL-ViT, OWLv2, Grounding DINO): directory or hub id."
+    )
     clip_model: str | None = Field(default=None, description="CLIP ViT-B/32 scorer: local directory or hub id.")
     dino_model: str | None = Field(default=None, description="DINO ViT-S/16 scorer: local directory or hub id.")
 

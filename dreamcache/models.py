@@ -9,6 +9,8 @@ from pathlib import Path
 from dreamcache.architectures import build_tiny_pipeline_components
 from dreamcache.config import BUNDLED_MODEL, Settings
 from dreamcache.pipeline import DreamCachePipeline
+from dreamcache.scoring import Scorer
+from dreamcache.segmentation import Segmenter, build_segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +44,22 @@ def materialise_bundled_model(models_dir: Path) -> tuple[Path, Path]:
     return base, adapter
 
 
-def load_pipeline(settings: Settings) -> DreamCachePipeline:
+def load_pipeline(settings: Settings, progress: bool = False) -> DreamCachePipeline:
     """The base pipeline with adapters attached, on the configured device and dtype."""
+    from diffusers.utils import logging as diffusers_logging
+
     base, adapter = settings.base_model, settings.adapter
     if base == BUNDLED_MODEL:
         bundled_base, bundled_adapter = materialise_bundled_model(settings.models_dir)
         base, adapter = str(bundled_base), adapter or str(bundled_adapter)
-    pipe = DreamCachePipeline.from_pretrained(base, dtype=settings.torch_dtype)
+    bars = diffusers_logging.is_progress_bar_enabled()
+    if not progress:
+        diffusers_logging.disable_progress_bar()  # diffusers has no per-call switch for its loading bar
+    try:
+        pipe = DreamCachePipeline.from_pretrained(base, dtype=settings.torch_dtype)
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
     pipe.to(settings.torch_device)
     if adapter:
         pipe.load_dreamcache(adapter)
@@ -56,3 +67,13 @@ def load_pipeline(settings: Settings) -> DreamCachePipeline:
         logger.warning("no adapter configured for %s: using untrained adapters (preset %r)", base, settings.preset)
         pipe.load_dreamcache(preset=settings.preset)
     return pipe
+
+
+def load_segmenter(settings: Settings) -> Segmenter:
+    return build_segmenter(settings.sam_checkpoint, settings.sam_model_type, settings.detector_model,
+                           settings.torch_device)
+
+
+def load_scorer(settings: Settings, segmenter: Segmenter | None = None) -> Scorer:
+    return Scorer(settings.clip_model, settings.dino_model, segmenter or load_segmenter(settings),
+                  settings.torch_device)

@@ -1,4 +1,5 @@
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -69,6 +70,7 @@ def test_two_concurrent_workers_never_claim_the_same_item(sessions):
             if not batch:
                 return
             claimed[worker] += batch
+            time.sleep(0.01)  # the "work": lets the other worker in between claims
             with transaction(sessions) as s:
                 for item in batch:
                     claims.complete(s, Generation, item, worker, output_uri=f"s3://out/{item}.png", duration_s=0.1)

@@ -68,3 +68,33 @@ def test_demo_writes_shots_and_a_contact_sheet(tmp_path, monkeypatch):
     assert "images are noise" in result.output
     # The bundled model went through the real loading path: a diffusers directory on disk.
     assert (tmp_path / "home" / "models" / "tiny-random" / "model_index.json").is_file()
+
+
+def test_segment_writes_masks_and_reports_rejections(tmp_path, monkeypatch):
+    from tests.helpers import scene
+
+    monkeypatch.delenv("DREAMCACHE_SAM_CHECKPOINT", raising=False)
+    good = tmp_path / "mug.png"
+    scene(background=(240, 240, 240))[0].save(good)
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(blank)
+    result = runner.invoke(app, ["segment", str(good), str(blank), "--output", str(tmp_path / "out"),
+                                 "--resolution", "64"])
+    assert result.exit_code == 0, result.output
+    assert "1 segmented, 1 rejected" in result.output and f"{blank}: mask is blank" in result.output
+    assert Image.open(tmp_path / "out" / "mug.subject.png").size == (64, 64)
+    assert (tmp_path / "out" / "mug.mask.png").is_file()
+
+
+def test_score_prints_every_metric(tmp_path, monkeypatch):
+    from tests.helpers import save_tiny_scorers, scene
+
+    clip, dino = save_tiny_scorers(tmp_path / "scorers")
+    monkeypatch.setenv("DREAMCACHE_CLIP_MODEL", clip)
+    monkeypatch.setenv("DREAMCACHE_DINO_MODEL", dino)
+    image = tmp_path / "shot.png"
+    scene(background=(240, 240, 240))[0].save(image)
+    result = runner.invoke(app, ["score", str(image), str(image), "--prompt", "a mug", "--category", "mug", "--json"])
+    assert result.exit_code == 0, result.output
+    values = json.loads(result.output.strip().splitlines()[-1])
+    assert set(values) == {"clip-i", "clip-t", "dino", "mclip-i", "mdino"} and values["dino"] == pytest.approx(1.0)
