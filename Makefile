@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 .PHONY: demo test install postgres clean
 
 demo: $(VENV)/.installed
-	$(BIN)/dreamcache demo
+	$(BIN)/dreamcache run --steps 25
 
 test: $(VENV)/.installed postgres
 	$(BIN)/pytest

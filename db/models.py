@@ -225,3 +225,14 @@ class Score(Timestamped, Base):
     scorer_model_id: Mapped[str]
 
     generation: Mapped[Generation] = relationship(lazy="raise")
+
+
+class RejectedItem(Timestamped, Base):
+    """An input a run could not use (a corrupt image, an unsegmentable product, a bad manifest row)."""
+
+    __tablename__ = "rejected_items"
+    __table_args__ = (Index("ix_rejected_items_run_id_stage", "run_id", "stage"),)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(16))  # "ingest", "segment", "cache", "plan"
+    item: Mapped[str] = mapped_column(String(1024))  # the SKU, URI or manifest row that was rejected
+    reason: Mapped[str] = mapped_column(Text)

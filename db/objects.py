@@ -67,6 +67,7 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str = "") -> Iterator[str]: ...
     def uri(self, key: str) -> str: ...
+    def key_of(self, uri: str) -> str: ...
     def public_url(self, key: str, expires_s: int = 3600) -> str: ...
 
 
@@ -91,6 +92,12 @@ class LocalStore:
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
+
+    def key_of(self, uri: str) -> str:
+        prefix = self.root.as_uri() + "/"
+        if not uri.startswith(prefix):
+            raise ValueError(f"{uri} is not in the object store {self.url}")
+        return clean_key(uri[len(prefix):])
 
     def public_url(self, key: str, expires_s: int = 3600) -> str:
         return self.uri(key)
@@ -156,6 +163,12 @@ class S3Store:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def key_of(self, uri: str) -> str:
+        prefix = f"s3://{self.bucket}/{self.prefix}/" if self.prefix else f"s3://{self.bucket}/"
+        if not uri.startswith(prefix):
+            raise ValueError(f"{uri} is not in the object store {self.url}")
+        return clean_key(uri[len(prefix):])
 
     def public_url(self, key: str, expires_s: int = 3600) -> str:
         return self.client.generate_presigned_url(

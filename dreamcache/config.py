@@ -35,6 +35,9 @@ class Settings(BaseSettings):
         description="Object storage root: s3://bucket/prefix, or a local directory; default: `home`/objects. "
         "S3 endpoint and credentials come from the standard AWS environment and config.",
     )
+    lease_seconds: int = Field(
+        default=600, ge=5, description="How long a worker holds a claimed item without renewing; then others may take it."
+    )
     base_model: str = Field(
         default=BUNDLED_MODEL,
         description="Base Stable Diffusion pipeline: a local diffusers directory, a hub id, or the bundled model.",

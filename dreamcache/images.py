@@ -23,33 +23,36 @@ WHITE_TOLERANCE = 12
 def open_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image as RGB, or raise an error naming the file and the problem."""
     if isinstance(source, Image.Image):
-        name, image = "<in-memory image>", source
-        _check_size(name, image.size, max_pixels)
-    else:
-        name = str(source)
-        path = Path(source)
-        if not path.exists():
-            raise ReferenceImageError(name, "file not found")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ReferenceImageError(name, f"cannot be read ({exc.strerror or exc})") from exc
-        if not data:
-            raise ReferenceImageError(name, "file is empty (0 bytes)")
-        try:
-            image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise ReferenceImageError(name, "not an image PIL can read (wrong format or not an image)") from None
-        except Image.DecompressionBombError as exc:  # PIL's own, far higher, limit
-            raise ReferenceImageError(name, f"is over the limit of {max_pixels:,} pixels ({exc})") from None
-        # The header gives the size before any pixel is decoded: refuse bombs before decoding them.
-        _check_size(name, image.size, max_pixels)
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ReferenceImageError(name, f"image data is truncated or corrupt ({exc})") from exc
-    image = ImageOps.exif_transpose(image)
-    return _to_rgb_on_white(image)
+        _check_size("<in-memory image>", source.size, max_pixels)
+        return _to_rgb_on_white(ImageOps.exif_transpose(source))
+    name = str(source)
+    path = Path(source)
+    if not path.exists():
+        raise ReferenceImageError(name, "file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ReferenceImageError(name, f"cannot be read ({exc.strerror or exc})") from exc
+    return decode_image(data, name, max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode image bytes (from a file, S3, ...) as RGB; `name` is what errors call the item."""
+    if not data:
+        raise ReferenceImageError(name, "file is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ReferenceImageError(name, "not an image PIL can read (wrong format or not an image)") from None
+    except Image.DecompressionBombError as exc:  # PIL's own, far higher, limit
+        raise ReferenceImageError(name, f"is over the limit of {max_pixels:,} pixels ({exc})") from None
+    # The header gives the size before any pixel is decoded: refuse bombs before decoding them.
+    _check_size(name, image.size, max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ReferenceImageError(name, f"image data is truncated or corrupt ({exc})") from exc
+    return _to_rgb_on_white(ImageOps.exif_transpose(image))
 
 
 def _check_size(name: str, size: tuple[int, int], max_pixels: int) -> None:

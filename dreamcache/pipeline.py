@@ -102,12 +102,13 @@ class DreamCachePipeline(StableDiffusionPipeline):
 
     # --- caching subjects ------------------------------------------------------------------
 
-    def cache_subject(self, references: References, seed: int = 0) -> FeatureCache:
-        return self.cache_subjects([references], seed=seed)[0]
+    def cache_subject(self, references: References, seed: int = 0, resolution: int | None = None) -> FeatureCache:
+        return self.cache_subjects([references], seed=seed, resolution=resolution)[0]
 
     @torch.no_grad()
     def cache_subjects(
-        self, subjects: Sequence[References], seed: int = 0, batch_size: int = 32, progress: bool = False
+        self, subjects: Sequence[References], seed: int = 0, batch_size: int = 32, progress: bool = False,
+        resolution: int | None = None,
     ) -> list[FeatureCache]:
         """Cache many subjects, their reference images batched through one UNet pass per batch.
 
@@ -115,6 +116,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         so a subject's cache does not depend on what else shares its batch.
         """
         preset = self._require_adapters()
+        resolution = resolution or self.resolution
         per_subject = [[refs] if isinstance(refs, (str, Path, Image.Image)) else list(refs) for refs in subjects]
         flat = [(i, k, ref) for i, refs in enumerate(per_subject) for k, ref in enumerate(refs)]
         device, dtype = self._execution_device, self.unet.dtype
@@ -123,7 +125,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         features: list[dict[str, torch.Tensor]] = []
         for start in tqdm(range(0, len(flat), batch_size), desc="caching", disable=not progress):
             batch = flat[start : start + batch_size]
-            images = [load_reference(ref, self.resolution) for _, _, ref in batch]
+            images = [load_reference(ref, resolution) for _, _, ref in batch]
             pixels = self.image_processor.preprocess(images).to(device=device, dtype=self.vae.dtype)
             latents = self.vae.encode(pixels).latent_dist.mode() * self.vae.config.scaling_factor
             generators = [torch.Generator(device).manual_seed(seed + k) for _, k, _ in batch]
@@ -145,7 +147,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
                 layers=tuple(layer.name for layer in self._dreamcache_layers),
                 timestep=CACHE_TIMESTEP,
                 noise_seed=seed,
-                resolution=self.resolution,
+                resolution=resolution,
                 dtype=str(dtype).removeprefix("torch."),
                 library_version=__version__,
                 references=len(refs),
@@ -167,6 +169,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         image_guidance_scale: float | None = None,
         num_inference_steps: int = 50,
         batch_size: int = 8,
+        resolution: int | None = None,
         output_type: str = "pil",
         progress: bool = True,
     ) -> DreamCacheOutput:
@@ -193,6 +196,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
                 if s is not None:
                     s.check_compatible(self.base_fingerprint, layer_names)
         image_scale = self._image_scale if image_guidance_scale is None else image_guidance_scale
+        resolution = resolution or self.resolution
 
         images, nsfw = [], []
         chunks = range(0, n, batch_size)
@@ -200,7 +204,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
             for start in chunks:
                 stop = start + batch_size
                 latents = self._sample(prompts[start:stop], subjects[start:stop], seeds[start:stop], guidance,
-                                       image_scale, guidance_scale, num_inference_steps, bar)
+                                       image_scale, guidance_scale, num_inference_steps, resolution, bar)
                 chunk, flags = self._decode(latents, output_type)
                 images += list(chunk)
                 nsfw += flags or []
@@ -208,7 +212,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
             images = torch.stack(images)
         return DreamCacheOutput(images=images, nsfw_content_detected=nsfw or None)
 
-    def _sample(self, prompts, subjects, seeds, guidance, image_scale, text_scale, steps, bar) -> torch.Tensor:
+    def _sample(self, prompts, subjects, seeds, guidance, image_scale, text_scale, steps, resolution, bar):
         device, dtype = self._execution_device, self.unet.dtype
         n = len(prompts)
         text = self.encode_prompt(prompts, device, 1, False)[0]  # (n, L, D)
@@ -224,7 +228,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
 
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         latents = self.prepare_latents(
-            n, self.unet.config.in_channels, self.resolution, self.resolution, dtype, device, generators
+            n, self.unet.config.in_channels, resolution, resolution, dtype, device, generators
         )
         self.scheduler.set_timesteps(steps, device=device)
         extra = self.prepare_extra_step_kwargs(generators, 0.0)

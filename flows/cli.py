@@ -1,6 +1,10 @@
-"""The full `dreamcache` command: the library's commands plus the platform's (database, runs)."""
+"""The full `dreamcache` command: the library's commands plus the platform's (runs, history, database)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
 
 import typer
 from sqlalchemy import make_url
@@ -11,6 +15,8 @@ from dreamcache.config import Settings
 app = library_cli.app
 db_app = typer.Typer(help="The platform database (SQLite embedded, PostgreSQL in production).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 
 def _safe(url: str) -> str:
@@ -37,6 +43,133 @@ def db_current() -> None:
 
     url = Settings().resolved_database_url
     typer.echo(f"{_safe(url)}: revision {migrate.current_revision(url)} (head: {migrate.head_revision(url)})")
+
+
+@app.command()
+def run(
+    source: Optional[str] = typer.Option(None, help="S3 prefix, local folder or manifest; default: the bundled example catalogue."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt template (repeatable)."),
+    prompt_file: Optional[str] = typer.Option(None, help="File or URI with one prompt template per line."),
+    images_per_prompt: int = typer.Option(2, help="Shots per product and prompt."),
+    seed: int = typer.Option(0, help="First seed."),
+    seed_policy: str = typer.Option("fixed", help="fixed or per-product."),
+    guidance: str = typer.Option("combined", help="combined or joint."),
+    text_scale: float = typer.Option(7.5, help="Text guidance scale."),
+    image_scale: float = typer.Option(0.35, help="Image guidance scale (combined)."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    resolution: Optional[int] = typer.Option(None, help="Image side; default: the model's."),
+    output_prefix: str = typer.Option("shots", help="Key prefix of the outputs in the object store."),
+    batch_size: int = typer.Option(16, help="Images per generation batch."),
+    execution: str = typer.Option("in-process", help="in-process or task-workers (Prefect only)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate inputs and count the work; write nothing."),
+    use_prefect: Optional[bool] = typer.Option(
+        None, "--prefect/--embedded", help="Run as a Prefect flow (default when PREFECT_API_URL is set) or in-process."),
+) -> None:
+    """A catalogue run: ingest, segment, cache once, generate, score, write images, sheets and history."""
+    from pydantic import ValidationError
+
+    from flows.params import CatalogueRunParams
+
+    if source is None:
+        source = str(EXAMPLES / "catalogue")
+        if not prompt and not prompt_file:
+            prompt_file = str(EXAMPLES / "prompts.txt")
+    try:
+        params = CatalogueRunParams(
+            source=source, prompts=prompt or [], prompt_file=prompt_file, images_per_prompt=images_per_prompt,
+            seed=seed, seed_policy=seed_policy, guidance=guidance, text_scale=text_scale, image_scale=image_scale,
+            steps=steps, resolution=resolution, output_prefix=output_prefix, batch_size=batch_size,
+            execution=execution, dry_run=dry_run)
+    except ValidationError as exc:
+        library_cli._fail("invalid run parameters:\n" + "\n".join(
+            f"  {'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}" for e in exc.errors()))
+    settings = Settings()
+    if use_prefect is None:
+        use_prefect = bool(os.environ.get("PREFECT_API_URL"))
+    typer.echo(f"model {settings.base_model} on {settings.torch_device}; database {_safe(settings.resolved_database_url)}; "
+               f"objects {settings.resolved_objects_url}; {'Prefect' if use_prefect else 'embedded'} run")
+    try:
+        if use_prefect:
+            from flows.catalogue import catalogue_run
+
+            summary = catalogue_run(params)
+        else:
+            from flows.catalogue import run_embedded
+
+            summary = run_embedded(params)
+    except Exception as exc:
+        library_cli._fail(f"the run could not complete: {type(exc).__name__}: {exc}")
+    _print_summary(summary, settings)
+
+
+def _print_summary(summary: dict, settings: Settings) -> None:
+    if summary.get("dry_run"):
+        typer.echo(f"\ndry run: {summary['products_listed']} products listed, {summary['products_valid']} valid, "
+                   f"{summary['rejected']} rejected; {summary['prompts']} prompts; "
+                   f"{summary['images_planned']} images would be generated")
+        for r in summary["rejections"]:
+            typer.echo(f"  rejected {r['item']}: {r['reason']}")
+        return
+    typer.echo(
+        f"\nrun {summary['run_id']}: {summary['products_listed']} products listed, {summary['products_ingested']} ingested, "
+        f"{summary['rejected']} rejected, {summary['products_cached']} cached; "
+        f"{summary['images_generated']} images generated, {summary['images_failed']} failed "
+        f"({summary['images_planned']} to do this run)")
+    for r in summary["rejections"]:
+        typer.secho(f"  rejected at {r['stage']}: {r['item']}: {r['reason']}", fg=typer.colors.YELLOW)
+    typer.echo(f"images and sidecars: {summary['output']}")
+    for sku, uri in summary["contact_sheets"].items():
+        typer.echo(f"contact sheet {sku}: {uri}")
+    url = settings.resolved_database_url
+    typer.echo(f"database: {_safe(url)}")
+    typer.echo("try: dreamcache history   (or in SQL: SELECT sku, prompt, seed, mdino, output_uri FROM generation_history "
+               "ORDER BY generation_id DESC LIMIT 10;)")
+
+
+@app.command()
+def history(
+    limit: int = typer.Option(20, min=1, max=10_000, help="How many generations."),
+    sku: Optional[str] = typer.Option(None, help="Only this SKU."),
+    run_id: Optional[int] = typer.Option(None, "--run", help="Only this run."),
+) -> None:
+    """Recent generations: product, prompt, seed, status, scores and where the image is."""
+    from sqlalchemy import text
+
+    from db import migrate
+    from db.session import make_engine
+
+    url = Settings().resolved_database_url
+    migrate.upgrade(url)
+    query = "SELECT generation_id, run_id, sku, prompt, seed, status, mdino, clip_t, output_uri, error " \
+            "FROM generation_history WHERE (:sku IS NULL OR sku = :sku) AND (:run IS NULL OR run_id = :run) " \
+            "ORDER BY generation_id DESC LIMIT :limit"
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        rows = connection.execute(text(query), dict(sku=sku, run=run_id, limit=limit)).all()
+    engine.dispose()
+    if not rows:
+        typer.echo("no generations yet: try `dreamcache run`")
+        return
+    typer.echo(f"{'id':>6} {'run':>4} {'sku':<16} {'seed':>5} {'status':<8} {'mdino':>6} {'clip-t':>6}  prompt / output")
+    for r in rows:
+        scores = " ".join(f"{v:6.3f}" if v is not None else "     -" for v in (r.mdino, r.clip_t))
+        typer.echo(f"{r.generation_id:>6} {r.run_id or '-':>4} {r.sku[:16]:<16} {r.seed:>5} {r.status:<8} {scores}  "
+                   f"{r.prompt}\n{'':>57}{r.output_uri or r.error or ''}")
+
+
+@app.command()
+def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GPU).")) -> None:
+    """A long-lived GPU worker for `execution=task-workers` runs: loads the model once, serves batches.
+
+    Start one per GPU, e.g. `CUDA_VISIBLE_DEVICES=0 dreamcache worker`, with PREFECT_API_URL set.
+    """
+    from prefect.task_worker import serve
+
+    from flows.catalogue import generate_task
+    from flows.platform import get_platform
+
+    get_platform().pipeline  # load the model before taking work
+    serve(generate_task, limit=limit)
 
 
 def main() -> None:

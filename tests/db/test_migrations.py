@@ -9,6 +9,7 @@ from db.session import make_engine
 from flows.cli import app
 
 TABLES = {"catalogue_sources", "subjects", "segmentations", "subject_caches", "prompt_lists", "prompt_list_entries",
+          "rejected_items",
           "prompts", "runs", "generations", "scores"}
 VIEWS = {"generation_history", "run_summary"}
 

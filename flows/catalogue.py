@@ -1,0 +1,216 @@
+"""The catalogue run: ingest, segment, cache once, generate in batches, score, write back.
+
+One orchestration, two ways to run it. On Prefect (`catalogue_run`, a deployment, the UI) every
+step is a task, the unit of retry; generation goes out in batches, in-process or to long-lived GPU
+task workers, and large plans are sharded into child flow runs. Embedded (`run_embedded`, the
+CLI without a Prefect server) the same steps run directly in this process with a progress bar.
+Tasks take and return keys (ids, URIs), never images or tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from flows import steps
+from flows.params import CatalogueRunParams
+from flows.platform import get_platform
+
+logger = logging.getLogger(__name__)
+
+INGEST_BATCH = 32  # products per ingest/segment/cache task: keeps a flow run far below ~1,000 task runs
+
+
+# Tasks: each reads its inputs from the database and object store by key, so a retry is safe.
+# NO_CACHE: whether work is done is the database's answer, never a cached task result.
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def ingest_task(run_id: int, items: list[steps.SourceItem]) -> list[int]:
+    return steps.ingest(get_platform(), run_id, items)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def segment_task(run_id: int, subject_ids: list[int]) -> list[int]:
+    return steps.segment(get_platform(), run_id, subject_ids)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def cache_task(run_id: int, subject_ids: list[int]) -> list[int]:
+    return steps.cache(get_platform(), run_id, subject_ids)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def plan_task(run_id: int, cache_ids: list[int], params: CatalogueRunParams) -> list[int]:
+    return steps.plan(get_platform(), run_id, cache_ids, params)
+
+
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def generate_task(generation_ids: list[int], output_prefix: str, batch_size: int) -> dict:
+    result = steps.generate(get_platform(), generation_ids, output_prefix, batch_size)
+    return dict(done=len(result.done), failed=len(result.failed), skipped=len(result.skipped))
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def contact_sheets_task(run_id: int, subject_ids: list[int], output_prefix: str) -> dict[str, str]:
+    return steps.contact_sheets(get_platform(), run_id, subject_ids, output_prefix)
+
+
+class Runner:
+    """How the orchestration executes a task over many inputs, and reports progress."""
+
+    def map(self, fn, args: Sequence[tuple]) -> list:
+        raise NotImplementedError
+
+    def generate(self, run_id: int, todo: list[int], params: CatalogueRunParams) -> None:
+        raise NotImplementedError
+
+    def report(self, summary: dict) -> None:
+        pass
+
+
+class EmbeddedRunner(Runner):
+    """Everything in this process, no Prefect server: the tasks' functions called directly."""
+
+    def __init__(self, progress: bool = True):
+        self.progress = progress
+
+    def map(self, fn, args):
+        return [fn.fn(*a) for a in args]
+
+    def generate(self, run_id, todo, params):
+        with tqdm(total=len(todo), desc="generating", unit="image", disable=not self.progress) as bar:
+            for batch in steps.chunks(todo, params.batch_size):
+                generate_task.fn(batch, params.output_prefix, params.batch_size)
+                bar.update(len(batch))
+
+
+class PrefectRunner(Runner):
+    """Tasks submitted in the current flow run; generation sharded into child flow runs."""
+
+    def map(self, fn, args):
+        futures = [fn.submit(*a) for a in args]
+        return [f.result() for f in futures]
+
+    def generate(self, run_id, todo, params):
+        from prefect.artifacts import create_progress_artifact
+
+        progress_id = create_progress_artifact(progress=0.0, description="Images generated in this run (%)")
+        shards = steps.chunks(todo, params.shard_size)
+        done = 0
+        for index, shard in enumerate(shards):
+            if len(shards) == 1:
+                generate_batches(shard, params)
+            else:
+                generate_shard.with_options(flow_run_name=f"run-{run_id}-shard-{index + 1}-of-{len(shards)}")(
+                    shard, params)
+            done += len(shard)
+            _update_progress(progress_id, 100.0 * done / len(todo))
+
+    def report(self, summary):
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        create_table_artifact(key="catalogue-run-products", table=summary.get("products", []) or [{}],
+                              description="Products of this run with their best scores")
+        sheets = summary.get("contact_sheets", {})
+        lines = [f"# Catalogue run {summary.get('run_id')}", "",
+                 f"{summary['images_generated']} images generated, {summary['images_failed']} failed, "
+                 f"{summary['rejected']} inputs rejected; output `{summary['output']}`.", "", "## Contact sheets", ""]
+        lines += [f"- **{sku}**: [{uri}]({_public(uri)})" for sku, uri in sheets.items()] or ["(none)"]
+        if summary.get("rejections"):
+            lines += ["", "## Rejected inputs", "", "| stage | item | reason |", "|---|---|---|"]
+            lines += [f"| {r['stage']} | {r['item']} | {r['reason']} |" for r in summary["rejections"]]
+        create_markdown_artifact(key="catalogue-run-summary", markdown="\n".join(lines))
+
+
+def _public(uri: str) -> str:
+    """A link the UI's viewer can open: presigned for S3, the URI itself otherwise."""
+    objects = get_platform().objects
+    try:
+        return objects.public_url(objects.key_of(uri), expires_s=7 * 24 * 3600)
+    except ValueError:
+        return uri
+
+
+def _update_progress(artifact_id, value: float) -> None:
+    from prefect.artifacts import update_progress_artifact
+
+    update_progress_artifact(artifact_id=artifact_id, progress=min(100.0, value))
+
+
+def generate_batches(todo: list[int], params: CatalogueRunParams) -> None:
+    batches = steps.chunks(todo, params.batch_size)
+    if params.execution == "task-workers":
+        # Long-lived GPU workers (`dreamcache worker`) run these; the results are in the database.
+        futures = [generate_task.delay(batch, params.output_prefix, params.batch_size) for batch in batches]
+        for future in futures:
+            future.wait()
+    else:
+        for batch in batches:  # one at a time: one job per GPU
+            generate_task(batch, params.output_prefix, params.batch_size)
+
+
+@flow(name="catalogue-shard", persist_result=False)
+def generate_shard(generation_ids: list[int], params: CatalogueRunParams) -> None:
+    """A child run generating one shard of a large plan (keeps each flow run small)."""
+    generate_batches(generation_ids, params)
+
+
+def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | None = None,
+                name: str | None = None, on_stage: Callable[[str], None] = lambda stage: None) -> dict:
+    platform = get_platform()
+    if params.dry_run:
+        return steps.dry_run(platform, params)
+    platform.migrate()
+    run_id = steps.start_run(platform, params, flow_run_id, name)
+    try:
+        on_stage("listing products")
+        listing = steps.list_source(params.source)
+        steps.reject(platform, run_id, "ingest", listing.rejected)
+        batches = steps.chunks(listing.items, INGEST_BATCH)
+        on_stage(f"ingesting {len(listing.items)} products")
+        subject_ids = sorted({i for ids in runner.map(ingest_task, [(run_id, b) for b in batches]) for i in ids})
+        on_stage("segmenting")
+        groups = steps.chunks(subject_ids, INGEST_BATCH)
+        usable = [i for ids in runner.map(segment_task, [(run_id, g) for g in groups]) for i in ids]
+        on_stage("caching")
+        cache_ids = [i for ids in runner.map(cache_task, [(run_id, g) for g in steps.chunks(usable, INGEST_BATCH)])
+                     for i in ids]
+        todo = runner.map(plan_task, [(run_id, cache_ids, params)])[0]
+        on_stage(f"generating {len(todo)} images")
+        runner.generate(run_id, todo, params)
+        on_stage("contact sheets")
+        sheets = {}
+        for part in runner.map(contact_sheets_task,
+                               [(run_id, g, params.output_prefix) for g in steps.chunks(usable, INGEST_BATCH)]):
+            sheets.update(part)
+        summary = steps.summarise(platform, run_id, len(listing.items), subject_ids, cache_ids, len(todo), sheets,
+                                  params.output_prefix)
+        summary["run_id"] = run_id
+        summary["products"] = steps.best_scores(platform, run_id)
+    except Exception as exc:
+        steps.finish_run(platform, run_id, {}, error=f"{type(exc).__name__}: {exc}")
+        raise
+    steps.finish_run(platform, run_id, summary)
+    runner.report(summary)
+    return summary
+
+
+@flow(name="catalogue-run", flow_run_name="catalogue-{params.output_prefix}", persist_result=False)
+def catalogue_run(params: CatalogueRunParams) -> dict:
+    """Personalised product shots for a catalogue: ingest, segment, cache once, generate, score, write back."""
+    from prefect.runtime import flow_run
+
+    return orchestrate(params, PrefectRunner(), flow_run_id=str(flow_run.id), name=flow_run.name)
+
+
+def run_embedded(params: CatalogueRunParams, progress: bool = True) -> dict:
+    """The same run without Prefect: every step in this process (the embedded default)."""
+    def stage(text: str) -> None:
+        if progress:
+            tqdm.write(text)
+
+    return orchestrate(params, EmbeddedRunner(progress), name="embedded", on_stage=stage)

@@ -1,0 +1,76 @@
+"""The parameters of a catalogue run: one pydantic model, rendered by the Prefect UI as a validated form."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+MAX_PROMPT_CHARS = 1000
+
+
+class CatalogueRunParams(BaseModel):
+    """A catalogue run: which products, which prompts, how many shots, with which sampler settings."""
+
+    source: str = Field(
+        description="Products: an S3 prefix (s3://bucket/catalogue/), a local folder (category sub-folders "
+        "optional; the file name is the SKU), or a manifest (.csv or .jsonl with sku, category, image_uri).",
+        min_length=1,
+    )
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompt templates; {category}, {sku} and manifest fields are filled in per product.",
+    )
+    prompt_file: str | None = Field(
+        default=None, description="A file or URI with one prompt template per line, used after `prompts`."
+    )
+    images_per_prompt: int = Field(default=2, ge=1, le=64, description="Shots per product and prompt.")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="First seed.")
+    seed_policy: Literal["fixed", "per-product"] = Field(
+        default="fixed",
+        description="fixed: every product uses seeds seed, seed+1, ...; per-product: offset by a hash of the SKU.",
+    )
+    guidance: Literal["combined", "joint"] = Field(
+        default="combined", description="combined: 3 UNet passes a step, separate image and text scales; joint: 2."
+    )
+    text_scale: float = Field(default=7.5, ge=0.0, le=30.0, description="Text guidance scale.")
+    image_scale: float = Field(default=0.35, ge=0.0, le=10.0, description="Image guidance scale (combined only).")
+    steps: int = Field(default=50, ge=1, le=500, description="Denoising steps per image.")
+    resolution: int | None = Field(
+        default=None, ge=64, le=2048, multiple_of=8, description="Image side in pixels; default: the model's."
+    )
+    output_prefix: str = Field(
+        default="shots", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,200}$",
+        description="Key prefix of the images, sidecars and contact sheets in the object store.",
+    )
+    batch_size: int = Field(default=16, ge=1, le=64, description="Images per generation task.")
+    shard_size: int = Field(
+        default=2048, ge=1, le=100_000, description="Images per child run; larger catalogues are sharded."
+    )
+    execution: Literal["in-process", "task-workers"] = Field(
+        default="in-process",
+        description="in-process: this flow run generates; task-workers: batches go to long-lived GPU workers "
+        "(`dreamcache worker`), one per GPU, each loading the model once.",
+    )
+    dry_run: bool = Field(default=False, description="List and validate inputs and plan the work; write nothing.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _clean_prompts(cls, prompts: list[str]) -> list[str]:
+        return [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+
+    @model_validator(mode="after")
+    def _some_prompts(self) -> "CatalogueRunParams":
+        if not self.prompts and not self.prompt_file:
+            raise ValueError("give prompts, a prompt_file, or both")
+        return self
+
+
+def check_prompt(prompt: str, name: str) -> str:
+    """A prompt without control characters, not empty, not enormous; or an error naming it."""
+    cleaned = " ".join("".join(ch if ch.isprintable() else " " for ch in prompt).split())
+    if not cleaned:
+        raise ValueError(f"{name} is empty")
+    if len(cleaned) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} has {len(cleaned)} characters, more than {MAX_PROMPT_CHARS}")
+    return cleaned

@@ -1,0 +1,116 @@
+"""What a catalogue step needs: settings, database, object stores, and models loaded once per process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import migrate
+from db.objects import ObjectStore, open_store
+from db.session import make_engine, session_factory
+from db.tensors import TensorStore
+from dreamcache.cache import model_fingerprint
+from dreamcache.config import BUNDLED_MODEL, Settings
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def safe_key_part(text: str, limit: int = 80) -> str:
+    """A SKU or name made safe for object keys and file names; distinct inputs stay distinct."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")[:limit] or "_"
+    if cleaned != text:
+        cleaned += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return cleaned
+
+
+@dataclass
+class ModelIdentity:
+    """How the database names the loaded models (part of the cache and generation keys)."""
+
+    base_model_id: str
+    base_model_revision: str
+    adapter_id: str
+    layer_preset: str
+    dtype: str
+
+
+@dataclass
+class Platform:
+    settings: Settings
+    lease: timedelta = timedelta(minutes=10)
+    _models: dict = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return session_factory(make_engine(self.settings.resolved_database_url))
+
+    @cached_property
+    def objects(self) -> ObjectStore:
+        return open_store(self.settings.resolved_objects_url)
+
+    @cached_property
+    def tensors(self) -> TensorStore:
+        return TensorStore(self.objects)
+
+    def migrate(self) -> None:
+        migrate.upgrade(self.settings.resolved_database_url)
+
+    # Models: loaded on first use, once per process (a GPU worker keeps them for its lifetime).
+    @property
+    def pipeline(self):
+        if "pipeline" not in self._models:
+            from dreamcache.models import load_pipeline
+
+            self._models["pipeline"] = load_pipeline(self.settings)
+        return self._models["pipeline"]
+
+    @property
+    def segmenter(self):
+        if "segmenter" not in self._models:
+            from dreamcache.models import load_segmenter
+
+            self._models["segmenter"] = load_segmenter(self.settings)
+        return self._models["segmenter"]
+
+    @property
+    def scorer(self):
+        if "scorer" not in self._models:
+            from dreamcache.models import load_scorer
+
+            self._models["scorer"] = load_scorer(self.settings, self.segmenter)
+        return self._models["scorer"]
+
+    @cached_property
+    def identity(self) -> ModelIdentity:
+        pipe = self.pipeline
+        adapter = self.settings.adapter or ("bundled" if self.settings.base_model == BUNDLED_MODEL else "untrained")
+        adapter_hash = model_fingerprint(*pipe.dreamcache_adapters.values())[:12]
+        return ModelIdentity(
+            base_model_id=self.settings.base_model,
+            base_model_revision=pipe.base_fingerprint,
+            adapter_id=f"{Path(adapter).name}@{adapter_hash}",
+            layer_preset=pipe._dreamcache_preset,
+            dtype=str(pipe.unet.dtype).removeprefix("torch."),
+        )
+
+
+_platforms: dict[str, Platform] = {}
+
+
+def get_platform(settings: Settings | None = None) -> Platform:
+    """The process's platform for these settings (so models load once per worker process)."""
+    settings = settings or Settings()
+    key = settings.model_dump_json()
+    if key not in _platforms:
+        _platforms[key] = Platform(settings, lease=timedelta(seconds=settings.lease_seconds))
+    return _platforms[key]

@@ -1,0 +1,113 @@
+"""Where products come from: an S3 prefix, a local folder, or a manifest; and reading any URI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+MANIFEST_SUFFIXES = {".csv", ".jsonl"}
+REQUIRED_COLUMNS = ("sku", "image_uri")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    sku: str
+    uri: str
+    category: str | None = None
+    attributes: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass
+class Listing:
+    items: list[SourceItem]
+    rejected: list[tuple[str, str]]  # (item, reason)
+
+
+def read_uri(uri: str) -> bytes:
+    """Bytes of an s3:// URI, a file:// URI or a local path."""
+    if uri.startswith("s3://"):
+        import boto3
+
+        parsed = urlparse(uri)
+        return boto3.client("s3").get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
+    path = Path(urlparse(uri).path if uri.startswith("file://") else uri)
+    return path.read_bytes()
+
+
+def list_source(source: str) -> Listing:
+    """Every product of a source; manifest rows that cannot be used are rejected with their reason."""
+    if Path(urlparse(source).path).suffix.lower() in MANIFEST_SUFFIXES:
+        return _manifest(source)
+    if source.startswith("s3://"):
+        return Listing(_s3_images(source), [])
+    folder = Path(urlparse(source).path if source.startswith("file://") else source).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"source {source} is neither a folder, an s3:// prefix nor a .csv/.jsonl manifest")
+    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return Listing([_item(p.relative_to(folder).as_posix(), str(p.resolve())) for p in images], [])
+
+
+def _item(relative: str, uri: str) -> SourceItem:
+    """SKU from the file name; category from the folder it sits in, if any."""
+    parts = relative.split("/")
+    return SourceItem(sku=Path(parts[-1]).stem, uri=uri, category=parts[-2] if len(parts) > 1 else None)
+
+
+def _s3_images(source: str) -> list[SourceItem]:
+    import boto3
+
+    parsed = urlparse(source)
+    prefix = parsed.path.lstrip("/")
+    items = []
+    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=parsed.netloc, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if Path(obj["Key"]).suffix.lower() in IMAGE_SUFFIXES:
+                items.append(_item(obj["Key"][len(prefix):].lstrip("/"), f"s3://{parsed.netloc}/{obj['Key']}"))
+    return sorted(items, key=lambda i: i.uri)
+
+
+def _manifest(source: str) -> Listing:
+    text = read_uri(source).decode("utf-8-sig")
+    if source.lower().endswith(".jsonl"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    rows.append((n, {"__error__": f"not valid JSON ({exc.msg})"}))
+        columns = set().union(*(r.keys() for _, r in rows)) if rows else set()
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        columns = set(reader.fieldnames or [])
+        rows = list(enumerate(reader, start=2))
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"manifest {source} lacks the column(s) {', '.join(missing)} (it has: {sorted(columns)})")
+    base = source.rsplit("/", 1)[0] if "/" in source else "."
+    items, rejected, seen = [], [], {}
+    for line, row in rows:
+        label = f"{source} line {line}"
+        if "__error__" in row:
+            rejected.append((label, row["__error__"]))
+            continue
+        sku, uri = str(row.get("sku") or "").strip(), str(row.get("image_uri") or "").strip()
+        if not sku or not uri:
+            rejected.append((label, "empty sku or image_uri"))
+            continue
+        if not uri.startswith(("s3://", "file://", "/")):
+            uri = f"{base}/{uri}"  # relative to the manifest
+        key = (sku, uri)
+        if key in seen:
+            rejected.append((label, f"duplicate of line {seen[key]} (same SKU and image)"))
+            continue
+        seen[key] = line
+        extra = {k: v for k, v in row.items() if k not in ("sku", "image_uri", "category") and v not in (None, "")}
+        items.append(SourceItem(sku=sku, uri=uri, category=(str(row.get("category") or "").strip() or None),
+                                attributes=extra))
+    return Listing(items, rejected)
