@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install postgres clean
+.PHONY: demo test install postgres chromium clean
 
 demo: $(VENV)/.installed
 	$(BIN)/dreamcache run --steps 25
 
-test: $(VENV)/.installed postgres
+test: $(VENV)/.installed postgres chromium
 	$(BIN)/pytest
 
 # The tests start a real PostgreSQL server from Debian's binaries; install them if they are missing.
@@ -24,6 +24,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
+
+# The browser test drives Debian's Chromium (Playwright cannot download its own browsers here).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "The browser test needs Chromium: sudo apt-get install chromium" >&2; exit 1; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -5,9 +5,10 @@ step is a task, the unit of retry; generation goes out in batches, in-process or
 task workers, and large plans are sharded into child flow runs. Embedded (`run_embedded`, the
 CLI without a Prefect server) the same steps run directly in this process with a progress bar.
 Tasks take and return keys (ids, URIs), never images or tensors.
+
+(No `from __future__ import annotations` here: Prefect reads the flow's parameter types at run time.)
 """
 
-from __future__ import annotations
 
 import logging
 from typing import Callable, Sequence

@@ -174,3 +174,7 @@ def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GP
 
 def main() -> None:
     library_cli.main()
+
+
+if __name__ == "__main__":
+    main()

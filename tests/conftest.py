@@ -87,3 +87,13 @@ def s3_bucket(s3_endpoint):
     name = f"dreamcache-test-{next(_buckets)}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real Prefect server for the session, on a free port."""
+    from tests.servers import PrefectServer
+
+    server = PrefectServer(tmp_path_factory.mktemp("prefect")).start()
+    yield server
+    server.stop()

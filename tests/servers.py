@@ -75,3 +75,45 @@ class PostgresServer:
             self.stop("immediate")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrefectServer:
+    """`prefect server start` on a free port with its own PREFECT_HOME (and SQLite database)."""
+
+    def __init__(self, home: Path):
+        self.port = free_port()
+        self.home = home
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=self.url,
+                        PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+                        PREFECT_UI_API_URL=self.url, PREFECT_SERVER_LOGGING_LEVEL="WARNING")
+        self.process = None
+
+    def start(self, timeout: float = 90) -> "PrefectServer":
+        import sys
+        import time
+        import urllib.request
+
+        prefect = Path(sys.executable).parent / "prefect"
+        self.log = open(self.home / "server.log", "w")
+        self.process = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port",
+                                         str(self.port)], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {(self.home / 'server.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"prefect server did not answer in {timeout}s")
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.log.close()
