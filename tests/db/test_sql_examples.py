@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from db.models import WorkStatus
+from db.models import RejectedItem, WorkStatus
 from db.session import transaction
 from tests.db import factories as f
 
@@ -44,6 +44,8 @@ def history(sessions):
                          duration_s=4.0, guidance="joint")
         f.score(s, g, "dino", 0.60, masked=True)
         f.generation(s, lamp_cache, snow, 1, second, WorkStatus.failed, error="NaN in latents", attempts=2)
+        s.add(RejectedItem(run_id=second.id, stage="ingest", item="s3://shop/CUP-9.jpg",
+                           reason="image data is truncated or corrupt"))
         return {"first": first.id, "second": second.id}
 
 
@@ -73,7 +75,9 @@ def test_run_outputs(sessions, history):
 def test_failures(sessions, history):
     rows = run(sessions, "failures")
     assert [(r[0], r[1], r[4]) for r in rows] == [
-        ("generation", "LAMP-7", "NaN in latents"), ("cache", "BOX-3", "tensor store unreachable")
+        ("input (ingest)", "s3://shop/CUP-9.jpg", "image data is truncated or corrupt"),
+        ("generation", "LAMP-7", "NaN in latents"),
+        ("cache", "BOX-3", "tensor store unreachable"),
     ]
 
 
