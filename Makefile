@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 .PHONY: demo test install postgres chromium clean
 
 demo: $(VENV)/.installed
-	$(BIN)/dreamcache run --steps 25
+	$(BIN)/dreamcache run --steps 20 --images-per-prompt 1
 
 test: $(VENV)/.installed postgres chromium
 	$(BIN)/pytest

@@ -12,7 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from db.models import SubjectCache, WorkStatus
-from db.objects import ObjectStore, StoredObject, sha256_hex
+from db.objects import CorruptObject, ObjectNotFound, ObjectStore, StoredObject, sha256_hex
 
 CONTENT_TYPE = "application/vnd.safetensors"
 
@@ -28,12 +28,18 @@ class TensorStore:
         return f"{self.prefix}/{sha256[:2]}/{sha256}.safetensors"
 
     def put(self, data: bytes) -> StoredObject:
-        """Store cache bytes (safetensors) under their content hash; a second put of the same bytes is free."""
+        """Store cache bytes (safetensors) under their content hash.
+
+        If the key already holds these bytes nothing is written; if it holds anything else (a
+        corrupt or truncated copy) it is overwritten, which is how a damaged cache gets repaired.
+        """
         digest = sha256_hex(data)
         key = self.key(digest)
-        if self.objects.exists(key):
+        try:
+            self.objects.get(key, expected_sha256=digest)
             return StoredObject(key, self.objects.uri(key), len(data), digest)
-        return self.objects.put(key, data, content_type=CONTENT_TYPE)
+        except (ObjectNotFound, CorruptObject):
+            return self.objects.put(key, data, content_type=CONTENT_TYPE)
 
     def get(self, sha256: str) -> bytes:
         """The cache bytes, verified against their hash (raises ObjectNotFound or CorruptObject)."""

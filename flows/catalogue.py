@@ -12,9 +12,11 @@ Tasks take and return keys (ids, URIs), never images or tensors.
 
 import logging
 from typing import Callable, Sequence
+from uuid import UUID
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from flows import steps
@@ -23,7 +25,8 @@ from flows.platform import get_platform
 
 logger = logging.getLogger(__name__)
 
-INGEST_BATCH = 32  # products per ingest/segment/cache task: keeps a flow run far below ~1,000 task runs
+# Products per ingest/segment/cache/contact-sheet task: 10,000 products make ~630 task runs.
+INGEST_BATCH = 64
 
 
 # Tasks: each reads its inputs from the database and object store by key, so a retry is safe.
@@ -103,13 +106,13 @@ class PrefectRunner(Runner):
         shards = steps.chunks(todo, params.shard_size)
         done = 0
         for index, shard in enumerate(shards):
+            progress = Progress(progress_id, done, len(todo))
             if len(shards) == 1:
-                generate_batches(shard, params)
+                generate_batches(shard, params, progress)
             else:
                 generate_shard.with_options(flow_run_name=f"run-{run_id}-shard-{index + 1}-of-{len(shards)}")(
-                    shard, params)
+                    shard, params, progress)
             done += len(shard)
-            _update_progress(progress_id, 100.0 * done / len(todo))
 
     def report(self, summary):
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -136,28 +139,39 @@ def _public(uri: str) -> str:
         return uri
 
 
-def _update_progress(artifact_id, value: float) -> None:
-    from prefect.artifacts import update_progress_artifact
+class Progress(BaseModel):
+    """The run's progress artifact, updated as batches finish (also from child runs)."""
 
-    update_progress_artifact(artifact_id=artifact_id, progress=min(100.0, value))
+    artifact_id: UUID | None = None
+    done: int = 0
+    total: int = 1
+
+    def advance(self, images: int) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        self.done += images
+        if self.artifact_id:
+            update_progress_artifact(artifact_id=self.artifact_id, progress=min(100.0, 100.0 * self.done / self.total))
 
 
-def generate_batches(todo: list[int], params: CatalogueRunParams) -> None:
+def generate_batches(todo: list[int], params: CatalogueRunParams, progress: Progress) -> None:
     batches = steps.chunks(todo, params.batch_size)
     if params.execution == "task-workers":
         # Long-lived GPU workers (`dreamcache worker`) run these; the results are in the database.
         futures = [generate_task.delay(batch, params.output_prefix, params.batch_size) for batch in batches]
-        for future in futures:
+        for batch, future in zip(batches, futures):
             future.wait()
+            progress.advance(len(batch))
     else:
         for batch in batches:  # one at a time: one job per GPU
             generate_task(batch, params.output_prefix, params.batch_size)
+            progress.advance(len(batch))
 
 
 @flow(name="catalogue-shard", persist_result=False)
-def generate_shard(generation_ids: list[int], params: CatalogueRunParams) -> None:
+def generate_shard(generation_ids: list[int], params: CatalogueRunParams, progress: Progress) -> None:
     """A child run generating one shard of a large plan (keeps each flow run small)."""
-    generate_batches(generation_ids, params)
+    generate_batches(generation_ids, params, progress)
 
 
 def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | None = None,
@@ -181,6 +195,8 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         cache_ids = [i for ids in runner.map(cache_task, [(run_id, g) for g in steps.chunks(usable, INGEST_BATCH)])
                      for i in ids]
         todo = runner.map(plan_task, [(run_id, cache_ids, params)])[0]
+        if todo:
+            platform.scorer  # loaded (and any "no scorer configured" notice given) before the progress bar
         on_stage(f"generating {len(todo)} images")
         runner.generate(run_id, todo, params)
         on_stage("contact sheets")

@@ -59,6 +59,13 @@ class CatalogueRunParams(BaseModel):
     def _clean_prompts(cls, prompts: list[str]) -> list[str]:
         return [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
 
+    @field_validator("output_prefix")
+    @classmethod
+    def _plain_prefix(cls, prefix: str) -> str:
+        if any(part in ("", ".", "..") for part in prefix.split("/")):
+            raise ValueError(f"output_prefix {prefix!r} must not have empty, '.' or '..' parts")
+        return prefix
+
     @model_validator(mode="after")
     def _some_prompts(self) -> "CatalogueRunParams":
         if not self.prompts and not self.prompt_file:

@@ -197,23 +197,51 @@ def cache(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list[i
                                                               SubjectCache.status == WorkStatus.done)))
 
 
-def _compute_caches(platform: Platform, cache_ids: Sequence[int]) -> None:
+def _compute_caches(platform: Platform, cache_ids: Sequence[int], reuse: bool = True) -> None:
+    """Compute claimed caches; products whose image is identical (another SKU, same photo) share one.
+
+    reuse=False computes even where a finished cache of the same image exists (it was found damaged).
+    """
     me = worker_id()
     with transaction(platform.sessions) as s:
-        rows = s.scalars(select(SubjectCache).where(SubjectCache.id.in_(cache_ids)).order_by(SubjectCache.id)).all()
-        references = [_reference(platform, s, row.subject_id) for row in rows]
+        rows = s.execute(select(SubjectCache, Subject.content_sha256).join(Subject, Subject.id == SubjectCache.subject_id)
+                         .where(SubjectCache.id.in_(cache_ids)).order_by(SubjectCache.id)).all()
+        done_by_content = _done_caches_by_content(s, [row for row, _ in rows], [c for _, c in rows]) if reuse else {}
+        todo = {}
+        for row, content in rows:
+            if content not in done_by_content and content not in todo:
+                todo[content] = (row, _reference(platform, s, row.subject_id))
     try:
-        caches = platform.pipeline.cache_subjects([image for _, image in references], seed=0)
+        computed = platform.pipeline.cache_subjects([image for _, (_, image) in todo.values()], seed=0) if todo else []
     except Exception as exc:
         with transaction(platform.sessions) as s:
-            for row in rows:
+            for row, _ in rows:
                 claims.fail(s, SubjectCache, row.id, me, f"caching failed: {exc}")
         raise
-    for row, (seg, _), feature_cache in zip(rows, references, caches):
-        stored = platform.tensors.put(feature_cache.to_bytes())  # the object first, then the row
-        with transaction(platform.sessions) as s:
-            claims.complete(s, SubjectCache, row.id, me, tensor_uri=stored.uri, sha256=stored.sha256,
-                            bytes=stored.size, segmentation_id=seg.id)
+    for content, feature_cache in zip(todo, computed):
+        stored = platform.tensors.put(feature_cache.to_bytes())  # the object first, then the rows
+        done_by_content[content] = dict(tensor_uri=stored.uri, sha256=stored.sha256, bytes=stored.size)
+    segmentation = {content: seg.id for content, (_, (seg, _)) in todo.items()}
+    with transaction(platform.sessions) as s:
+        for row, content in rows:
+            claims.complete(s, SubjectCache, row.id, me, segmentation_id=segmentation.get(content),
+                            **done_by_content[content])
+
+
+def _done_caches_by_content(s, rows: Sequence[SubjectCache], contents: Sequence[str]) -> dict[str, dict]:
+    """Finished caches of the same model configuration for the same image content, by content hash."""
+    if not rows:
+        return {}
+    first = rows[0]
+    found = s.execute(
+        select(Subject.content_sha256, SubjectCache.tensor_uri, SubjectCache.sha256, SubjectCache.bytes)
+        .join(Subject, Subject.id == SubjectCache.subject_id)
+        .where(Subject.content_sha256.in_(list(contents)), SubjectCache.status == WorkStatus.done,
+               SubjectCache.base_model_id == first.base_model_id,
+               SubjectCache.base_model_revision == first.base_model_revision,
+               SubjectCache.adapter_id == first.adapter_id, SubjectCache.layer_preset == first.layer_preset,
+               SubjectCache.resolution == first.resolution, SubjectCache.timestep == first.timestep)).all()
+    return {content: dict(tensor_uri=uri, sha256=digest, bytes=size) for content, uri, digest, size in found}
 
 
 def load_cache(platform: Platform, cache_id: int) -> FeatureCache:
@@ -225,12 +253,16 @@ def load_cache(platform: Platform, cache_id: int) -> FeatureCache:
         return FeatureCache.from_bytes(platform.tensors.get(digest), source=f"cache {cache_id}")
     except (ObjectNotFound, CorruptObject, DreamCacheError) as exc:
         logger.warning("cache %s of subject %s is unusable (%s): recomputing it", cache_id, subject_id, exc)
+        if isinstance(exc, CorruptObject):
+            platform.objects.delete(platform.tensors.key(digest))  # useless, and other rows must not trust it
         with transaction(platform.sessions) as s:
             requeue_cache(s, cache_id, f"recomputed: {exc}")
             claims.claim(s, SubjectCache, worker_id(), 1, platform.lease, [SubjectCache.id == cache_id])
-        _compute_caches(platform, [cache_id])
+        _compute_caches(platform, [cache_id], reuse=False)
         with transaction(platform.sessions) as s:
-            digest = s.get(SubjectCache, cache_id).sha256
+            row = s.get(SubjectCache, cache_id)
+            row.error = f"recomputed after: {exc}"[:4000]  # done, with the repair on record
+            digest = row.sha256
         return FeatureCache.from_bytes(platform.tensors.get(digest), source=f"cache {cache_id}")
 
 
@@ -319,9 +351,20 @@ def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: s
             .order_by(Generation.id)).all()
         references = {subject.id: _reference(platform, s, subject.id)[1] for _, _, subject in rows}
     caches = {}
-    for gen, _, _ in rows:
+    for gen, _, subject in rows:
         if gen.subject_cache_id not in caches:
-            caches[gen.subject_cache_id] = load_cache(platform, gen.subject_cache_id)
+            try:
+                caches[gen.subject_cache_id] = load_cache(platform, gen.subject_cache_id)
+            except Exception as exc:  # neither loadable nor recomputable: this product's images fail, not the batch
+                caches[gen.subject_cache_id] = exc
+    unusable = [(g, t, sub) for g, t, sub in rows if isinstance(caches[g.subject_cache_id], Exception)]
+    if unusable:
+        with transaction(platform.sessions) as s:
+            for gen, _, subject in unusable:
+                claims.fail(s, Generation, gen.id, me, f"feature cache of {subject.sku} unavailable: "
+                                                       f"{caches[gen.subject_cache_id]}")
+        result.failed += [g.id for g, _, _ in unusable]
+        rows = [r for r in rows if not isinstance(caches[r[0].subject_cache_id], Exception)]
     for part in chunks(rows, batch_size):
         _generate_part(platform, part, caches, references, output_prefix, result)
     return result

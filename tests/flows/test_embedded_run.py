@@ -129,3 +129,37 @@ def test_a_run_killed_midway_then_rerun_completes_exactly_the_missing_work(platf
     images = [f for f in files if f.name != "contact_sheet.png"]
     assert len(images) == planned, "every image exactly once, nothing duplicated"
     assert f"{planned - done} images generated, 0 failed" in rerun.stdout
+
+
+def test_the_same_photo_under_two_skus_is_cached_once(platform_env, catalogue, tmp_path):
+    from db.models import SubjectCache
+
+    (catalogue / "mug" / "MUG-1-COPY.png").write_bytes((catalogue / "mug" / "MUG-1.png").read_bytes())
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["products_ingested"] == 4 and summary["products_cached"] == 4
+    with database(tmp_path / "home").connect() as db:
+        digests = db.scalars(select(SubjectCache.sha256)).all()
+    assert len(digests) == 4 and len(set(digests)) == 3
+    stored = list((tmp_path / "home" / "objects" / "caches").rglob("*.safetensors"))
+    assert len(stored) == 3
+
+
+def test_a_corrupt_cache_is_detected_recomputed_and_repaired(platform_env, catalogue, tmp_path):
+    from hashlib import sha256
+
+    from db.models import SubjectCache
+
+    run_embedded(params(catalogue), progress=False)
+    stored = sorted((tmp_path / "home" / "objects" / "caches").rglob("*.safetensors"))
+    damaged = stored[0]
+    damaged.write_bytes(damaged.read_bytes()[:-64])  # truncated in the store
+    more = run_embedded(params(catalogue).model_copy(update={"prompts": ["a {category} at night"]}), progress=False)
+    assert more["images_generated"] == 3 * 2 and more["images_failed"] == 0
+    repaired = sorted((tmp_path / "home" / "objects" / "caches").rglob("*.safetensors"))
+    assert damaged not in repaired and len(repaired) == 3  # the damaged object is gone, a good one replaces it
+    assert all(sha256(p.read_bytes()).hexdigest() == p.stem for p in repaired)
+    with database(tmp_path / "home").connect() as db:
+        rows = db.execute(select(SubjectCache.sha256, SubjectCache.error)).all()
+    assert {digest for digest, _ in rows} == {p.stem for p in repaired}
+    (note,) = [error for _, error in rows if error]
+    assert note.startswith("recomputed after:") and damaged.stem in note
