@@ -123,12 +123,17 @@ def _selected_block(unet: UNet2DConditionModel, layer_name: str):
     return block
 
 
-def apply_dreamcache(unet: UNet2DConditionModel, adapters: Mapping[str, DreamCacheAdapter]) -> None:
-    """Install adapters (layer name -> adapter) on the UNet, on its device and dtype."""
+def apply_dreamcache(
+    unet: UNet2DConditionModel, adapters: Mapping[str, DreamCacheAdapter], dtype: torch.dtype | None = None
+) -> None:
+    """Install adapters (layer name -> adapter) on the UNet's device, in `dtype` (default: the UNet's).
+
+    Training keeps the adapters in float32 (`dtype=torch.float32`) under a half-precision UNet.
+    """
     remove_dreamcache(unet)
     for name, adapter in adapters.items():
         block = _selected_block(unet, name)
-        adapter.to(device=unet.device, dtype=unet.dtype)
+        adapter.to(device=unet.device, dtype=dtype or unet.dtype)
         processor = DreamCacheAttnProcessor(name, adapter, block.attn1.processor)
         block.attn1.set_processor(processor)
         processor._hook = block.register_forward_pre_hook(processor.record_block_input, with_kwargs=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -47,9 +47,20 @@ class DreamCachePipeline(StableDiffusionPipeline):
 
     # --- adapters: load / set scale / unload ------------------------------------------------
 
-    def load_dreamcache(self, pretrained: str | Path | None = None, preset: str = "default") -> None:
-        """Attach adapters: from an adapter directory, or freshly initialised for `preset` when None."""
-        if pretrained is not None:
+    def load_dreamcache(
+        self,
+        pretrained: str | Path | Mapping[str, DreamCacheAdapter] | None = None,
+        preset: str = "default",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Attach adapters: from an adapter directory, in-memory adapters (layer name -> adapter) for
+        `preset`, or freshly initialised ones for `preset` when None. `dtype` defaults to the UNet's."""
+        if isinstance(pretrained, Mapping):
+            layers = resolve_preset(self.unet, preset)
+            if sorted(pretrained) != sorted(layer.name for layer in layers):
+                raise ValueError(f"adapters for {sorted(pretrained)} do not match preset {preset!r} on this UNet")
+            adapters = dict(pretrained)
+        elif pretrained is not None:
             config = read_adapter_config(pretrained)
             layers = resolve_preset(self.unet, config.preset)
             if [layer.name for layer in layers] != config.layer_names:
@@ -63,7 +74,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         else:
             layers = resolve_preset(self.unet, preset)
             adapters = {layer.name: DreamCacheAdapter.for_layer(layer) for layer in layers}
-        apply_dreamcache(self.unet, adapters)
+        apply_dreamcache(self.unet, adapters, dtype)
         self._dreamcache_preset, self._dreamcache_layers = preset, tuple(layers)
 
     def set_dreamcache_scale(self, image_scale: float) -> None:

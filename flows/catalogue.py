@@ -106,7 +106,7 @@ class PrefectRunner(Runner):
         shards = steps.chunks(todo, params.shard_size)
         done = 0
         for index, shard in enumerate(shards):
-            progress = Progress(progress_id, done, len(todo))
+            progress = Progress(artifact_id=progress_id, done=done, total=len(todo))
             if len(shards) == 1:
                 generate_batches(shard, params, progress)
             else:

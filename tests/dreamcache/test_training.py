@@ -1,0 +1,83 @@
+"""Training on CPU with tiny models: it learns, touches only the adapters, resumes exactly."""
+
+import json
+
+import pytest
+import torch
+
+from dreamcache.training import TrainConfig, Trainer
+from tests.helpers import TEST_RESOLUTION, make_tiny_pipeline, scene
+
+SCENES = [((200, 30, 40), (230, 200, 120), "a mug on a beach"), ((30, 60, 200), (240, 240, 250), "a bottle in snow"),
+          ((240, 200, 60), (40, 120, 50), "a lamp in a forest"), ((120, 60, 20), (90, 90, 100), "a box in a city")]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "tiny"
+    make_tiny_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    rows = []
+    for i, (product, background, caption) in enumerate(SCENES):
+        target, _ = scene(product_color=product, background=background, size=(64, 64), box=(14, 12, 50, 54))
+        reference, _ = scene(product_color=product, background=(255, 255, 255), size=(64, 64), box=(10, 8, 54, 58))
+        target.save(tmp_path / f"target-{i}.png")
+        reference.save(tmp_path / f"reference-{i}.png")
+        rows.append(dict(target=f"target-{i}.png", reference=f"reference-{i}.png", caption=caption))
+    rows.append(dict(target="missing.png", reference="reference-0.png", caption="broken row"))
+    rows.append(dict(target="target-0.png", caption="no reference"))
+    (tmp_path / "triplets.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return tmp_path / "triplets.jsonl"
+
+
+def config(base_model, manifest, tmp_path, **overrides) -> TrainConfig:
+    values = dict(base_model=str(base_model), manifest=str(manifest), output_dir=str(tmp_path / "run"),
+                  resolution=TEST_RESOLUTION, batch_size=4, learning_rate=1e-2, max_steps=30, log_every=1,
+                  checkpoint_every=10, validate_every=1000, text_dropout=0.0)
+    return TrainConfig(**{**values, **overrides})
+
+
+def fixed_loss(trainer: Trainer) -> float:
+    with torch.no_grad():
+        return sum(trainer.loss(list(range(s, s + 4))).item() for s in (0, 100, 200)) / 3
+
+
+def test_a_tiny_model_learns_the_triplets_and_only_adapters_change(base_model, manifest, tmp_path):
+    trainer = Trainer(config(base_model, manifest, tmp_path))
+    assert (trainer.manifest_report.usable, len(trainer.manifest_report.skipped)) == (4, 2)
+    base = {k: v.clone() for k, v in make_tiny_pipeline().unet.state_dict().items()}
+    before = fixed_loss(trainer)
+    final = trainer.train()
+    after = fixed_loss(trainer)
+    assert after < 0.85 * before, (before, after)
+    state = trainer.model_unet.state_dict()
+    for key, value in base.items():
+        assert torch.equal(state[key], value), f"base weight {key} changed"
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31)) and all(r["samples_per_s"] > 0 for r in log)
+    assert (final / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-0000010", "step-0000020", "step-0000030"]
+
+
+def test_resume_repeats_the_next_step_exactly(base_model, manifest, tmp_path):
+    straight = Trainer(config(base_model, manifest, tmp_path / "a", max_steps=12))
+    losses = [straight.train_step() for _ in range(12)]
+    assert straight.step == 12
+
+    first = Trainer(config(base_model, manifest, tmp_path / "b", max_steps=10, checkpoint_every=10))
+    first.train()
+    resumed = Trainer(config(base_model, manifest, tmp_path / "b", max_steps=12))
+    assert resumed.resume("latest") == 10
+    assert [resumed.train_step(), resumed.train_step()] == pytest.approx(losses[10:12], rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_step(base_model, manifest, tmp_path):
+    plain = Trainer(config(base_model, manifest, tmp_path / "a", max_steps=2))
+    checkpointed = Trainer(config(base_model, manifest, tmp_path / "b", max_steps=2, gradient_checkpointing=True))
+    assert [plain.train_step() for _ in range(2)] == pytest.approx([checkpointed.train_step() for _ in range(2)],
+                                                                   rel=1e-4)
