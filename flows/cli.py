@@ -161,6 +161,25 @@ def history(
 
 
 @app.command()
+def train(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="TOML training config (docs/training.md)."),
+    resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint directory."),
+) -> None:
+    """Train DreamCache adapters in this process (for several GPUs: accelerate launch -m flows.training)."""
+    from pydantic import ValidationError
+
+    from dreamcache.training import TrainConfig, Trainer
+    from flows.sources import read_uri
+
+    try:
+        settings = TrainConfig.from_file(config)
+    except (ValidationError, ValueError) as exc:
+        library_cli._fail(f"{config}: {exc}")
+    final = Trainer(settings, loader=read_uri).train(resume=resume)
+    typer.echo(f"adapters written to {final}; load them with DREAMCACHE_ADAPTER={final}")
+
+
+@app.command()
 def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GPU).")) -> None:
     """A long-lived GPU worker for `execution=task-workers` runs: loads the model once, serves batches.
 

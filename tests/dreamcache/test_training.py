@@ -110,3 +110,21 @@ def test_two_processes_train_like_one_with_the_same_global_batch(base_model, man
     for key, value in runs["one"][1].items():
         # Adam divides by tiny second moments: summation-order differences of 1e-7 show up as ~1e-5.
         torch.testing.assert_close(runs["two"][1][key], value, atol=1e-4, rtol=1e-3)
+
+
+def test_the_cli_trains_from_a_config_file(base_model, manifest, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cfg = config(base_model, manifest, tmp_path, max_steps=2, checkpoint_every=1)
+    path = tmp_path / "train.toml"
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in cfg.model_dump().items()
+                              if v is not None and not isinstance(v, list)))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"adapters written to {tmp_path / 'run' / 'adapter'}" in result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text('base_model = "x"\nlearning_rate = -1\n')
+    result = CliRunner().invoke(app, ["train", str(bad)])
+    assert result.exit_code == 1 and "manifest" in result.output and "learning_rate" in result.output

@@ -1,0 +1,35 @@
+"""Training runs from the platform: a Prefect flow and the entry point for multi-process launches.
+
+Single process: the flow runs the trainer in its own process. Several GPUs (or nodes): the flow
+starts `accelerate launch -m flows.training CONFIG`, whose processes each run `main` below; the
+platform's loader lets manifests and images live on S3 as well as on local disk.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from dreamcache import training
+from flows.sources import read_uri
+
+
+@flow(name="train-adapters", persist_result=False)
+def train_adapters(config: str, processes: int = 1, resume: str | None = None) -> str:
+    """Train DreamCache adapters from a TOML config; returns the directory of the final adapter."""
+    settings = training.TrainConfig.from_file(config)
+    if processes == 1:
+        return str(training.Trainer(settings, loader=read_uri).train(resume=resume))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(processes), "-m", "flows.training", config] + (["--resume", resume] if resume else [])
+    subprocess.run(command, check=True)
+    return str(Path(settings.output_dir) / "adapter")
+
+
+def main(argv: list[str] | None = None) -> None:
+    training.main(argv, loader=read_uri)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
