@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -44,6 +45,25 @@ class DreamCachePipeline(StableDiffusionPipeline):
     _dreamcache_preset: str | None = None
     _dreamcache_layers: tuple[Layer, ...] = ()
     _image_scale: float = DEFAULT_IMAGE_SCALE
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save the base pipeline as a plain Stable Diffusion directory (adapters are saved apart).
+
+        The model index names `StableDiffusionPipeline`, so any diffusers tool loads the directory.
+        """
+        attached = self.dreamcache_adapters
+        if attached:  # the UNet holds the adapters while they are attached: save the base without them
+            dtype = next(iter(attached.values())).linear_cat.weight.dtype
+            remove_dreamcache(self.unet)
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if attached:
+                apply_dreamcache(self.unet, attached, dtype)
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = StableDiffusionPipeline.__name__
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     # --- adapters: load / set scale / unload ------------------------------------------------
 

@@ -180,6 +180,29 @@ def train(
 
 
 @app.command()
+def synthesize(
+    output: Path = typer.Option(..., help="Folder for targets/, masks/, references/ and triplets.jsonl."),
+    count: int = typer.Option(1000, min=1, help="Captions to draw before the diversity filter."),
+    text_to_image: Optional[str] = typer.Option(None, help="Diffusers text-to-image model (SDXL in the paper); "
+                                                "default: the configured base model."),
+    captioner: Optional[str] = typer.Option(None, help="Text-generation model for captions; default: the grammar."),
+    steps: int = typer.Option(30, min=1, help="Denoising steps per target image."),
+    seed: int = typer.Option(0, min=0, help="Seed of the captions and images."),
+    shard_size: int = typer.Option(256, min=1, help="Items per shard (a child run on Prefect)."),
+) -> None:
+    """Synthetic training triplets: captions, target images, masks and references, and the manifest."""
+    from flows.synthetic import SyntheticParams, run_embedded, synthesize_triplets
+
+    params = SyntheticParams(output=str(output), count=count, text_to_image=text_to_image, captioner=captioner,
+                             steps=steps, seed=seed, shard_size=shard_size)
+    summary = synthesize_triplets(params) if os.environ.get("PREFECT_API_URL") else run_embedded(params)
+    typer.echo(f"{summary['items']} items after filtering, {summary['triplets']} triplets, "
+               f"{len(summary['rejected'])} rejected; manifest: {summary['manifest']}")
+    for item, reason in summary["rejected"][:20]:
+        typer.echo(f"  rejected {item}: {reason}")
+
+
+@app.command()
 def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GPU).")) -> None:
     """A long-lived GPU worker for `execution=task-workers` runs: loads the model once, serves batches.
 

@@ -117,3 +117,15 @@ def test_bad_call_arguments_are_explained(tiny_pipe):
         tiny_pipe("a mug", guidance="triple")
     with pytest.raises(ValueError, match="2 prompts, 2 subjects and 3 seeds"):
         tiny_pipe(["a", "b"], seed=[1, 2, 3])
+
+
+def test_saved_bases_are_plain_stable_diffusion_without_adapter_tensors(tiny_pipe, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    tiny_pipe.save_pretrained(tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    with safe_open(tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert not any("adapter" in key or "processor" in key for key in f.keys())
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    assert set(plain.unet.state_dict()) == set(make_tiny_pipeline().unet.state_dict())
+    assert tiny_pipe.dreamcache_adapters, "the adapters stay attached after saving the base"
