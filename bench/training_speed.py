@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
+    parser.add_argument("--data-workers", type=int, default=8)
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", ".")) / "training_speed.json")
     args = parser.parse_args()
 
@@ -59,10 +60,12 @@ def main() -> None:
     del pipe
     manifest = make_data(tmp)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, precision=args.precision,
+                  data_workers=args.data_workers,
                   resolution=512, architecture="sd15 (random weights)", preset="default", points=[])
     for checkpointing in (False, True):
         config = TrainConfig(base_model=str(tmp / "sd15-random"), manifest=str(manifest), output_dir=str(tmp / "run"),
                              mixed_precision=args.precision, gradient_checkpointing=checkpointing, batch_size=1,
+                             data_workers=args.data_workers,
                              learning_rate=1e-5, log_every=10**9, checkpoint_every=10**9, validate_every=10**9)
         trainer = Trainer(config)
         for batch in args.batch_sizes:
@@ -70,12 +73,14 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
+                trainer.step, trainer.config.max_steps = 0, args.warmup + args.steps
+                batches = trainer.batches()
                 for _ in range(args.warmup):
-                    trainer.train_step()
+                    trainer.train_step(batches)
                 torch.cuda.synchronize()
                 started = time.perf_counter()
                 for _ in range(args.steps):
-                    trainer.train_step()
+                    trainer.train_step(batches)
                 torch.cuda.synchronize()
                 seconds = (time.perf_counter() - started) / args.steps
             except torch.OutOfMemoryError:

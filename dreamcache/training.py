@@ -26,6 +26,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
@@ -59,6 +60,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW's default.")
     max_steps: int = Field(default=25_000, ge=1, description="Optimiser steps (the paper: 25k at batch 128).")
     text_dropout: float = Field(default=0.07, ge=0, le=1)
+    data_workers: int = Field(default=4, ge=0, description="Processes decoding and augmenting samples (0: in the training process).")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -74,6 +76,40 @@ class TrainConfig(BaseModel):
     def from_file(cls, path: str | Path) -> "TrainConfig":
         with open(path, "rb") as f:
             return cls.model_validate(tomllib.load(f))
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Sample seed -> (target pixels, reference pixels, caption, generator state), made in a data worker.
+
+    The sample's generator draws its triplet, the reference augmentation and the caption dropout here;
+    the training process continues the same generator (from the returned state) for the noise and
+    the timestep. Where a sample is prepared never changes what it is.
+    """
+
+    def __init__(self, triplets: TripletDataset, text_dropout: float):
+        self.triplets = triplets
+        self.text_dropout = text_dropout
+
+    def __len__(self) -> int:  # samples are addressed by seed, not by position
+        return 2**62
+
+    def __getitem__(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        index = int(torch.randint(len(self.triplets), (), generator=g))
+        target, reference, caption = self.triplets.get(index, g)
+        if torch.rand((), generator=g) < self.text_dropout:
+            caption = ""
+        return _pixels(target), _pixels(reference), caption, g.get_state()
+
+
+def _pixels(image) -> torch.Tensor:
+    """(3, H, W) in [-1, 1], as the VAE expects."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def _collate(samples):
+    targets, references, captions, states = zip(*samples)
+    return torch.stack(targets), torch.stack(references), list(captions), list(states)
 
 
 class AdapterTrainingModel(nn.Module):
@@ -137,6 +173,7 @@ class Trainer:
             raise ValueError(f"manifest {config.manifest} has no usable triplets "
                              f"({len(self.manifest_report.skipped)} rows skipped)")
         self.dataset = TripletDataset(triplets, self.resolution, loader=loader)
+        self.samples = SampleDataset(self.dataset, config.text_dropout)
         self.step = 0
         self.output = Path(config.output_dir)
         with torch.no_grad():
@@ -149,9 +186,6 @@ class Trainer:
                                 truncation=True, return_tensors="pt").input_ids.to(self.accelerator.device)
         return self.text_encoder(tokens)[0]
 
-    def _pixels(self, images) -> torch.Tensor:
-        return self.pipe.image_processor.preprocess(list(images)).to(self.accelerator.device, self.weight_dtype)
-
     def micro_batch(self, step: int, micro: int) -> list[int]:
         """This process's sample seeds: a slice of the global batch, the same for any process count."""
         acc, b = self.accelerator, self.config.batch_size
@@ -160,22 +194,28 @@ class Trainer:
         seeds = torch.randint(0, 2**62, (global_batch,), generator=g).tolist()
         return seeds[acc.process_index * b : (acc.process_index + 1) * b]
 
-    def loss(self, sample_seeds: list[int]) -> torch.Tensor:
-        device, n = self.accelerator.device, len(sample_seeds)
-        gens = [torch.Generator().manual_seed(s) for s in sample_seeds]
-        indices = [int(torch.randint(len(self.dataset), (), generator=g)) for g in gens]
-        samples = [self.dataset.get(i, g) for i, g in zip(indices, gens)]
-        captions = ["" if torch.rand((), generator=g) < self.config.text_dropout else c
-                    for g, (_, _, c) in zip(gens, samples)]
+    def batch(self, sample_seeds: list[int]):
+        """A micro-batch prepared in this process (the data workers call the same function)."""
+        return _collate([self.samples[seed] for seed in sample_seeds])
+
+    def loss(self, batch) -> torch.Tensor:
+        targets, references, captions, states = batch
+        device, dtype = self.accelerator.device, self.weight_dtype
+        gens = []
+        for state in states:
+            g = torch.Generator()
+            g.set_state(state)
+            gens.append(g)
         with torch.no_grad():
-            latents = self.vae.encode(self._pixels(s[0] for s in samples)).latent_dist
+            latents = self.vae.encode(targets.to(device, dtype)).latent_dist
             noise_for_vae = torch.stack([torch.randn(latents.mean.shape[1:], generator=g) for g in gens]).to(device)
             latents = (latents.mean + latents.std * noise_for_vae.to(latents.mean.dtype)) * self.vae.config.scaling_factor
-            references = self.vae.encode(self._pixels(s[1] for s in samples)).latent_dist.mode()
-            references = references * self.vae.config.scaling_factor
+            reference_latents = self.vae.encode(references.to(device, dtype)).latent_dist.mode()
+            reference_latents = reference_latents * self.vae.config.scaling_factor
             text = self._encode(captions)
-            features = extract_features(self.model_unet, references, self.empty, self.layers, self.noise_scheduler,
-                                        timestep=1, generators=[torch.Generator().manual_seed(s + 1) for s in sample_seeds])
+            cache_noise = [torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=g))) for g in gens]
+            features = extract_features(self.model_unet, reference_latents, self.empty, self.layers,
+                                        self.noise_scheduler, timestep=1, generators=cache_noise)
             memory = {name: LayerMemory(tokens=f.detach(), rows=None, mask=None) for name, f in features.items()}
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(device, latents.dtype)
         timesteps = torch.tensor([int(torch.randint(self.noise_scheduler.config.num_train_timesteps, (), generator=g))
@@ -188,16 +228,28 @@ class Trainer:
         prediction = self.model(noisy, timesteps, text, memory)
         return F.mse_loss(prediction.float(), target.float())
 
+    def batches(self):
+        """Every micro-batch from the current step on, prepared ahead by the data workers."""
+        seeds = (self.micro_batch(step, micro) for step in range(self.step, self.config.max_steps)
+                 for micro in range(self.config.gradient_accumulation))
+        workers = self.config.data_workers
+        return iter(torch.utils.data.DataLoader(self.samples, batch_sampler=seeds, num_workers=workers,
+                                                collate_fn=_collate, prefetch_factor=4 if workers else None))
+
     @property
     def model_unet(self):
         return self.accelerator.unwrap_model(self.model).unet
 
-    def train_step(self) -> float:
-        """One optimiser step (with its accumulation micro-steps); returns the mean loss over all processes."""
+    def train_step(self, batches=None) -> float:
+        """One optimiser step (with its accumulation micro-steps); returns the mean loss over all processes.
+
+        `batches` yields prepared micro-batches (see `batches()`); without it they are made here.
+        """
         losses = []
         for micro in range(self.config.gradient_accumulation):
+            batch = next(batches) if batches is not None else self.batch(self.micro_batch(self.step, micro))
             with self.accelerator.accumulate(self.model):
-                loss = self.loss(self.micro_batch(self.step, micro))
+                loss = self.loss(batch)
                 self.accelerator.backward(loss)
                 set_memory(self.model_unet, None)
                 self.optimizer.step()
@@ -282,8 +334,9 @@ class Trainer:
             logger.info("manifest: %d rows, %d usable, %d skipped", report.rows, report.usable, len(report.skipped))
         started, samples = time.perf_counter(), 0
         per_step = config.batch_size * config.gradient_accumulation * acc.num_processes
+        batches = self.batches()
         while self.step < config.max_steps:
-            loss = self.train_step()
+            loss = self.train_step(batches)
             samples += per_step
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {self.step}: lower the learning rate or use bf16")

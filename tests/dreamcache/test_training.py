@@ -37,13 +37,13 @@ def manifest(tmp_path):
 def config(base_model, manifest, tmp_path, **overrides) -> TrainConfig:
     values = dict(base_model=str(base_model), manifest=str(manifest), output_dir=str(tmp_path / "run"),
                   resolution=TEST_RESOLUTION, batch_size=4, learning_rate=1e-2, max_steps=30, log_every=1,
-                  checkpoint_every=10, validate_every=1000, text_dropout=0.0)
+                  checkpoint_every=10, validate_every=1000, text_dropout=0.0, data_workers=0)
     return TrainConfig(**{**values, **overrides})
 
 
 def fixed_loss(trainer: Trainer) -> float:
     with torch.no_grad():
-        return sum(trainer.loss(list(range(s, s + 4))).item() for s in (0, 100, 200)) / 3
+        return sum(trainer.loss(trainer.batch(list(range(s, s + 4)))).item() for s in (0, 100, 200)) / 3
 
 
 def test_a_tiny_model_learns_the_triplets_and_only_adapters_change(base_model, manifest, tmp_path):
@@ -128,3 +128,24 @@ def test_the_cli_trains_from_a_config_file(base_model, manifest, tmp_path):
     bad.write_text('base_model = "x"\nlearning_rate = -1\n')
     result = CliRunner().invoke(app, ["train", str(bad)])
     assert result.exit_code == 1 and "manifest" in result.output and "learning_rate" in result.output
+
+
+def test_validation_images_are_written_at_the_interval(base_model, manifest, tmp_path):
+    reference = manifest.parent / "reference-0.png"
+    trainer = Trainer(config(base_model, manifest, tmp_path, max_steps=4, validate_every=2,
+                             validation_references=[str(reference)], validation_prompts=["a mug on a beach", "a mug"],
+                             validation_steps=2))
+    trainer.train()
+    sheets = sorted((tmp_path / "run" / "validation").glob("*.png"))
+    assert [p.name for p in sheets] == ["step-0000002.png", "step-0000004.png"]
+    from PIL import Image
+
+    assert Image.open(sheets[0]).width == 3 * 256  # reference + two prompts
+
+
+def test_data_workers_prepare_the_same_samples(base_model, manifest, tmp_path):
+    here = Trainer(config(base_model, manifest, tmp_path / "a", max_steps=3))
+    losses = [here.train_step() for _ in range(3)]
+    workers = Trainer(config(base_model, manifest, tmp_path / "b", max_steps=3, data_workers=2))
+    batches = workers.batches()
+    assert [workers.train_step(batches) for _ in range(3)] == pytest.approx(losses, rel=1e-5)
