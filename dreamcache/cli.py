@@ -38,7 +38,7 @@ def _quiet_third_parties() -> None:
             library_logging.disable_progress_bar()
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
 
@@ -58,7 +58,7 @@ def demo(
     try:
         result = run_demo(settings, output_dir=output, steps=steps, seed=seed)
     except DreamCacheError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"\nwrote {len(result.images)} shots to {result.output_dir}")
     typer.echo(f"contact sheet: {result.contact_sheet}")
     if result.untrained:
@@ -82,9 +82,9 @@ def inspect(
     from dreamcache import inspection
 
     if (architecture is None) == (base is None):
-        _fail("give exactly one of --architecture or --base")
+        fail("give exactly one of --architecture or --base")
     if dtype not in ("float16", "bfloat16", "float32"):
-        _fail(f"--dtype {dtype!r}: choose float16, bfloat16 or float32")
+        fail(f"--dtype {dtype!r}: choose float16, bfloat16 or float32")
     try:
         if architecture is not None:
             report = inspection.inspect_architecture(architecture, preset=preset, resolution=resolution, dtype=dtype)
@@ -92,7 +92,7 @@ def inspect(
             unet = inspection.unet_from_base(base)
             report = inspection.inspect_unet(unet, str(base), preset=preset, resolution=resolution, dtype=dtype)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(inspection.to_json(report) if json_output else inspection.to_text(report))
 
 
@@ -108,7 +108,7 @@ def convert_checkpoint(
     try:
         config = convert_original_checkpoint(src, dst, architecture=architecture)
     except (DreamCacheError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"converted {len(config.layers)} layers (preset {config.preset!r}) to {dst}")
 
 
@@ -162,12 +162,12 @@ def score(
 
     scorer = load_scorer(Settings())
     if not scorer.available:
-        _fail("no scorer models configured: set DREAMCACHE_CLIP_MODEL and/or DREAMCACHE_DINO_MODEL (see docs/models.md)")
+        fail("no scorer models configured: set DREAMCACHE_CLIP_MODEL and/or DREAMCACHE_DINO_MODEL (see docs/models.md)")
     try:
         (scores,) = scorer.score([open_image(generated)], [open_image(reference)], [prompt], [category],
                                  names=[str(generated)])
     except DreamCacheError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     values = {s.label: round(s.value, 4) for s in scores}
     typer.echo(json.dumps(values) if json_output else "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
 
@@ -195,14 +195,14 @@ def evaluate(
     segmenter = load_segmenter(settings)
     scorer = load_scorer(settings, segmenter)
     if not scorer.available:
-        _fail("no scorer models configured: set DREAMCACHE_CLIP_MODEL and DREAMCACHE_DINO_MODEL (see docs/models.md)")
+        fail("no scorer models configured: set DREAMCACHE_CLIP_MODEL and DREAMCACHE_DINO_MODEL (see docs/models.md)")
     pipe = load_pipeline(settings)
     options = EvalSettings(images_per_prompt, steps, guidance, text_scale, image_scale, seed, 0, batch_size,
                            max_subjects, max_prompts)
     try:
         result = run_eval(pipe, scorer, segmenter, dataset, output, options, model_label=f"DreamCache ({settings.base_model})")
     except (DreamCacheError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo((result.output_dir / "table.md").read_text())
     typer.echo(f"written to {result.output_dir}")
 

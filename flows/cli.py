@@ -32,7 +32,7 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     try:
         migrate.upgrade(url, revision)
     except Exception as exc:  # connection refused, permissions, ...: say which database and why
-        library_cli._fail(f"could not migrate {_safe(url)}: {exc}")
+        library_cli.fail(f"could not migrate {_safe(url)}: {exc}")
     typer.echo(f"{_safe(url)} is at revision {migrate.current_revision(url)}")
 
 
@@ -81,7 +81,7 @@ def run(
             steps=steps, resolution=resolution, output_prefix=output_prefix, batch_size=batch_size,
             execution=execution, dry_run=dry_run)
     except ValidationError as exc:
-        library_cli._fail("invalid run parameters:\n" + "\n".join(
+        library_cli.fail("invalid run parameters:\n" + "\n".join(
             f"  {'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}" for e in exc.errors()))
     settings = Settings()
     if use_prefect is None:
@@ -98,7 +98,7 @@ def run(
 
             summary = run_embedded(params)
     except Exception as exc:
-        library_cli._fail(f"the run could not complete: {type(exc).__name__}: {exc}")
+        library_cli.fail(f"the run could not complete: {type(exc).__name__}: {exc}")
     _print_summary(summary, settings)
 
 
@@ -174,7 +174,7 @@ def train(
     try:
         settings = TrainConfig.from_file(config)
     except (ValidationError, ValueError) as exc:
-        library_cli._fail(f"{config}: {exc}")
+        library_cli.fail(f"{config}: {exc}")
     final = Trainer(settings, loader=read_uri).train(resume=resume)
     typer.echo(f"adapters written to {final}; load them with DREAMCACHE_ADAPTER={final}")
 

@@ -461,7 +461,7 @@ def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_i
         rejected=len(rejected), rejections=rejected[:100], images_planned=planned,
         images_generated=counts.get(WorkStatus.done, 0), images_failed=counts.get(WorkStatus.failed, 0),
         images_open=counts.get(WorkStatus.pending, 0) + counts.get(WorkStatus.running, 0),
-        contact_sheets=sheets, output=platform.objects.uri(output_prefix + "/x")[:-2],
+        contact_sheets=sheets, output=platform.objects.uri(output_prefix),
     )
 
 
