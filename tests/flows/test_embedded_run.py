@@ -163,3 +163,23 @@ def test_a_corrupt_cache_is_detected_recomputed_and_repaired(platform_env, catal
     assert {digest for digest, _ in rows} == {p.stem for p in repaired}
     (note,) = [error for _, error in rows if error]
     assert note.startswith("recomputed after:") and damaged.stem in note
+
+
+def test_shots_are_scored_when_scorer_models_are_configured(platform_env, catalogue, tmp_path):
+    from tests.helpers import save_tiny_scorers
+
+    clip, dino = save_tiny_scorers(tmp_path / "scorers")
+    platform_env.setenv("DREAMCACHE_CLIP_MODEL", clip)
+    platform_env.setenv("DREAMCACHE_DINO_MODEL", dino)
+    summary = run_embedded(params(catalogue).model_copy(update={"prompts": PROMPTS[:1], "images_per_prompt": 1}),
+                           progress=False)
+    assert summary["images_generated"] == 3
+    with database(tmp_path / "home").connect() as db:
+        rows = db.execute(text("SELECT sku, dino, clip_i, clip_t, output_uri FROM generation_history")).all()
+        models = db.scalars(text("SELECT DISTINCT scorer_model_id FROM scores")).all()
+    assert len(rows) == 3 and all(r.dino is not None and r.clip_i is not None and r.clip_t is not None for r in rows)
+    assert sorted(models) == [clip, dino]
+    sidecar = json.loads(Path(rows[0].output_uri.removeprefix("file://")).with_suffix(".json").read_text())
+    assert {"dino", "clip-i", "clip-t"} <= set(sidecar["scores"]) and sorted(sidecar["scorer_models"]) == [clip, dino]
+    assert {p["sku"] for p in summary["products"]} == {"MUG-1", "MUG-2", "LAMP-1"}
+    assert all("best_dino" in p for p in summary["products"])
