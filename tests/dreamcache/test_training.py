@@ -41,6 +41,12 @@ def config(base_model, manifest, tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
+def write_toml(cfg: TrainConfig, path) -> None:
+    """The config as a TOML file (scalars only: enough for these tests)."""
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in cfg.model_dump().items()
+                              if v is not None and not isinstance(v, list)))
+
+
 def fixed_loss(trainer: Trainer) -> float:
     with torch.no_grad():
         return sum(trainer.loss(trainer.batch(list(range(s, s + 4)))).item() for s in (0, 100, 200)) / 3
@@ -97,8 +103,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(base_model, man
     for name, processes, batch in (("one", 1, 4), ("two", 2, 2)):
         cfg = config(base_model, manifest, tmp_path / name, batch_size=batch, max_steps=3, checkpoint_every=100)
         path = tmp_path / f"{name}.toml"
-        path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in cfg.model_dump().items()
-                                  if v is not None and not isinstance(v, list)))
+        write_toml(cfg, path)
         torchrun = Path(sys.executable).parent / "torchrun"
         subprocess.run([str(torchrun), "--nproc_per_node", str(processes), "-m", "dreamcache.training", str(path)],
                        cwd=root, env=dict(os.environ, ACCELERATE_USE_CPU="true"), check=True, capture_output=True,
@@ -119,8 +124,7 @@ def test_the_cli_trains_from_a_config_file(base_model, manifest, tmp_path):
 
     cfg = config(base_model, manifest, tmp_path, max_steps=2, checkpoint_every=1)
     path = tmp_path / "train.toml"
-    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in cfg.model_dump().items()
-                              if v is not None and not isinstance(v, list)))
+    write_toml(cfg, path)
     result = CliRunner().invoke(app, ["train", str(path)])
     assert result.exit_code == 0, result.output
     assert f"adapters written to {tmp_path / 'run' / 'adapter'}" in result.output
