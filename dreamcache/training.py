@@ -34,9 +34,10 @@ from torch import nn
 
 from dreamcache.adapter import DreamCacheAdapter, LayerMemory, apply_dreamcache, set_memory
 from dreamcache.cache import extract_features
-from dreamcache.data import Loader, TripletDataset, load_manifest, read_bytes
+from dreamcache.data import Loader, ManifestReport, TripletDataset, load_manifest, read_bytes
 from dreamcache.layers import resolve_preset
 from dreamcache.weights import AdapterConfig, load_adapters, read_adapter_config, save_adapters
+from dreamcache.world import WORLD_MANIFEST, WorldTriplets
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class TrainConfig(BaseModel):
     """A training run; every field has the paper's or a sensible default. Read from TOML."""
 
     base_model: str = Field(description="Base Stable Diffusion pipeline: a diffusers directory or hub id.")
-    manifest: str = Field(description="Triplet manifest (JSONL): target, reference or mask, caption.")
+    manifest: str = Field(description="Triplet manifest (JSONL): target, reference or mask, caption; "
+                          "or world:// for the procedural product world.")
     output_dir: str = Field(description="Checkpoints, the final adapter, logs and validation images go here.")
     preset: str = "default"
     init_adapter: str | None = Field(default=None, description="Start from these adapter weights.")
@@ -168,11 +170,15 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()],
                                            lr=config.learning_rate, weight_decay=config.weight_decay)
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
-        triplets, self.manifest_report = load_manifest(config.manifest, loader=loader)
-        if not triplets:
-            raise ValueError(f"manifest {config.manifest} has no usable triplets "
-                             f"({len(self.manifest_report.skipped)} rows skipped)")
-        self.dataset = TripletDataset(triplets, self.resolution, loader=loader)
+        if config.manifest == WORLD_MANIFEST:  # the procedural product world, rendered on the fly
+            self.dataset = WorldTriplets(self.resolution)
+            self.manifest_report = ManifestReport(rows=0, usable=len(self.dataset), skipped=[])
+        else:
+            triplets, self.manifest_report = load_manifest(config.manifest, loader=loader)
+            if not triplets:
+                raise ValueError(f"manifest {config.manifest} has no usable triplets "
+                                 f"({len(self.manifest_report.skipped)} rows skipped)")
+            self.dataset = TripletDataset(triplets, self.resolution, loader=loader)
         self.samples = SampleDataset(self.dataset, config.text_dropout)
         self.step = 0
         self.output = Path(config.output_dir)

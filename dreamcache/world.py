@@ -264,3 +264,24 @@ def triplet(seed: int, size: int, held_out: bool = False) -> WorldTriplet:
     scene = rng.choice(list(SCENES))
     target, mask = scene_image(item, scene, size, seed)
     return WorldTriplet(target, mask, reference_image(item, size, seed), caption(item, scene), item, scene)
+
+
+WORLD_MANIFEST = "world://"  # a training config's `manifest` that means: triplets from this world, on the fly
+
+
+class WorldTriplets:
+    """Endless training triplets (training instances only), with the method's reference augmentations."""
+
+    def __init__(self, resolution: int, augment: bool = True):
+        from dreamcache.data import ReferenceAugmentation
+
+        self.resolution = resolution
+        self.augmentation = ReferenceAugmentation(resolution) if augment else None
+
+    def __len__(self) -> int:
+        return 2**31
+
+    def get(self, index: int, generator):
+        t = triplet(index, self.resolution)
+        reference = self.augmentation(t.reference, generator) if self.augmentation else t.reference
+        return t.target, reference, t.caption

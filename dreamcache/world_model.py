@@ -50,6 +50,7 @@ class StageSteps:
     batch_size: int = 128
     learning_rate: float = 3e-4
     seed: int = 0
+    workers: int = 0  # data-loader processes rendering the world (use most CPU cores on a GPU machine)
 
 
 def make_vae() -> AutoencoderKL:
@@ -90,6 +91,25 @@ def world_batch(step: int, batch: int, seed: int) -> tuple[torch.Tensor, list[st
     return pixels([t.target for t in triplets]), [t.caption for t in triplets], pixels([t.reference for t in triplets])
 
 
+class _WorldBatches(torch.utils.data.Dataset):
+    """Batch `step` of a stage, rendered in a data-loader worker (rendering is the CPU-heavy part)."""
+
+    def __init__(self, batch: int, seed: int, offset: int):
+        self.batch, self.seed, self.offset = batch, seed, offset
+
+    def __len__(self) -> int:
+        return 2**31
+
+    def __getitem__(self, step: int):
+        return world_batch(step + self.offset, self.batch, self.seed)
+
+
+def batches(steps: int, batch: int, seed: int, offset: int = 0, workers: int = 0):
+    """World batches for steps 0..steps-1 of a stage, rendered ahead by `workers` processes."""
+    return iter(torch.utils.data.DataLoader(_WorldBatches(batch, seed, offset), batch_size=None, sampler=range(steps),
+                                            num_workers=workers, prefetch_factor=4 if workers else None))
+
+
 def _log(stage: str, step: int, loss: float, started: float) -> None:
     logger.info("%s step %d loss %.4f (%.0f s)", stage, step, loss, time.perf_counter() - started)
 
@@ -99,8 +119,8 @@ def train_vae(steps: StageSteps, device: torch.device, log_every: int = 100) -> 
     vae = make_vae().to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=steps.learning_rate)
     losses, started = [], time.perf_counter()
-    for step in range(steps.vae_steps):
-        scenes, _, references = world_batch(step, steps.batch_size // 2, steps.seed)
+    for step, (scenes, _, references) in enumerate(batches(steps.vae_steps, steps.batch_size // 2, steps.seed, 0,
+                                                            steps.workers)):
         images = torch.cat([scenes, references]).to(device)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
@@ -127,8 +147,8 @@ def train_clip(steps: StageSteps, device: torch.device, log_every: int = 100) ->
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device)[:, None, None]
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device)[:, None, None]
     losses, started = [], time.perf_counter()
-    for step in range(steps.clip_steps):
-        scenes, captions, _ = world_batch(step + 1_000_000, steps.batch_size, steps.seed)
+    for step, (scenes, captions, _) in enumerate(batches(steps.clip_steps, steps.batch_size, steps.seed, 1_000_000,
+                                                          steps.workers)):
         pixels = ((scenes.to(device) + 1) / 2 - mean) / std
         loss = clip(input_ids=_tokens(tokenizer, captions, device), pixel_values=pixels, return_loss=True).loss
         optimizer.zero_grad(set_to_none=True)
@@ -156,8 +176,8 @@ def train_unet(steps: StageSteps, vae: AutoencoderKL, text_encoder: CLIPTextMode
     optimizer = torch.optim.AdamW(unet.parameters(), lr=steps.learning_rate)
     g = torch.Generator().manual_seed(steps.seed + 3)
     losses, started = [], time.perf_counter()
-    for step in range(steps.unet_steps):
-        scenes, captions, _ = world_batch(step + 2_000_000, steps.batch_size, steps.seed)
+    for step, (scenes, captions, _) in enumerate(batches(steps.unet_steps, steps.batch_size, steps.seed, 2_000_000,
+                                                          steps.workers)):
         captions = ["" if torch.rand((), generator=g) < 0.1 else c for c in captions]
         with torch.no_grad():
             latents = vae.encode(scenes.to(device)).latent_dist.sample() * vae.config.scaling_factor

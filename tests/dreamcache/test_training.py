@@ -153,3 +153,11 @@ def test_data_workers_prepare_the_same_samples(base_model, manifest, tmp_path):
     workers = Trainer(config(base_model, manifest, tmp_path / "b", max_steps=3, data_workers=2))
     batches = workers.batches()
     assert [workers.train_step(batches) for _ in range(3)] == pytest.approx(losses, rel=1e-5)
+
+
+def test_adapters_train_on_the_procedural_world(base_model, tmp_path):
+    trainer = Trainer(config(base_model, "world://", tmp_path, max_steps=3))
+    target, reference, caption = trainer.dataset.get(4, torch.Generator().manual_seed(0))
+    assert target.size == reference.size == (TEST_RESOLUTION, TEST_RESOLUTION) and caption.startswith("a ")
+    losses = [trainer.train_step() for _ in range(3)]
+    assert all(0 < loss < 10 for loss in losses)

@@ -38,3 +38,11 @@ def test_the_result_loads_like_any_stable_diffusion(trained):
     from transformers import CLIPModel
 
     assert CLIPModel.from_pretrained(folder / "clip").config.projection_dim == 128
+
+
+def test_worker_rendering_gives_the_same_batches():
+    here = list(world_model.batches(3, 4, seed=5, offset=7))
+    workers = list(world_model.batches(3, 4, seed=5, offset=7, workers=2))
+    for (a_scenes, a_captions, a_refs), (b_scenes, b_captions, b_refs) in zip(here, workers):
+        assert torch.equal(a_scenes, b_scenes) and a_captions == b_captions and torch.equal(a_refs, b_refs)
+    assert len(here) == 3
