@@ -110,28 +110,34 @@ def batches(steps: int, batch: int, seed: int, offset: int = 0, workers: int = 0
                                             num_workers=workers, prefetch_factor=4 if workers else None))
 
 
-def _log(stage: str, step: int, loss: float, started: float) -> None:
-    logger.info("%s step %d loss %.4f (%.0f s)", stage, step, loss, time.perf_counter() - started)
+class _Progress:
+    """One optimiser step of a stage, its loss kept and logged at an interval."""
+
+    def __init__(self, stage: str, optimizer: torch.optim.Optimizer, log_every: int):
+        self.stage, self.optimizer, self.log_every = stage, optimizer, log_every
+        self.losses: list[float] = []
+        self.started = time.perf_counter()
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.losses.append(loss.item())
+        if (len(self.losses) - 1) % self.log_every == 0:
+            logger.info("%s step %d loss %.4f (%.0f s)", self.stage, len(self.losses) - 1, self.losses[-1],
+                        time.perf_counter() - self.started)
 
 
 def train_vae(steps: StageSteps, device: torch.device, log_every: int = 100) -> tuple[AutoencoderKL, list[float]]:
     torch.manual_seed(steps.seed)
     vae = make_vae().to(device).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=steps.learning_rate)
-    losses, started = [], time.perf_counter()
-    for step, (scenes, _, references) in enumerate(batches(steps.vae_steps, steps.batch_size // 2, steps.seed, 0,
-                                                            steps.workers)):
+    progress = _Progress("vae", torch.optim.AdamW(vae.parameters(), lr=steps.learning_rate), log_every)
+    for scenes, _, references in batches(steps.vae_steps, steps.batch_size // 2, steps.seed, 0, steps.workers):
         images = torch.cat([scenes, references]).to(device)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if step % log_every == 0:
-            _log("vae", step, losses[-1], started)
-    return vae.eval(), losses
+        progress.step(F.l1_loss(reconstruction, images) + 1e-6 * posterior.kl().mean())
+    return vae.eval(), progress.losses
 
 
 def _tokens(tokenizer, captions: list[str], device) -> torch.Tensor:
@@ -143,21 +149,13 @@ def train_clip(steps: StageSteps, device: torch.device, log_every: int = 100) ->
     torch.manual_seed(steps.seed + 1)
     tokenizer = tiny_tokenizer()
     clip = make_clip(tokenizer).to(device).train()
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=steps.learning_rate)
+    progress = _Progress("clip", torch.optim.AdamW(clip.parameters(), lr=steps.learning_rate), log_every)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device)[:, None, None]
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device)[:, None, None]
-    losses, started = [], time.perf_counter()
-    for step, (scenes, captions, _) in enumerate(batches(steps.clip_steps, steps.batch_size, steps.seed, 1_000_000,
-                                                          steps.workers)):
+    for scenes, captions, _ in batches(steps.clip_steps, steps.batch_size, steps.seed, 1_000_000, steps.workers):
         pixels = ((scenes.to(device) + 1) / 2 - mean) / std
-        loss = clip(input_ids=_tokens(tokenizer, captions, device), pixel_values=pixels, return_loss=True).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if step % log_every == 0:
-            _log("clip", step, losses[-1], started)
-    return clip.eval(), losses
+        progress.step(clip(input_ids=_tokens(tokenizer, captions, device), pixel_values=pixels, return_loss=True).loss)
+    return clip.eval(), progress.losses
 
 
 def text_encoder_of(clip: CLIPModel) -> CLIPTextModel:
@@ -173,11 +171,9 @@ def train_unet(steps: StageSteps, vae: AutoencoderKL, text_encoder: CLIPTextMode
     unet = make_unet().to(device).train()
     vae, text_encoder = vae.to(device).requires_grad_(False), text_encoder.to(device).requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(scheduler().config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=steps.learning_rate)
+    progress = _Progress("unet", torch.optim.AdamW(unet.parameters(), lr=steps.learning_rate), log_every)
     g = torch.Generator().manual_seed(steps.seed + 3)
-    losses, started = [], time.perf_counter()
-    for step, (scenes, captions, _) in enumerate(batches(steps.unet_steps, steps.batch_size, steps.seed, 2_000_000,
-                                                          steps.workers)):
+    for scenes, captions, _ in batches(steps.unet_steps, steps.batch_size, steps.seed, 2_000_000, steps.workers):
         captions = ["" if torch.rand((), generator=g) < 0.1 else c for c in captions]
         with torch.no_grad():
             latents = vae.encode(scenes.to(device)).latent_dist.sample() * vae.config.scaling_factor
@@ -185,14 +181,8 @@ def train_unet(steps: StageSteps, vae: AutoencoderKL, text_encoder: CLIPTextMode
         noise = torch.randn(latents.shape, generator=g).to(device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
         prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
-        loss = F.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if step % log_every == 0:
-            _log("unet", step, losses[-1], started)
-    return unet.eval(), losses
+        progress.step(F.mse_loss(prediction, noise))
+    return unet.eval(), progress.losses
 
 
 def save_pipeline(vae, clip: CLIPModel, unet, directory: Path) -> Path:
