@@ -16,9 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean
-from typing import Sequence
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from dreamcache.images import open_image

@@ -18,7 +18,7 @@ import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 FAMILIES = ("mug", "bottle", "box", "sneaker", "lamp", "backpack")
 COLORS = {"red": (200, 40, 45), "orange": (235, 130, 30), "yellow": (235, 205, 50), "green": (60, 160, 70),

@@ -10,7 +10,7 @@ import typer
 from sqlalchemy import make_url
 
 from dreamcache import cli as library_cli
-from dreamcache.config import BUNDLED_MODEL, Settings
+from dreamcache.config import Settings
 
 app = library_cli.app
 db_app = typer.Typer(help="The platform database (SQLite embedded, PostgreSQL in production).", no_args_is_help=True)
@@ -122,7 +122,9 @@ def _print_summary(summary: dict, settings: Settings) -> None:
         typer.echo(f"contact sheet {sku}: {uri}")
     url = settings.resolved_database_url
     typer.echo(f"database: {_safe(url)}")
-    if settings.base_model == BUNDLED_MODEL:
+    from dreamcache.models import is_bundled_untrained  # imported here: it loads diffusers
+
+    if is_bundled_untrained(settings):
         typer.secho("note: the bundled model is a tiny, randomly initialised Stable Diffusion: its images are noise.",
                     fg=typer.colors.YELLOW)
     typer.echo("try: dreamcache history   (or in SQL: SELECT sku, prompt, seed, mdino, output_uri FROM generation_history "

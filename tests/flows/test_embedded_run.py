@@ -8,12 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from PIL import Image
 from sqlalchemy import create_engine, func, select, text
 from typer.testing import CliRunner
 
-from db.models import Generation, RejectedItem, WorkStatus
+from db.models import Generation, RejectedItem
 from flows.catalogue import run_embedded
 from flows.cli import app
 from flows.params import CatalogueRunParams

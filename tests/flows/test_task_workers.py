@@ -3,10 +3,9 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, select
 
 from db.models import Generation
 
