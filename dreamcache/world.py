@@ -9,7 +9,7 @@ renderer knows every pixel it drew.
 
 Everything is a pure function of integer seeds: `product(i)` is instance i, `triplet(seed)` a
 training triplet (the target scene, the same instance on white in another pose, the caption).
-Instances with `i % HOLDOUT == 0` are held out of training for evaluation.
+One instance in HOLDOUT of every family is held out of training for evaluation (`held_out_products`).
 """
 
 from __future__ import annotations
@@ -62,11 +62,22 @@ def product(index: int) -> Product:
 
 
 def is_held_out(index: int) -> bool:
-    return index % HOLDOUT == 0
+    # Counted within the family (instance i is family i % 6), so every family has held-out instances.
+    return (index // len(FAMILIES)) % HOLDOUT == 0
 
 
-def caption(item: Product, scene: str) -> str:
-    return f"a {item.family} {SCENES[scene]}"
+def held_out_products(count: int) -> list[Product]:
+    """The first `count` held-out instances: the families in turn."""
+    indices = (i for i in range(10**9) if is_held_out(i))
+    return [product(next(indices)) for _ in range(count)]
+
+
+def caption(family: str, scene: str) -> str:
+    return f"a {family} {SCENES[scene]}"
+
+
+# Every caption the world can write, in (family, scene) order: only 48 distinct texts.
+CAPTIONS = tuple(caption(family, scene) for family in FAMILIES for scene in SCENES)
 
 
 # --- drawing a product ---------------------------------------------------------------------------
@@ -263,7 +274,7 @@ def triplet(seed: int, size: int, held_out: bool = False) -> WorldTriplet:
     item = product(index)
     scene = rng.choice(list(SCENES))
     target, mask = scene_image(item, scene, size, seed)
-    return WorldTriplet(target, mask, reference_image(item, size, seed), caption(item, scene), item, scene)
+    return WorldTriplet(target, mask, reference_image(item, size, seed), caption(item.family, scene), item, scene)
 
 
 WORLD_MANIFEST = "world://"  # a training config's `manifest` that means: triplets from this world, on the fly

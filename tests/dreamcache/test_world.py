@@ -49,3 +49,10 @@ def test_every_family_renders_in_every_scene(family):
         assert image.size == (48, 48) and 0.02 < mask.mean() < 0.9
     reference = np.asarray(world.reference_image(item, 48, seed=1))
     assert (reference[0, 0] == 255).all() and (reference < 250).any()
+
+
+def test_every_family_has_held_out_instances():
+    held_out = world.held_out_products(12)
+    assert [p.family for p in held_out] == list(world.FAMILIES) * 2
+    assert all(world.is_held_out(p.index) for p in held_out)
+    assert sum(world.is_held_out(i) for i in range(600)) == 60  # one instance in ten
