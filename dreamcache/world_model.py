@@ -1,20 +1,26 @@
 """Training the project's own small Stable-Diffusion-architecture model on the procedural world.
 
-Four stages, each a short function, run in order (and resumable by stage, each saving its result):
+Stages, run in order, each saving its result so that a later call resumes after the last finished one:
 
-1. **VAE** (`AutoencoderKL`, 64 px -> 16x16x4 latents): reconstruction + a small KL term, on scenes
-   and references.
-2. **CLIP** (`CLIPModel`, small ViT and text transformer over the byte-level tokenizer): contrastive
-   on (scene, caption). Its text tower conditions the UNet; the whole model is the toy world's
-   CLIP-I / CLIP-T scorer.
-3. **UNet** (`UNet2DConditionModel`, SD layout): text-conditioned noise prediction on scene latents,
-   captions dropped 10% of the time for classifier-free guidance.
-4. **Adapters**: the platform's own trainer (`dreamcache.training`) on world triplets (`world://`).
+1. **Pool**: N triplets rendered once by worker processes and kept on the GPU as uint8, so no
+   stage waits on the CPU (the world is cheap to render, but not at GPU speed).
+2. **VAE** (`AutoencoderKL`, 64 px -> 16x16x4 latents): L1 reconstruction + a small KL term, on
+   scenes and references; its scaling factor is set so that latents have unit variance, as SD's is.
+3. **CLIP** (`CLIPModel`, small ViT and text transformer over the byte-level tokenizer): contrastive
+   on (scene, caption). The world has only 48 captions, so each image is classified against all of
+   them and each caption's positives are every image that carries it (no false negatives). Its text
+   tower conditions the UNet; the whole model is the toy world's CLIP-T scorer.
+4. **UNet** (`UNet2DConditionModel`, SD layout): noise prediction on scene latents, captions dropped
+   10% of the time for classifier-free guidance; the exported weights are an EMA of the training ones.
+5. **Classifier**: the attribute classifier that measures fidelity (`dreamcache.world_classifier`),
+   on scenes and on their VAE round trips (so that it reads the decoder's images as well as renders).
+6. **Adapters**: the platform's own trainer (`dreamcache.training`) on world triplets (`world://`),
+   for the default preset and, for the paper's placement ablation, the middle-only preset.
 
-The result is a plain diffusers directory (`save_pretrained`) plus an adapter directory, loaded by
-the same code path as real Stable Diffusion.
+The result is a plain diffusers directory (`base/`) plus adapter directories, the CLIP scorer and
+the classifier, loaded by the same code paths as real Stable Diffusion and its scorers.
 
-    python -m dreamcache.world_model --output models/world --device cuda [--stage vae|clip|unet|all]
+    python -m dreamcache.world_model --output models/world --workers 14     # about 14 min on one H100
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,23 +41,33 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
 from dreamcache import world
 from dreamcache.architectures import tiny_tokenizer
+from dreamcache.world_classifier import HEADS, AttributeClassifier
+from dreamcache.world_classifier import labels as attribute_labels
 
 logger = logging.getLogger(__name__)
 
 RESOLUTION = 64
+EMPTY = len(world.CAPTIONS)  # the index of the empty caption in the UNet's text table
 
 
 @dataclass
 class StageSteps:
-    """Optimiser steps and batch size per stage (the defaults are for one H100)."""
+    """Every stage's size and optimiser settings; the defaults are the shipped model's (one H100)."""
 
-    vae_steps: int = 3000
-    clip_steps: int = 3000
-    unet_steps: int = 12000
+    pool_size: int = 100_000  # rendered triplets the base stages draw from (training instances only)
     batch_size: int = 128
+    vae_steps: int = 2000
+    clip_steps: int = 1200
+    unet_steps: int = 4000
+    unet_batch_size: int = 256
+    classifier_steps: int = 1200
+    adapter_steps: int = 2000
+    adapter_batch_size: int = 64
     learning_rate: float = 3e-4
+    # Ten times the paper's 1e-5: the toy adapters get thousands of steps, not 200k.
+    adapter_learning_rate: float = 1e-4
     seed: int = 0
-    workers: int = 0  # data-loader processes rendering the world (use most CPU cores on a GPU machine)
+    workers: int = 0  # processes rendering the world (use most CPU cores on a GPU machine)
 
 
 def make_vae() -> AutoencoderKL:
@@ -81,81 +98,157 @@ def scheduler() -> DDIMScheduler:
                          set_alpha_to_one=False, steps_offset=1)
 
 
-def world_batch(step: int, batch: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Scenes (B, 3, 64, 64) in [-1, 1], their captions, and references on white (B, 3, 64, 64)."""
-    triplets = [world.triplet(seed * 10_000_019 + step * batch + i, RESOLUTION) for i in range(batch)]
+# --- the pool of rendered triplets ----------------------------------------------------------
 
-    def pixels(images):
-        return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+@dataclass
+class WorldPool:
+    """Rendered triplets as tensors: images (N, 3, R, R) uint8, caption indices, attribute labels."""
 
-    return pixels([t.target for t in triplets]), [t.caption for t in triplets], pixels([t.reference for t in triplets])
-
-
-class _WorldBatches(torch.utils.data.Dataset):
-    """Batch `step` of a stage, rendered in a data-loader worker (rendering is the CPU-heavy part)."""
-
-    def __init__(self, batch: int, seed: int, offset: int):
-        self.batch, self.seed, self.offset = batch, seed, offset
+    targets: torch.Tensor
+    references: torch.Tensor
+    captions: torch.Tensor  # (N,) index into world.CAPTIONS
+    labels: dict[str, torch.Tensor]  # head -> (N,)
 
     def __len__(self) -> int:
-        return 2**31
+        return len(self.captions)
 
-    def __getitem__(self, step: int):
-        return world_batch(step + self.offset, self.batch, self.seed)
+    def to(self, device) -> "WorldPool":
+        return WorldPool(self.targets.to(device), self.references.to(device), self.captions.to(device),
+                         {h: v.to(device) for h, v in self.labels.items()})
+
+    def sample(self, generator: torch.Generator, size: int) -> torch.Tensor:
+        """Random indices, drawn on the CPU (reproducible on any device), on the pool's device."""
+        return torch.randint(len(self), (size,), generator=generator).to(self.captions.device)
 
 
-def batches(steps: int, batch: int, seed: int, offset: int = 0, workers: int = 0):
-    """World batches for steps 0..steps-1 of a stage, rendered ahead by `workers` processes."""
-    return iter(torch.utils.data.DataLoader(_WorldBatches(batch, seed, offset), batch_size=None, sampler=range(steps),
-                                            num_workers=workers, prefetch_factor=4 if workers else None))
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1], as the VAE expects."""
+    return images.float() / 127.5 - 1
 
+
+def _to_tensor(images) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+class _PoolChunks(torch.utils.data.Dataset):
+    """Chunk k of the pool, rendered in a data-loader worker."""
+
+    def __init__(self, size: int, seed: int, chunk: int):
+        self.size, self.seed, self.chunk = size, seed, chunk
+
+    def __len__(self) -> int:
+        return -(-self.size // self.chunk)
+
+    def __getitem__(self, k: int):
+        seeds = range(k * self.chunk, min((k + 1) * self.chunk, self.size))
+        triplets = [world.triplet(self.seed * 10_000_019 + s, RESOLUTION) for s in seeds]
+        rows = [attribute_labels(t.product, t.scene) for t in triplets]
+        return (_to_tensor([t.target for t in triplets]), _to_tensor([t.reference for t in triplets]),
+                torch.tensor([world.CAPTIONS.index(t.caption) for t in triplets]),
+                {h: torch.tensor([r[h] for r in rows]) for h in HEADS})
+
+
+def render_pool(size: int, seed: int, workers: int = 0, chunk: int = 512) -> WorldPool:
+    """The first `size` triplets of the world for `seed` (training instances only); the same for any `workers`."""
+    loader = torch.utils.data.DataLoader(_PoolChunks(size, seed, chunk), batch_size=None, num_workers=workers)
+    parts = list(loader)
+    return WorldPool(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                     torch.cat([p[2] for p in parts]), {h: torch.cat([p[3][h] for p in parts]) for h in HEADS})
+
+
+# --- the stages ---------------------------------------------------------------------------
 
 class _Progress:
-    """One optimiser step of a stage, its loss kept and logged at an interval."""
+    """One optimiser step of a stage: its loss kept, logged at an interval, the stage timed."""
 
-    def __init__(self, stage: str, optimizer: torch.optim.Optimizer, log_every: int):
-        self.stage, self.optimizer, self.log_every = stage, optimizer, log_every
+    def __init__(self, stage: str, optimizer: torch.optim.Optimizer, warmup: int = 0, log_every: int = 250):
+        self.stage, self.optimizer, self.warmup, self.log_every = stage, optimizer, warmup, log_every
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.losses: list[float] = []
         self.started = time.perf_counter()
 
     def step(self, loss: torch.Tensor) -> None:
+        n = len(self.losses)
+        if self.warmup:  # linear warm-up, then constant
+            for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = lr * min(1.0, (n + 1) / self.warmup)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.losses.append(loss.item())
-        if (len(self.losses) - 1) % self.log_every == 0:
-            logger.info("%s step %d loss %.4f (%.0f s)", self.stage, len(self.losses) - 1, self.losses[-1],
-                        time.perf_counter() - self.started)
+        if n % self.log_every == 0:
+            logger.info("%s step %d loss %.4f (%.0f s)", self.stage, n, self.losses[-1], self.seconds)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def summary(self) -> dict:
+        tail = self.losses[-100:]
+        return dict(steps=len(self.losses), seconds=round(self.seconds, 1), first_loss=self.losses[0],
+                    final_loss=sum(tail) / len(tail), losses_every_50=self.losses[::50])
 
 
-def train_vae(steps: StageSteps, device: torch.device, log_every: int = 100) -> tuple[AutoencoderKL, list[float]]:
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_vae(pool: WorldPool, steps: StageSteps, device: torch.device) -> tuple[AutoencoderKL, dict]:
     torch.manual_seed(steps.seed)
     vae = make_vae().to(device).train()
-    progress = _Progress("vae", torch.optim.AdamW(vae.parameters(), lr=steps.learning_rate), log_every)
-    for scenes, _, references in batches(steps.vae_steps, steps.batch_size // 2, steps.seed, 0, steps.workers):
-        images = torch.cat([scenes, references]).to(device)
-        posterior = vae.encode(images).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
-        progress.step(F.l1_loss(reconstruction, images) + 1e-6 * posterior.kl().mean())
-    return vae.eval(), progress.losses
+    progress = _Progress("vae", torch.optim.AdamW(vae.parameters(), lr=steps.learning_rate))
+    g = torch.Generator().manual_seed(steps.seed)
+    half = steps.batch_size // 2
+    for _ in range(steps.vae_steps):
+        images = pixels(torch.cat([pool.targets[pool.sample(g, half)], pool.references[pool.sample(g, half)]]))
+        with _autocast(device):
+            posterior = vae.encode(images).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample
+        progress.step(F.l1_loss(reconstruction.float(), images) + 1e-6 * posterior.kl().float().mean())
+    vae.eval()
+    with torch.no_grad():  # SD's convention: scaled latents have about unit variance
+        sample = pixels(pool.targets[pool.sample(g, 1024)])
+        std = vae.encode(sample).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae, progress.summary()
 
 
-def _tokens(tokenizer, captions: list[str], device) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+def caption_tokens(tokenizer, captions, device) -> torch.Tensor:
+    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
 
 
-def train_clip(steps: StageSteps, device: torch.device, log_every: int = 100) -> tuple[CLIPModel, list[float]]:
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> CLIP's normalised pixels."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=images.device)[:, None, None]
+    return ((images + 1) / 2 - mean) / std
+
+
+def train_clip(pool: WorldPool, steps: StageSteps, device: torch.device) -> tuple[CLIPModel, dict]:
     torch.manual_seed(steps.seed + 1)
     tokenizer = tiny_tokenizer()
     clip = make_clip(tokenizer).to(device).train()
-    progress = _Progress("clip", torch.optim.AdamW(clip.parameters(), lr=steps.learning_rate), log_every)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device)[:, None, None]
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device)[:, None, None]
-    for scenes, captions, _ in batches(steps.clip_steps, steps.batch_size, steps.seed, 1_000_000, steps.workers):
-        pixels = ((scenes.to(device) + 1) / 2 - mean) / std
-        progress.step(clip(input_ids=_tokens(tokenizer, captions, device), pixel_values=pixels, return_loss=True).loss)
-    return clip.eval(), progress.losses
+    progress = _Progress("clip", torch.optim.AdamW(clip.parameters(), lr=steps.learning_rate))
+    tokens = caption_tokens(tokenizer, world.CAPTIONS, device)  # all 48 captions, every step
+    g = torch.Generator().manual_seed(steps.seed + 1)
+    for _ in range(steps.clip_steps):
+        index = pool.sample(g, steps.batch_size)
+        captions = pool.captions[index]
+        with _autocast(device):
+            logits = clip(input_ids=tokens, pixel_values=clip_pixels(pixels(pool.targets[index]))).logits_per_image
+        logits = logits.float()  # (B, 48)
+        image_loss = F.cross_entropy(logits, captions)
+        # Caption -> images: every image carrying the caption is a positive (uniform target).
+        present = captions.unique()
+        positives = (captions[None, :] == present[:, None]).float()
+        text_loss = -(positives / positives.sum(1, keepdim=True) * logits.T[present].log_softmax(1)).sum(1).mean()
+        progress.step((image_loss + text_loss) / 2)
+    return clip.eval(), progress.summary()
 
 
 def text_encoder_of(clip: CLIPModel) -> CLIPTextModel:
@@ -164,25 +257,82 @@ def text_encoder_of(clip: CLIPModel) -> CLIPTextModel:
     return encoder.eval()
 
 
-def train_unet(steps: StageSteps, vae: AutoencoderKL, text_encoder: CLIPTextModel, device: torch.device,
-               log_every: int = 100) -> tuple[UNet2DConditionModel, list[float]]:
+@torch.no_grad()
+def encode_pool(vae: AutoencoderKL, pool: WorldPool, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of every pool scene, computed once for the whole UNet stage."""
+    means, stds = [], []
+    for start in range(0, len(pool), batch):
+        posterior = vae.encode(pixels(pool.targets[start : start + batch])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(pool: WorldPool, steps: StageSteps, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+               device: torch.device, ema_decay: float = 0.999) -> tuple[UNet2DConditionModel, dict]:
     torch.manual_seed(steps.seed + 2)
-    tokenizer = tiny_tokenizer()
     unet = make_unet().to(device).train()
-    vae, text_encoder = vae.to(device).requires_grad_(False), text_encoder.to(device).requires_grad_(False)
+    ema = make_unet().to(device).requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    vae, text_encoder = vae.to(device).eval(), text_encoder.to(device).eval()
+    with torch.no_grad():  # 48 captions and the empty one: encoded once, looked up per sample
+        table = text_encoder(caption_tokens(tiny_tokenizer(), world.CAPTIONS + ("",), device))[0]
+    means, stds = encode_pool(vae, pool)
+    scale = vae.config.scaling_factor
     noise_scheduler = DDPMScheduler.from_config(scheduler().config)
-    progress = _Progress("unet", torch.optim.AdamW(unet.parameters(), lr=steps.learning_rate), log_every)
+    progress = _Progress("unet", torch.optim.AdamW(unet.parameters(), lr=steps.learning_rate), warmup=500)
     g = torch.Generator().manual_seed(steps.seed + 3)
-    for scenes, captions, _ in batches(steps.unet_steps, steps.batch_size, steps.seed, 2_000_000, steps.workers):
-        captions = ["" if torch.rand((), generator=g) < 0.1 else c for c in captions]
-        with torch.no_grad():
-            latents = vae.encode(scenes.to(device)).latent_dist.sample() * vae.config.scaling_factor
-            text = text_encoder(_tokens(tokenizer, captions, device))[0]
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
+    for _ in range(steps.unet_steps):
+        index = pool.sample(g, steps.unet_batch_size)
+        b = len(index)
+        captions = torch.where(torch.rand(b, generator=g).to(device) < 0.1, EMPTY, pool.captions[index])
+        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=g).to(device)) * scale
         noise = torch.randn(latents.shape, generator=g).to(device)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
-        prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
-        progress.step(F.mse_loss(prediction, noise))
-    return unet.eval(), progress.losses
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(device)
+        with _autocast(device):
+            prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=table[captions]).sample
+        progress.step(F.mse_loss(prediction.float(), noise))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - ema_decay)
+    return ema.eval(), progress.summary()
+
+
+def train_classifier(pool: WorldPool, steps: StageSteps, vae: AutoencoderKL,
+                     device: torch.device) -> tuple[AttributeClassifier, dict]:
+    torch.manual_seed(steps.seed + 4)
+    classifier = AttributeClassifier(RESOLUTION).to(device).train()
+    vae = vae.to(device).eval()
+    progress = _Progress("classifier", torch.optim.AdamW(classifier.parameters(), lr=1e-3), warmup=200)
+    g = torch.Generator().manual_seed(steps.seed + 4)
+    half = steps.batch_size // 2
+    for _ in range(steps.classifier_steps):
+        index = pool.sample(g, steps.batch_size)
+        images = pixels(pool.targets[index])
+        with torch.no_grad():  # half the batch as the decoder draws it: generated shots look like that
+            images[:half] = vae.decode(vae.encode(images[:half]).latent_dist.sample()).sample.clamp(-1, 1)
+        with _autocast(device):
+            loss = classifier.loss(images, {h: pool.labels[h][index] for h in HEADS})
+        progress.step(loss.float())
+    return classifier.eval(), progress.summary()
+
+
+def train_adapters(base: Path, output: Path, preset: str, steps: StageSteps) -> dict:
+    """Adapters for `preset` on world triplets, with the platform's trainer; the result in `output`."""
+    from dreamcache.training import TrainConfig, Trainer
+
+    run = output.parent / "runs" / output.name
+    config = TrainConfig(base_model=str(base), manifest=world.WORLD_MANIFEST, output_dir=str(run), preset=preset,
+                         batch_size=steps.adapter_batch_size, learning_rate=steps.adapter_learning_rate,
+                         max_steps=steps.adapter_steps, data_workers=steps.workers, seed=steps.seed, log_every=50,
+                         mixed_precision="bf16" if torch.cuda.is_available() else "no",
+                         checkpoint_every=steps.adapter_steps, validate_every=steps.adapter_steps + 1)
+    started = time.perf_counter()
+    final = Trainer(config).train()
+    shutil.copytree(final, output, dirs_exist_ok=True)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return dict(steps=steps.adapter_steps, seconds=round(time.perf_counter() - started, 1), preset=preset,
+                first_loss=log[0]["loss"], final_loss=log[-1]["loss"], losses_every_50=[r["loss"] for r in log])
 
 
 def save_pipeline(vae, clip: CLIPModel, unet, directory: Path) -> Path:
@@ -198,22 +348,78 @@ def save_pipeline(vae, clip: CLIPModel, unet, directory: Path) -> Path:
     return directory
 
 
+# --- all of it, resumable by stage --------------------------------------------------------
+
+ADAPTERS = {"adapter": "default", "adapter-middle": "middle"}  # output folder -> preset
+
+
+def train_world_model(output: Path, steps: StageSteps, device: torch.device,
+                      adapters: tuple[str, ...] = tuple(ADAPTERS)) -> dict:
+    """Every stage not yet done in `output`; returns the training record (also `output/training.json`).
+
+    `adapters` names the adapter folders to train (the base stages always come first)."""
+    output.mkdir(parents=True, exist_ok=True)
+    record_path = output / "training.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record.update(config=asdict(steps), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  torch=torch.__version__)
+    stages = record.setdefault("stages", {})
+
+    def done(name: str, summary: dict) -> None:
+        stages[name] = summary
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
+
+    base_done = all((output / name).exists() for name in ("base", "classifier"))
+    if not base_done:
+        _train_base(output, steps, device, done)
+    for name in adapters:
+        if not (output / name).exists():
+            done(name, train_adapters(output / "base", output / name, ADAPTERS[name], steps))
+    return record
+
+
+def _train_base(output: Path, steps: StageSteps, device: torch.device, done) -> None:
+    stage_dir = output / "stages"
+    started = time.perf_counter()
+    pool = render_pool(steps.pool_size, steps.seed, steps.workers).to(device)
+    done("pool", dict(triplets=len(pool), seconds=round(time.perf_counter() - started, 1)))
+
+    if (stage_dir / "vae").exists():
+        vae = AutoencoderKL.from_pretrained(stage_dir / "vae").to(device).eval()
+    else:
+        vae, summary = train_vae(pool, steps, device)
+        vae.save_pretrained(stage_dir / "vae")
+        done("vae", summary)
+    if (stage_dir / "clip").exists():
+        clip = CLIPModel.from_pretrained(stage_dir / "clip").to(device).eval()
+    else:
+        clip, summary = train_clip(pool, steps, device)
+        clip.save_pretrained(stage_dir / "clip")
+        done("clip", summary)
+    if not (output / "base").exists():
+        unet, summary = train_unet(pool, steps, vae, text_encoder_of(clip), device)
+        done("unet", summary)
+        save_pipeline(vae.float(), clip.float(), unet.float(), output)
+    if not (output / "classifier").exists():
+        classifier, summary = train_classifier(pool, steps, vae.float(), device)
+        classifier.save_pretrained(output / "classifier")
+        done("classifier", summary)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the procedural world's model (docs/toy-world.md).")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for field, value in asdict(StageSteps()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--adapters", default=",".join(ADAPTERS), help=f"adapter folders to train: {', '.join(ADAPTERS)}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # fixed shapes in every stage
     steps = StageSteps(**{f: getattr(args, f) for f in asdict(StageSteps())})
-    device = torch.device(args.device)
-    args.output.mkdir(parents=True, exist_ok=True)
-    vae, vae_losses = train_vae(steps, device)
-    clip, clip_losses = train_clip(steps, device)
-    unet, unet_losses = train_unet(steps, vae, text_encoder_of(clip), device)
-    save_pipeline(vae.float(), clip.float(), unet.float(), args.output)
-    (args.output / "losses.json").write_text(json.dumps(dict(vae=vae_losses, clip=clip_losses, unet=unet_losses)))
+    adapters = tuple(a for a in args.adapters.split(",") if a)
+    train_world_model(args.output, steps, torch.device(args.device), adapters)
 
 
 if __name__ == "__main__":

@@ -1,48 +1,64 @@
 """The world model's stages run on CPU for a few steps and give a pipeline the platform loads."""
 
-import pytest
+import json
+
 import torch
 
-from dreamcache import world_model
+from dreamcache import world, world_model
 from dreamcache.pipeline import DreamCachePipeline
+from dreamcache.world_classifier import AttributeClassifier
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    steps = world_model.StageSteps(vae_steps=6, clip_steps=6, unet_steps=6, batch_size=8, learning_rate=1e-3)
-    device = torch.device("cpu")
-    vae, vae_losses = world_model.train_vae(steps, device)
-    clip, clip_losses = world_model.train_clip(steps, device)
-    unet, unet_losses = world_model.train_unet(steps, vae, world_model.text_encoder_of(clip), device)
-    folder = world_model.save_pipeline(vae, clip, unet, tmp_path_factory.mktemp("world"))
-    return folder, dict(vae=vae_losses, clip=clip_losses, unet=unet_losses)
+def test_every_stage_runs_and_is_recorded(tiny_world):
+    folder, record = tiny_world
+    assert set(record["stages"]) == {"pool", "vae", "clip", "unet", "classifier", "adapter", "adapter-middle"}
+    for stage in ("vae", "clip", "unet", "classifier"):
+        summary = record["stages"][stage]
+        assert summary["steps"] == 6 and torch.isfinite(torch.tensor(summary["final_loss"])), stage
+    assert record["stages"]["vae"]["final_loss"] < record["stages"]["vae"]["first_loss"]
+    assert json.loads((folder / "training.json").read_text())["stages"] == record["stages"]
 
 
-def test_each_stage_learns(trained):
-    _, losses = trained
-    for stage, values in losses.items():
-        assert all(torch.isfinite(torch.tensor(values))), stage
-    assert losses["vae"][-1] < losses["vae"][0]  # reconstruction improves within a few steps
-
-
-def test_the_result_loads_like_any_stable_diffusion(trained):
-    folder, _ = trained
+def test_the_result_loads_like_any_stable_diffusion(tiny_world):
+    folder, _ = tiny_world
     pipe = DreamCachePipeline.from_pretrained(folder / "base", dtype=torch.float32)
     assert pipe.resolution == world_model.RESOLUTION
-    pipe.load_dreamcache()
-    from dreamcache import world
-
+    pipe.load_dreamcache(folder / "adapter")
     subject = pipe.cache_subject(world.reference_image(world.product(10), 64, seed=0))
     (image,) = pipe("a mug on a lawn", subject=subject, num_inference_steps=2, progress=False).images
     assert image.size == (64, 64)
+    pipe.unload_dreamcache()
+    pipe.load_dreamcache(folder / "adapter-middle")
+    assert [layer.name for layer in pipe.dreamcache_layers] == ["mid_block.attentions.0"]
     from transformers import CLIPModel
 
     assert CLIPModel.from_pretrained(folder / "clip").config.projection_dim == 128
+    assert AttributeClassifier.from_pretrained(folder / "classifier").resolution == world_model.RESOLUTION
 
 
-def test_worker_rendering_gives_the_same_batches():
-    here = list(world_model.batches(3, 4, seed=5, offset=7))
-    workers = list(world_model.batches(3, 4, seed=5, offset=7, workers=2))
-    for (a_scenes, a_captions, a_refs), (b_scenes, b_captions, b_refs) in zip(here, workers):
-        assert torch.equal(a_scenes, b_scenes) and a_captions == b_captions and torch.equal(a_refs, b_refs)
-    assert len(here) == 3
+def test_the_vae_scaling_factor_gives_unit_variance_latents(tiny_world):
+    folder, _ = tiny_world
+    pipe = DreamCachePipeline.from_pretrained(folder / "base", dtype=torch.float32)
+    pool = world_model.render_pool(64, seed=3)
+    with torch.no_grad():
+        latents = pipe.vae.encode(world_model.pixels(pool.targets)).latent_dist.mean * pipe.vae.config.scaling_factor
+    assert 0.7 < latents.std().item() < 1.4
+
+
+def test_finished_stages_are_not_trained_again(tiny_world):
+    folder, record = tiny_world
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*.safetensors")}
+    again = world_model.train_world_model(folder, world_model.StageSteps(pool_size=8), torch.device("cpu"))
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.safetensors")} == before
+    assert again["stages"]["unet"] == record["stages"]["unet"]
+
+
+def test_the_pool_is_the_same_with_worker_processes():
+    here, workers = world_model.render_pool(40, seed=5, chunk=16), world_model.render_pool(40, seed=5, workers=2, chunk=16)
+    assert torch.equal(here.targets, workers.targets) and torch.equal(here.references, workers.references)
+    assert torch.equal(here.captions, workers.captions)
+    assert all(torch.equal(here.labels[h], workers.labels[h]) for h in here.labels)
+    assert here.targets.shape == (40, 3, 64, 64) and here.targets.dtype == torch.uint8
+    first = world.triplet(5 * 10_000_019, 64)
+    assert world.CAPTIONS[here.captions[0]] == first.caption
+    assert not any(world.is_held_out(world.triplet(5 * 10_000_019 + i, 64).product.index) for i in range(40))
