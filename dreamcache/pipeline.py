@@ -133,18 +133,20 @@ class DreamCachePipeline(StableDiffusionPipeline):
 
     # --- caching subjects ------------------------------------------------------------------
 
-    def cache_subject(self, references: References, seed: int = 0, resolution: int | None = None) -> FeatureCache:
-        return self.cache_subjects([references], seed=seed, resolution=resolution)[0]
+    def cache_subject(self, references: References, seed: int = 0, resolution: int | None = None,
+                      timestep: int = CACHE_TIMESTEP) -> FeatureCache:
+        return self.cache_subjects([references], seed=seed, resolution=resolution, timestep=timestep)[0]
 
     @torch.no_grad()
     def cache_subjects(
         self, subjects: Sequence[References], seed: int = 0, batch_size: int = 32, progress: bool = False,
-        resolution: int | None = None,
+        resolution: int | None = None, timestep: int = CACHE_TIMESTEP,
     ) -> list[FeatureCache]:
         """Cache many subjects, their reference images batched through one UNet pass per batch.
 
         Each reference's noise comes from its own generator (seed + its index within the subject),
-        so a subject's cache does not depend on what else shares its batch.
+        so a subject's cache does not depend on what else shares its batch. `timestep` is the
+        noise level of the cached pass: keep the method's t = 1 except to reproduce its ablation.
         """
         preset = self._require_adapters()
         resolution = resolution or self.resolution
@@ -162,7 +164,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
             generators = [torch.Generator(device).manual_seed(seed + k) for _, k, _ in batch]
             recorded = extract_features(
                 self.unet, latents.to(dtype), empty, self._dreamcache_layers, noise_scheduler,
-                timestep=CACHE_TIMESTEP, generators=generators,
+                timestep=timestep, generators=generators,
             )
             features += [{name: t[j] for name, t in recorded.items()} for j in range(len(batch))]
 
@@ -176,7 +178,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
                 base_fingerprint=self.base_fingerprint,
                 preset=preset,
                 layers=tuple(layer.name for layer in self._dreamcache_layers),
-                timestep=CACHE_TIMESTEP,
+                timestep=timestep,
                 noise_seed=seed,
                 resolution=resolution,
                 dtype=str(dtype).removeprefix("torch."),

@@ -1,0 +1,73 @@
+"""The fidelity evaluation runs end to end on a tiny world model and reports what it measured."""
+
+import pytest
+import torch
+
+from dreamcache import world
+from dreamcache.pipeline import DreamCachePipeline
+from dreamcache.world_eval import (
+    PERSONALISED, TEXT_ONLY, Cases, Condition, FidelityEvaluator, ablations, evaluate, picture_grid, scale_curve,
+    targets,
+)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_world):
+    folder, _ = tiny_world
+    evaluator = FidelityEvaluator(folder, steps=2, batch_size=8)
+    cases = Cases.held_out(2, scenes=("beach", "snow"), seeds=(0,))
+    conditions = [TEXT_ONLY, PERSONALISED, Condition("image scale 1", image_scale=1.0),
+                  Condition("middle-only adapters", adapter="adapter-middle")]
+    return cases, evaluate(evaluator, cases, conditions)
+
+
+def test_every_condition_is_scored_on_every_case(run):
+    cases, result = run
+    assert list(result["results"]) == ["ceiling (true renders)", "text-only", "cache", "image scale 1",
+                                       "middle-only adapters"]
+    for name, scores in result["results"].items():
+        assert scores["images"] == 4
+        assert all(0.0 <= a <= 1.0 for a in scores["accuracy"].values()), name
+        assert scores["identity"] == pytest.approx(sum(scores["accuracy"][h] for h in
+                                                       ("color", "pattern", "pattern_color", "glyph", "glyph_place",
+                                                        "proportions")) / 6)
+    assert result["shots"]["cache"].shape == (4, 3, 64, 64)
+    assert not torch.equal(result["shots"]["cache"], result["shots"]["text-only"])  # the cache changes the shot
+
+
+def test_targets_compare_the_cache_with_the_ceiling_and_text_only(run):
+    _, result = run
+    figures = {"ceiling (true renders)": (0.8, 1.0, 0.5), "text-only": (0.2, 0.9, 0.6), "cache": (0.7, 0.85, 0.55)}
+    results = {name: dict(result["results"][name], identity=i, scene=s, clip_t=c) for name, (i, s, c) in figures.items()}
+    report = targets(results)
+    assert report["identity: cache / ceiling"] == pytest.approx(0.875)
+    assert report["scene: cache / text-only"] == pytest.approx(0.85 / 0.9)
+    assert report["clip-t: cache / text-only"] == pytest.approx(0.55 / 0.6)
+    assert report["met"] is True
+    results["cache"]["identity"] = 0.6  # 75% of the ceiling: short of 80%
+    assert targets(results)["met"] is False
+    results["cache"]["identity"], results["text-only"]["scene"] = 0.7, 0.0  # no reference figure: undefined
+    assert targets(results)["scene: cache / text-only"] is None and targets(results)["met"] is False
+
+
+def test_pictures(run):
+    cases, result = run
+    grid = picture_grid(cases, result["shots"], products=2, tile=64)
+    assert grid.size == (64 * 5, 22 + 2 * 64)  # reference, 2 text-only, 2 personalised
+    assert scale_curve(result["results"]).size == (560, 420)
+
+
+def test_the_ablations_cover_the_papers_trends():
+    names = [c.name for c in ablations()]
+    assert {"cache t=150", "cache t=300", "joint guidance", "middle-only adapters"} <= set(names)
+    assert sum(n.startswith("image scale") for n in names) >= 4
+
+
+def test_the_cache_timestep_is_a_setting_recorded_in_the_cache(tiny_world):
+    folder, _ = tiny_world
+    pipe = DreamCachePipeline.from_pretrained(folder / "base", dtype=torch.float32)
+    pipe.load_dreamcache(folder / "adapter")
+    reference = world.reference_image(world.product(0), 64, seed=0)
+    early, late = pipe.cache_subject(reference), pipe.cache_subject(reference, timestep=300)
+    assert (early.metadata.timestep, late.metadata.timestep) == (1, 300)
+    assert not all(torch.equal(early.tensors[k], late.tensors[k]) for k in early.tensors)
