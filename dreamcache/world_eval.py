@@ -137,8 +137,9 @@ class FidelityEvaluator:
     @staticmethod
     def renders(cases: Cases, resolution: int) -> torch.Tensor:
         """True renders of each case (the ceiling): the same product in the same scene, seed for seed."""
-        images = [world.scene_image(p, s, resolution, seed)[0] for p, s, seed in cases.rows()]
-        return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        from dreamcache.world_model import pixels, to_uint8_tensor
+
+        return pixels(to_uint8_tensor([world.scene_image(p, s, resolution, seed)[0] for p, s, seed in cases.rows()]))
 
     @torch.no_grad()
     def score(self, cases: Cases, images: torch.Tensor) -> Scores:

@@ -126,7 +126,8 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
 
 
-def _to_tensor(images) -> torch.Tensor:
+def to_uint8_tensor(images) -> torch.Tensor:
+    """PIL RGB images -> (B, 3, H, W) uint8."""
     return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
 
 
@@ -143,7 +144,7 @@ class _PoolChunks(torch.utils.data.Dataset):
         seeds = range(k * self.chunk, min((k + 1) * self.chunk, self.size))
         triplets = [world.triplet(self.seed * 10_000_019 + s, RESOLUTION) for s in seeds]
         rows = [attribute_labels(t.product, t.scene) for t in triplets]
-        return (_to_tensor([t.target for t in triplets]), _to_tensor([t.reference for t in triplets]),
+        return (to_uint8_tensor([t.target for t in triplets]), to_uint8_tensor([t.reference for t in triplets]),
                 torch.tensor([world.CAPTIONS.index(t.caption) for t in triplets]),
                 {h: torch.tensor([r[h] for r in rows]) for h in HEADS})
 
@@ -384,18 +385,16 @@ def _train_base(output: Path, steps: StageSteps, device: torch.device, done) -> 
     pool = render_pool(steps.pool_size, steps.seed, steps.workers).to(device)
     done("pool", dict(triplets=len(pool), seconds=round(time.perf_counter() - started, 1)))
 
-    if (stage_dir / "vae").exists():
-        vae = AutoencoderKL.from_pretrained(stage_dir / "vae").to(device).eval()
-    else:
-        vae, summary = train_vae(pool, steps, device)
-        vae.save_pretrained(stage_dir / "vae")
-        done("vae", summary)
-    if (stage_dir / "clip").exists():
-        clip = CLIPModel.from_pretrained(stage_dir / "clip").to(device).eval()
-    else:
-        clip, summary = train_clip(pool, steps, device)
-        clip.save_pretrained(stage_dir / "clip")
-        done("clip", summary)
+    def load_or_train(name: str, model_class, train):
+        if (stage_dir / name).exists():
+            return model_class.from_pretrained(stage_dir / name).to(device).eval()
+        model, summary = train(pool, steps, device)
+        model.save_pretrained(stage_dir / name)
+        done(name, summary)
+        return model
+
+    vae = load_or_train("vae", AutoencoderKL, train_vae)
+    clip = load_or_train("clip", CLIPModel, train_clip)
     if not (output / "base").exists():
         unet, summary = train_unet(pool, steps, vae, text_encoder_of(clip), device)
         done("unet", summary)
