@@ -52,6 +52,8 @@ class TrainConfig(BaseModel):
     base_model: str = Field(description="Base Stable Diffusion pipeline: a diffusers directory or hub id.")
     manifest: str = Field(description="Triplet manifest (JSONL): target, reference or mask, caption; "
                           "or world:// for the procedural product world.")
+    world_pool: int = Field(default=0, ge=0, description="world:// only: render this many triplets once, up front, "
+                            "and draw samples from them (0: render every sample on the fly).")
     output_dir: str = Field(description="Checkpoints, the final adapter, logs and validation images go here.")
     preset: str = "default"
     init_adapter: str | None = Field(default=None, description="Start from these adapter weights.")
@@ -170,8 +172,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()],
                                            lr=config.learning_rate, weight_decay=config.weight_decay)
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
-        if config.manifest == WORLD_MANIFEST:  # the procedural product world, rendered on the fly
-            self.dataset = WorldTriplets(self.resolution)
+        if config.manifest == WORLD_MANIFEST:  # the procedural product world
+            self.dataset = WorldTriplets(self.resolution, pool=config.world_pool, seed=config.seed,
+                                         workers=config.data_workers)
             self.manifest_report = ManifestReport(rows=0, usable=len(self.dataset), skipped=[])
         else:
             triplets, self.manifest_report = load_manifest(config.manifest, loader=loader)
@@ -204,7 +207,8 @@ class Trainer:
         """A micro-batch prepared in this process (the data workers call the same function)."""
         return _collate([self.samples[seed] for seed in sample_seeds])
 
-    def loss(self, batch) -> torch.Tensor:
+    def loss(self, batch, use_cache: bool = True, model=None) -> torch.Tensor:
+        """The noise-prediction MSE of a micro-batch; `use_cache=False` gives the base model's on the same draws."""
         targets, references, captions, states = batch
         device, dtype = self.accelerator.device, self.weight_dtype
         gens = []
@@ -231,8 +235,23 @@ class Trainer:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        prediction = self.model(noisy, timesteps, text, memory)
+        prediction = (model or self.model)(noisy, timesteps, text, memory if use_cache else None)
         return F.mse_loss(prediction.float(), target.float())
+
+    @torch.no_grad()
+    def cache_effect(self) -> float:
+        """How much the cache lowers the loss on a fixed batch (same samples, noise, timesteps), relative.
+
+        Zero means the adapters ignore the memory (they can learn to reproduce the base block
+        first), whatever the loss curve says; trained adapters should keep it clearly positive.
+        """
+        batch = self.batch(self.micro_batch(-1, 0))  # step -1: a batch the loop never draws
+        model = self.accelerator.unwrap_model(self.model)  # one process only: no DDP collectives
+        with self.accelerator.autocast():
+            with_cache = self.loss(batch, model=model).item()
+            without = self.loss(batch, use_cache=False, model=model).item()
+        set_memory(self.model_unet, None)
+        return (without - with_cache) / without
 
     def batches(self):
         """Every micro-batch from the current step on, prepared ahead by the data workers."""
@@ -346,17 +365,20 @@ class Trainer:
             samples += per_step
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {self.step}: lower the learning rate or use bf16")
-            if acc.is_main_process and (self.step % config.log_every == 0 or self.step == config.max_steps):
+            validating = self.step % config.validate_every == 0
+            if acc.is_main_process and (self.step % config.log_every == 0 or self.step == config.max_steps or validating):
                 elapsed = time.perf_counter() - started
                 record = dict(step=self.step, loss=loss, lr=config.learning_rate, samples_per_s=samples / elapsed,
                               elapsed_s=elapsed)
                 if torch.cuda.is_available():
                     record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                if validating:
+                    record["cache_effect"] = self.cache_effect()
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if self.step % config.checkpoint_every == 0:
                 self.save_checkpoint()
-            if self.step % config.validate_every == 0:
+            if validating:
                 self.validate()
         acc.wait_for_everyone()
         final = self.output / "adapter"

@@ -281,18 +281,34 @@ WORLD_MANIFEST = "world://"  # a training config's `manifest` that means: triple
 
 
 class WorldTriplets:
-    """Endless training triplets (training instances only), with the method's reference augmentations."""
+    """Endless training triplets (training instances only), with the method's reference augmentations.
 
-    def __init__(self, resolution: int, augment: bool = True):
+    With `pool`, that many triplets are rendered once, up front, by `workers` processes (the same
+    triplets as the world model's base stages for `seed`), and samples are drawn from them: the
+    augmentations stay per sample, and rendering, the costly part, leaves the training loop.
+    """
+
+    def __init__(self, resolution: int, augment: bool = True, pool: int = 0, seed: int = 0, workers: int = 0):
         from dreamcache.data import ReferenceAugmentation
 
         self.resolution = resolution
         self.augmentation = ReferenceAugmentation(resolution) if augment else None
+        self.pool = None
+        if pool:
+            from dreamcache.world_model import render_pool
+
+            self.pool = render_pool(pool, seed, workers, resolution=resolution)
 
     def __len__(self) -> int:
-        return 2**31
+        return len(self.pool) if self.pool is not None else 2**31
 
     def get(self, index: int, generator):
-        t = triplet(index, self.resolution)
-        reference = self.augmentation(t.reference, generator) if self.augmentation else t.reference
-        return t.target, reference, t.caption
+        if self.pool is None:
+            t = triplet(index, self.resolution)
+            target, reference, text = t.target, t.reference, t.caption
+        else:
+            target, reference = (Image.fromarray(images[index].permute(1, 2, 0).numpy())
+                                 for images in (self.pool.targets, self.pool.references))
+            text = CAPTIONS[int(self.pool.captions[index])]
+        reference = self.augmentation(reference, generator) if self.augmentation else reference
+        return target, reference, text

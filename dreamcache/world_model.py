@@ -134,24 +134,25 @@ def to_uint8_tensor(images) -> torch.Tensor:
 class _PoolChunks(torch.utils.data.Dataset):
     """Chunk k of the pool, rendered in a data-loader worker."""
 
-    def __init__(self, size: int, seed: int, chunk: int):
-        self.size, self.seed, self.chunk = size, seed, chunk
+    def __init__(self, size: int, seed: int, chunk: int, resolution: int):
+        self.size, self.seed, self.chunk, self.resolution = size, seed, chunk, resolution
 
     def __len__(self) -> int:
         return -(-self.size // self.chunk)
 
     def __getitem__(self, k: int):
         seeds = range(k * self.chunk, min((k + 1) * self.chunk, self.size))
-        triplets = [world.triplet(self.seed * 10_000_019 + s, RESOLUTION) for s in seeds]
+        triplets = [world.triplet(self.seed * 10_000_019 + s, self.resolution) for s in seeds]
         rows = [attribute_labels(t.product, t.scene) for t in triplets]
         return (to_uint8_tensor([t.target for t in triplets]), to_uint8_tensor([t.reference for t in triplets]),
                 torch.tensor([world.CAPTIONS.index(t.caption) for t in triplets]),
                 {h: torch.tensor([r[h] for r in rows]) for h in HEADS})
 
 
-def render_pool(size: int, seed: int, workers: int = 0, chunk: int = 512) -> WorldPool:
+def render_pool(size: int, seed: int, workers: int = 0, chunk: int = 512, resolution: int = RESOLUTION) -> WorldPool:
     """The first `size` triplets of the world for `seed` (training instances only); the same for any `workers`."""
-    loader = torch.utils.data.DataLoader(_PoolChunks(size, seed, chunk), batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(_PoolChunks(size, seed, chunk, resolution), batch_size=None,
+                                         num_workers=workers)
     parts = list(loader)
     return WorldPool(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                      torch.cat([p[2] for p in parts]), {h: torch.cat([p[3][h] for p in parts]) for h in HEADS})
@@ -323,17 +324,20 @@ def train_adapters(base: Path, output: Path, preset: str, steps: StageSteps) -> 
     from dreamcache.training import TrainConfig, Trainer
 
     run = output.parent / "runs" / output.name
-    config = TrainConfig(base_model=str(base), manifest=world.WORLD_MANIFEST, output_dir=str(run), preset=preset,
-                         batch_size=steps.adapter_batch_size, learning_rate=steps.adapter_learning_rate,
-                         max_steps=steps.adapter_steps, data_workers=steps.workers, seed=steps.seed, log_every=50,
+    config = TrainConfig(base_model=str(base), manifest=world.WORLD_MANIFEST, world_pool=steps.pool_size,
+                         output_dir=str(run), preset=preset, batch_size=steps.adapter_batch_size,
+                         learning_rate=steps.adapter_learning_rate, max_steps=steps.adapter_steps,
+                         data_workers=steps.workers, seed=steps.seed, log_every=50,
                          mixed_precision="bf16" if torch.cuda.is_available() else "no",
-                         checkpoint_every=steps.adapter_steps, validate_every=steps.adapter_steps + 1)
+                         checkpoint_every=steps.adapter_steps, validate_every=max(1, steps.adapter_steps // 10))
     started = time.perf_counter()
     final = Trainer(config).train()
     shutil.copytree(final, output, dirs_exist_ok=True)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log]
     return dict(steps=steps.adapter_steps, seconds=round(time.perf_counter() - started, 1), preset=preset,
-                first_loss=log[0]["loss"], final_loss=log[-1]["loss"], losses_every_50=[r["loss"] for r in log])
+                first_loss=losses[0], final_loss=losses[-1], logged_losses=losses,
+                cache_effect=[[r["step"], r["cache_effect"]] for r in log if "cache_effect" in r])
 
 
 def save_pipeline(vae, clip: CLIPModel, unet, directory: Path) -> Path:

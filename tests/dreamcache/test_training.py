@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from dreamcache import world
 from dreamcache.training import TrainConfig, Trainer
 from tests.helpers import TEST_RESOLUTION, make_tiny_pipeline, scene
 
@@ -161,3 +163,26 @@ def test_adapters_train_on_the_procedural_world(base_model, tmp_path):
     assert target.size == reference.size == (TEST_RESOLUTION, TEST_RESOLUTION) and caption.startswith("a ")
     losses = [trainer.train_step() for _ in range(3)]
     assert all(0 < loss < 10 for loss in losses)
+
+
+def test_the_world_can_be_rendered_once_into_a_pool(base_model, tmp_path):
+    trainer = Trainer(config(base_model, "world://", tmp_path, max_steps=2, world_pool=16, seed=3))
+    assert len(trainer.dataset) == 16
+    target, _, caption = trainer.dataset.get(5, torch.Generator().manual_seed(0))
+    rendered = world.triplet(3 * 10_000_019 + 5, TEST_RESOLUTION)
+    assert np.array_equal(np.asarray(target), np.asarray(rendered.target)) and caption == rendered.caption
+    assert all(0 < trainer.train_step() < 10 for _ in range(2))
+
+
+def test_the_cache_effect_is_zero_for_adapters_that_ignore_the_memory(base_model, tmp_path):
+    trainer = Trainer(config(base_model, "world://", tmp_path, max_steps=4, validate_every=2, log_every=100))
+    assert trainer.cache_effect() != 0  # PyTorch's default initialisation mixes the memory in
+    with torch.no_grad():
+        for adapter in trainer.adapter_modules.values():  # Linear_cat([self-attention, memory]) = self-attention
+            d = adapter.linear_cat.out_features
+            adapter.linear_cat.weight.copy_(torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1))
+            adapter.linear_cat.bias.zero_()
+    assert abs(trainer.cache_effect()) < 1e-6
+    trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "cache_effect" in r] == [2, 4]

@@ -16,6 +16,7 @@ def test_every_stage_runs_and_is_recorded(tiny_world):
         summary = record["stages"][stage]
         assert summary["steps"] == 6 and torch.isfinite(torch.tensor(summary["final_loss"])), stage
     assert record["stages"]["vae"]["final_loss"] < record["stages"]["vae"]["first_loss"]
+    assert [step for step, _ in record["stages"]["adapter"]["cache_effect"]] == [1, 2]  # watched while training
     assert json.loads((folder / "training.json").read_text())["stages"] == record["stages"]
 
 
