@@ -11,7 +11,9 @@ reads the shot:
 - the **ceiling** is the classifier on true renders of the same product in the same scenes;
   **text-only** is the same prompts and seeds without a cache (identity should be near chance).
 
-    python -m dreamcache.world_eval --model dreamcache/assets/world --output bench/results/world_fidelity.json
+    python -m dreamcache.world_eval --model DIR --output bench/results/world_fidelity.json --figures docs/images
+
+(DIR: the output folder of `python -m dreamcache.world_model`.)
 """
 
 from __future__ import annotations
