@@ -269,8 +269,8 @@ def triplet(seed: int, size: int, held_out: bool = False) -> WorldTriplet:
     """A training triplet from a training instance (or, with held_out, from a held-out one)."""
     rng = random.Random(f"triplet-{seed}")
     index = rng.randrange(1_000_000)
-    while is_held_out(index) != held_out:
-        index += 1
+    while is_held_out(index) != held_out:  # redraw, not step: stepping lands on a block's first family
+        index = rng.randrange(1_000_000)
     item = product(index)
     scene = rng.choice(list(SCENES))
     target, mask = scene_image(item, scene, size, seed)

@@ -1,4 +1,5 @@
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -37,6 +38,13 @@ def test_masks_are_exact():
 def test_held_out_instances_never_appear_in_training():
     assert all(not world.is_held_out(world.triplet(s, 32).product.index) for s in range(300))
     assert all(world.is_held_out(world.triplet(s, 32, held_out=True).product.index) for s in range(50))
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_triplets_draw_every_family_evenly(held_out):
+    families = Counter(world.triplet(s, 16, held_out=held_out).product.family for s in range(600))
+    assert set(families) == set(world.FAMILIES)
+    assert max(families.values()) < 2 * min(families.values())  # 100 each expected
 
 
 @pytest.mark.parametrize("family", world.FAMILIES)
