@@ -55,17 +55,23 @@ class Condition:
 
 
 TEXT_ONLY = Condition("text-only", cache=False)
-PERSONALISED = Condition("cache")
+PERSONALISED = Condition("cache")  # at the method's image scale; `personalised(s)` at another
 
 
-def ablations(image_scales: Sequence[float] = (0.0, 0.2, 0.35, 0.6, 1.0, 1.5),
+def personalised(image_scale: float = DEFAULT_IMAGE_SCALE) -> Condition:
+    return Condition("cache", image_scale=image_scale)
+
+
+def ablations(image_scale: float = DEFAULT_IMAGE_SCALE, image_scales: Sequence[float] = (0.0, 0.35, 1.0, 3.0, 5.0, 10.0),
               middle_adapter: bool = True) -> list[Condition]:
-    """The paper's trends at toy scale: cache timestep, joint guidance, placement, image scale."""
-    out = [Condition("cache t=150", timestep=150), Condition("cache t=300", timestep=300),
+    """The paper's trends at toy scale: cache timestep, joint guidance, placement (each at `image_scale`,
+    the personalised condition's), and the image-scale sweep around it."""
+    out = [Condition("cache t=150", timestep=150, image_scale=image_scale),
+           Condition("cache t=300", timestep=300, image_scale=image_scale),
            Condition("joint guidance", guidance="joint")]
     if middle_adapter:
-        out.append(Condition("middle-only adapters", adapter="adapter-middle"))
-    out += [Condition(f"image scale {s:g}", image_scale=s) for s in image_scales if s != DEFAULT_IMAGE_SCALE]
+        out.append(Condition("middle-only adapters", adapter="adapter-middle", image_scale=image_scale))
+    out += [Condition(f"image scale {s:g}", image_scale=s) for s in image_scales if s != image_scale]
     return out
 
 
@@ -272,19 +278,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image-scale", type=float, default=DEFAULT_IMAGE_SCALE,
+                        help="image guidance scale of the personalised condition and the ablations")
     parser.add_argument("--quick", action="store_true", help="only text-only and the default cache, no ablations")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
     evaluator = FidelityEvaluator(args.model, args.device, steps=args.steps)
     cases = Cases.held_out(args.products, seeds=range(args.seeds))
-    conditions = [TEXT_ONLY, PERSONALISED]
+    conditions = [TEXT_ONLY, personalised(args.image_scale)]
     if not args.quick:
-        conditions += ablations(middle_adapter=(args.model / "adapter-middle").exists())
+        conditions += ablations(args.image_scale, middle_adapter=(args.model / "adapter-middle").exists())
     started = time.perf_counter()
     run = evaluate(evaluator, cases, conditions)
     report = dict(settings=dict(model=str(args.model), products=args.products, scenes=list(cases.scenes),
-                                seeds=list(cases.seeds), steps=args.steps, device=str(args.device),
+                                seeds=list(cases.seeds), steps=args.steps, image_scale=args.image_scale,
+                                device=str(args.device),
                                 torch=torch.__version__, seconds=round(time.perf_counter() - started, 1)),
                   chance=CHANCE, results=run["results"], targets=targets(run["results"]))
     args.output.parent.mkdir(parents=True, exist_ok=True)

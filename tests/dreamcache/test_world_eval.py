@@ -6,7 +6,8 @@ import torch
 from dreamcache import world
 from dreamcache.pipeline import DreamCachePipeline
 from dreamcache.world_eval import (
-    PERSONALISED, TEXT_ONLY, Cases, Condition, FidelityEvaluator, ablations, evaluate, picture_grid, scale_curve,
+    PERSONALISED, TEXT_ONLY, Cases, Condition, FidelityEvaluator, ablations, evaluate, personalised, picture_grid,
+    scale_curve,
     targets,
 )
 
@@ -61,6 +62,13 @@ def test_the_ablations_cover_the_papers_trends():
     names = [c.name for c in ablations()]
     assert {"cache t=150", "cache t=300", "joint guidance", "middle-only adapters"} <= set(names)
     assert sum(n.startswith("image scale") for n in names) >= 4
+
+
+def test_the_ablations_run_at_the_personalised_conditions_image_scale():
+    conditions = {c.name: c for c in ablations(image_scale=5.0)}
+    assert personalised(5.0).image_scale == 5.0
+    assert all(conditions[n].image_scale == 5.0 for n in ("cache t=150", "cache t=300", "middle-only adapters"))
+    assert "image scale 5" not in conditions  # the sweep's point at 5 is the personalised condition itself
 
 
 def test_the_cache_timestep_is_a_setting_recorded_in_the_cache(tiny_world):
