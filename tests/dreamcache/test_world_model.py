@@ -1,6 +1,7 @@
 """The world model's stages run on CPU for a few steps and give a pipeline the platform loads."""
 
 import json
+import shutil
 
 import torch
 
@@ -63,3 +64,21 @@ def test_the_pool_is_the_same_with_worker_processes():
     first = world.triplet(5 * 10_000_019, 64)
     assert world.CAPTIONS[here.captions[0]] == first.caption
     assert not any(world.is_held_out(world.triplet(5 * 10_000_019 + i, 64).product.index) for i in range(40))
+
+
+def test_adapter_stages_in_parallel_processes_keep_each_others_records(tiny_world, tmp_path, monkeypatch):
+    folder = tmp_path / "world"
+    shutil.copytree(tiny_world[0], folder, ignore=shutil.ignore_patterns("adapter-middle"))
+
+    def other_process_finishes_meanwhile(base, output, preset, steps):
+        record = json.loads((folder / "training.json").read_text())
+        record["stages"]["adapter-other"] = {"steps": 1}
+        (folder / "training.json").write_text(json.dumps(record))
+        output.mkdir()
+        return {"steps": 2, "preset": preset}
+
+    monkeypatch.setattr(world_model, "train_adapters", other_process_finishes_meanwhile)
+    record = world_model.train_world_model(folder, world_model.StageSteps(), torch.device("cpu"), ("adapter-middle",))
+    on_disk = json.loads((folder / "training.json").read_text())["stages"]
+    assert {"adapter", "adapter-middle", "adapter-other"} <= set(on_disk) == set(record["stages"])
+    assert on_disk["adapter-middle"]["preset"] == "middle"
