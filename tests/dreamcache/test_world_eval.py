@@ -55,7 +55,7 @@ def test_pictures(run):
     cases, result = run
     grid = picture_grid(cases, result["shots"], products=2, tile=64)
     assert grid.size == (64 * 5, 22 + 2 * 64)  # reference, 2 text-only, 2 personalised
-    assert scale_curve(result["results"]).size == (560, 420)
+    assert scale_curve(result["results"]).size == (640, 440)
 
 
 def test_the_ablations_cover_the_papers_trends():
