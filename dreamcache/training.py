@@ -189,6 +189,9 @@ class Trainer:
                                  f"({len(self.manifest_report.skipped)} rows skipped)")
             self.dataset = TripletDataset(triplets, self.resolution, loader=loader)
         self.samples = SampleDataset(self.dataset, config.text_dropout)
+        # Tokenising a large batch costs more CPU time per step than the GPU spends on it; captions
+        # repeat (the empty one is 7% of them), so each is tokenised once (bounded: 65k x 77 ids).
+        self._token_ids = functools.lru_cache(maxsize=1 << 16)(self._tokenize)
         self.step = 0
         self.output = Path(config.output_dir)
         with torch.no_grad():
@@ -200,10 +203,7 @@ class Trainer:
         tokens = torch.stack([self._token_ids(caption) for caption in captions]).to(self.accelerator.device)
         return self.text_encoder(tokens)[0]
 
-    @functools.lru_cache(maxsize=1 << 16)
-    def _token_ids(self, caption: str) -> torch.Tensor:
-        # Tokenising a large batch costs more CPU time per step than the GPU spends on it;
-        # captions repeat (and the empty one is 7% of them), so each is tokenised once.
+    def _tokenize(self, caption: str) -> torch.Tensor:
         return self.tokenizer(caption, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids[0]
 
