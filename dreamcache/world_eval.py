@@ -99,6 +99,10 @@ class Scores:
     scene: float
     clip_t: float | None = None
     images: int = 0
+    # How evenly the shots spread over the world's colours (entropy of the classifier's colour reads,
+    # 1 = uniform). Text-only shots should spread as the world does; a base model that draws most
+    # products in one colour leaves the adapters a collapsed prior to push against.
+    colour_spread: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -165,7 +169,15 @@ class FidelityEvaluator:
         out = self.clip(input_ids=caption_tokens(self.tokenizer, captions, self.device),
                         pixel_values=clip_pixels(images))
         clip_t = (out.image_embeds * out.text_embeds).sum(-1).mean().item()  # both unit length: cosines
-        return Scores(accuracy, float(np.mean([accuracy[h] for h in IDENTITY])), accuracy["scene"], clip_t, len(images))
+        return Scores(accuracy, float(np.mean([accuracy[h] for h in IDENTITY])), accuracy["scene"], clip_t, len(images),
+                      spread(predicted["color"], len(HEADS["color"])))
+
+
+def spread(classes: torch.Tensor, count: int) -> float:
+    """Entropy of the class histogram over log(count): 0 when every item is one class, 1 when uniform."""
+    p = torch.bincount(classes.flatten().cpu(), minlength=count).float()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum() / np.log(count))
 
 
 def evaluate(evaluator: FidelityEvaluator, cases: Cases, conditions: Sequence[Condition]) -> dict:
@@ -181,8 +193,8 @@ def evaluate(evaluator: FidelityEvaluator, cases: Cases, conditions: Sequence[Co
         scores.extra = dict(asdict(condition), seconds=round(time.perf_counter() - started, 1))
         results[condition.name] = asdict(scores)
         shots[condition.name] = images.cpu()
-        logger.info("%-24s identity %.3f scene %.3f clip-t %.3f", condition.name, scores.identity, scores.scene,
-                    scores.clip_t)
+        logger.info("%-24s identity %.3f scene %.3f clip-t %.3f colour spread %.2f", condition.name, scores.identity,
+                    scores.scene, scores.clip_t, scores.colour_spread)
     return dict(results=results, shots=shots)
 
 

@@ -8,6 +8,7 @@ from dreamcache.pipeline import DreamCachePipeline
 from dreamcache.world_eval import (
     PERSONALISED, TEXT_ONLY, Cases, Condition, FidelityEvaluator, ablations, evaluate, personalised, picture_grid,
     scale_curve,
+    spread,
     targets,
 )
 
@@ -56,6 +57,12 @@ def test_pictures(run):
     grid = picture_grid(cases, result["shots"], products=2, tile=64)
     assert grid.size == (64 * 5, 22 + 2 * 64)  # reference, 2 text-only, 2 personalised
     assert scale_curve(result["results"]).size == (640, 440)
+
+
+def test_colour_spread_is_zero_for_one_colour_and_one_for_uniform():
+    assert spread(torch.tensor([3] * 40), 10) == pytest.approx(0.0)
+    assert spread(torch.arange(10).repeat(4), 10) == pytest.approx(1.0)
+    assert 0.2 < spread(torch.tensor([0] * 30 + [1] * 10), 10) < 0.3  # two colours, 3:1
 
 
 def test_the_ablations_cover_the_papers_trends():
