@@ -3,7 +3,8 @@
 # whatever stages are finished into $OUT. Outputs live in /tmp/world, outside the working tree that
 # each call re-syncs (a sync deletes files it does not know). Call again to keep waiting: the
 # running job is found by its command line, so a second copy is never started.
-# Usage: bench/world_device.sh WAIT_SECONDS [python -m dreamcache.world_model args...]
+# Usage: [SEED=DIR] bench/world_device.sh WAIT_SECONDS [python -m dreamcache.world_model args...]
+# SEED: finished stages to start from (a model folder's stages/, classifier/, ...), copied in once.
 set -u
 wait_s=$1; shift
 W=/tmp/world
@@ -12,6 +13,7 @@ running() { ps -eo args | grep -q "[d]reamcache.world_model --output $W/model"; 
 mkdir -p $W
 if [ ! -f $W/done ] && ! running; then
   rm -rf $W/src && mkdir -p $W/src && cp -r dreamcache $W/src/  # the code as of the first call
+  if [ -n "${SEED:-}" ] && [ ! -d $W/model ]; then mkdir -p $W/model && cp -r "$SEED"/. $W/model/; fi
   ( cd $W/src && PYTHONPATH=/tmp/site:$W/src setsid nohup bash -c \
     "python3 -m dreamcache.world_model --output $W/model --workers 14 $* && touch $W/done" >> $W/train.log 2>&1 < /dev/null & )
 fi
@@ -22,5 +24,5 @@ grep -v -i warn $W/train.log | grep -v "it/s\]" | tail -14
 cd $W/model 2>/dev/null || exit 0
 keep=$(ls -d base clip classifier adapter adapter-middle training.json runs 2>/dev/null)
 [ -d base ] || keep="$keep $(ls -d stages 2>/dev/null)"
-tar czf /tmp/world.tgz $keep && split -b 15M /tmp/world.tgz "$OUT/world.tgz.part-"
+tar czf /tmp/world.tgz --exclude=checkpoints $keep && split -b 15M /tmp/world.tgz "$OUT/world.tgz.part-"
 ls -la "$OUT"

@@ -104,7 +104,9 @@ class SampleDataset(torch.utils.data.Dataset):
         target, reference, caption = self.triplets.get(index, g)
         if torch.rand((), generator=g) < self.text_dropout:
             caption = ""
-        return _pixels(target), _pixels(reference), caption, g.get_state()
+        # The state as numpy bytes: pickled inline, where a tensor per sample would cost a shared-memory
+        # segment each between the data workers and the training process.
+        return _pixels(target), _pixels(reference), caption, g.get_state().numpy()
 
 
 def _pixels(image) -> torch.Tensor:
@@ -226,7 +228,7 @@ class Trainer:
         gens = []
         for state in states:
             g = torch.Generator()
-            g.set_state(state)
+            g.set_state(torch.from_numpy(state))
             gens.append(g)
         with torch.no_grad():
             latents = self.vae.encode(_to_vae(targets, device, dtype)).latent_dist

@@ -132,10 +132,10 @@ class FidelityEvaluator:
 
     def generate(self, cases: Cases, condition: Condition) -> torch.Tensor:
         """(N, 3, R, R) in [-1, 1], one shot per case row."""
-        self._use_adapter(condition.adapter)
         rows = cases.rows()
         subjects = None
-        if condition.cache:
+        if condition.cache:  # without a cache the adapters are inert: text-only needs none loaded
+            self._use_adapter(condition.adapter)
             references = [world.reference_image(p, self.pipe.resolution, seed=0) for p in cases.products]
             caches = self.pipe.cache_subjects(references, timestep=condition.timestep)
             by_index = {p.index: c for p, c in zip(cases.products, caches)}

@@ -10,8 +10,9 @@ Stages, run in order, each saving its result so that a later call resumes after 
    on (scene, caption). The world has only 48 captions, so each image is classified against all of
    them and each caption's positives are every image that carries it (no false negatives). Its text
    tower conditions the UNet; the whole model is the toy world's CLIP-T scorer.
-4. **UNet** (`UNet2DConditionModel`, SD layout): noise prediction on scene latents, captions dropped
-   10% of the time for classifier-free guidance; the exported weights are an EMA of the training ones.
+4. **UNet** (`UNet2DConditionModel`, SD layout): v-prediction at zero terminal SNR (`scheduler()`) on
+   scene latents, captions dropped 10% of the time for classifier-free guidance; the exported weights
+   are an EMA of the training ones.
 5. **Classifier**: the attribute classifier that measures fidelity (`dreamcache.world_classifier`),
    on scenes and on their VAE round trips (so that it reads the decoder's images as well as renders).
 6. **Adapters**: the platform's own trainer (`dreamcache.training`) on world triplets (`world://`),
@@ -96,8 +97,17 @@ def make_unet() -> UNet2DConditionModel:
 
 
 def scheduler() -> DDIMScheduler:
+    """SD's noise levels rescaled to zero terminal SNR, with v-prediction and trailing timesteps.
+
+    SD's own schedule ends at SNR 0.0047: trained on it, a 16x16 latent's low frequencies (a product's
+    colour) still show through the noise at t = 999, so the model learns to read them there, and from
+    pure noise at sampling time it draws one colour for nearly every product (docs/toy-world.md,
+    second training). Zero terminal SNR needs v-prediction (an epsilon target carries no information
+    at t = 999); both are scheduler settings that the same pipeline code reads, as for SD 2.x models.
+    """
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+                         rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 # --- the pool of rendered triplets ----------------------------------------------------------
@@ -296,7 +306,7 @@ def train_unet(pool: WorldPool, steps: StageSteps, vae: AutoencoderKL, text_enco
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(device)
         with _autocast(device):
             prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=table[captions]).sample
-        progress.step(F.mse_loss(prediction.float(), noise))
+        progress.step(F.mse_loss(prediction.float(), noise_scheduler.get_velocity(latents, noise, t)))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - ema_decay)
     return ema.eval(), progress.summary()

@@ -38,6 +38,17 @@ def test_the_result_loads_like_any_stable_diffusion(tiny_world):
     assert AttributeClassifier.from_pretrained(folder / "classifier").resolution == world_model.RESOLUTION
 
 
+def test_the_schedule_ends_in_pure_noise_and_the_model_predicts_velocity(tiny_world):
+    # A base trained on SD's schedule reads colour through the noise at t = 999 and, sampling from
+    # pure noise, draws nearly every product in one colour (docs/toy-world.md).
+    folder, _ = tiny_world
+    pipe = DreamCachePipeline.from_pretrained(folder / "base", dtype=torch.float32)
+    assert pipe.scheduler.alphas_cumprod[-1].item() < 1e-9
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps[0] == 999  # sampling starts where training saw no signal
+
+
 def test_the_vae_scaling_factor_gives_unit_variance_latents(tiny_world):
     folder, _ = tiny_world
     pipe = DreamCachePipeline.from_pretrained(folder / "base", dtype=torch.float32)
