@@ -71,9 +71,11 @@ def test_the_pool_is_the_same_with_worker_processes():
     assert torch.equal(here.targets, workers.targets) and torch.equal(here.references, workers.references)
     assert torch.equal(here.captions, workers.captions)
     assert all(torch.equal(here.labels[h], workers.labels[h]) for h in here.labels)
+    assert torch.equal(here.masks, workers.masks) and here.masks.shape == (40, 64, 64)
     assert here.targets.shape == (40, 3, 64, 64) and here.targets.dtype == torch.uint8
     first = world.triplet(5 * 10_000_019, 64)
     assert world.CAPTIONS[here.captions[0]] == first.caption
+    assert torch.equal(here.masks[0], torch.from_numpy(first.mask)) and 0 < first.mask.mean() < 0.5
     assert not any(world.is_held_out(world.triplet(5 * 10_000_019 + i, 64).product.index) for i in range(40))
 
 
