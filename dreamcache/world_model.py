@@ -289,6 +289,14 @@ def encode_pool(vae: AutoencoderKL, pool: WorldPool, batch: int = 2048) -> tuple
     return torch.cat(means), torch.cat(stds)
 
 
+def product_weights(masks: torch.Tensor, latent_size: int, weight: float) -> torch.Tensor:
+    """(N, 1, h, w) loss weights per latent pixel: 1 on the scene, `weight` where the product covers the
+    pixel's whole block of image pixels, in between at its edges. (The loss divides by the batch's
+    mean weight, so that it keeps its scale.)"""
+    coverage = F.avg_pool2d(masks[:, None].float(), masks.shape[-1] // latent_size)
+    return 1 + (weight - 1) * coverage
+
+
 def train_unet(pool: WorldPool, steps: StageSteps, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                device: torch.device, ema_decay: float = 0.999) -> tuple[UNet2DConditionModel, dict]:
     torch.manual_seed(steps.seed + 2)
@@ -299,9 +307,7 @@ def train_unet(pool: WorldPool, steps: StageSteps, vae: AutoencoderKL, text_enco
     with torch.no_grad():  # 48 captions and the empty one: encoded once, looked up per sample
         table = text_encoder(caption_tokens(tiny_tokenizer(), world.CAPTIONS + ("",), device))[0]
     means, stds = encode_pool(vae, pool)
-    # Per latent pixel: 1 on the scene, product_weight where the product covers it (the mask's share of
-    # the VAE's 4x4 pixel block), normalised per batch so that the loss keeps its scale.
-    product = F.avg_pool2d(pool.masks[:, None].float(), RESOLUTION // means.shape[-1])
+    weights = product_weights(pool.masks, means.shape[-1], steps.product_weight)
     scale = vae.config.scaling_factor
     noise_scheduler = DDPMScheduler.from_config(scheduler().config)
     progress = _Progress("unet", torch.optim.AdamW(unet.parameters(), lr=steps.learning_rate), warmup=500)
@@ -316,7 +322,7 @@ def train_unet(pool: WorldPool, steps: StageSteps, vae: AutoencoderKL, text_enco
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(device)
         with _autocast(device):
             prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=table[captions]).sample
-        weight = 1 + (steps.product_weight - 1) * product[index]
+        weight = weights[index]
         error = (prediction.float() - noise_scheduler.get_velocity(latents, noise, t)) ** 2
         progress.step((weight * error).mean() / weight.mean())
         with torch.no_grad():

@@ -49,6 +49,15 @@ def test_the_schedule_ends_in_pure_noise_and_the_model_predicts_velocity(tiny_wo
     assert pipe.scheduler.timesteps[0] == 999  # sampling starts where training saw no signal
 
 
+def test_the_product_weighs_more_than_the_scene_in_the_unet_loss():
+    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+    masks[0, 16:32, 16:34] = True  # 4x4 latent pixels covered, two more half covered
+    weights = world_model.product_weights(masks, 16, 5.0)
+    assert weights.shape == (1, 1, 16, 16)
+    assert weights[0, 0, 4:8, 4:8].eq(5).all() and weights[0, 0, 4:8, 8].eq(3).all()
+    assert weights.eq(1).sum() == 256 - 20
+
+
 def test_the_vae_scaling_factor_gives_unit_variance_latents(tiny_world):
     folder, _ = tiny_world
     pipe = DreamCachePipeline.from_pretrained(folder / "base", dtype=torch.float32)
