@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -22,6 +24,12 @@ from urllib.parse import urlparse
 
 SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256 on S3, a sidecar attribute locally
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
+# A request whose connection takes longer than this, or whose answer stalls for longer than this, is
+# abandoned and retried (botocore's own defaults are 60 s each: a stuck request would hold a worker a
+# minute per attempt). Read when a store is opened, so tests and operators can tune them.
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 30
+MAX_ATTEMPTS = 8  # per request, first attempt included: the standard mode's backoff caps each wait at 20 s
 
 
 class ObjectStoreError(RuntimeError):
@@ -139,7 +147,7 @@ class LocalStore:
 class S3Store:
     """`s3://bucket/prefix` through boto3, with retries, multipart uploads and sha256 checks."""
 
-    def __init__(self, url: str, client=None, max_attempts: int = 8):
+    def __init__(self, url: str, client=None, max_attempts: int | None = None):
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise ValueError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)")
@@ -150,10 +158,15 @@ class S3Store:
             import boto3
             from botocore.config import Config
 
+            # Standard retry mode: throttling (SlowDown), 5xx, timeouts and dropped connections are
+            # retried with jittered exponential backoff. AWS_MAX_ATTEMPTS / AWS_RETRY_MODE, where an
+            # operator sets them, win over this project's defaults, as for any AWS client.
+            retries = {"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                       "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", max_attempts or MAX_ATTEMPTS))}
             client = boto3.client(
                 "s3",
-                config=Config(retries={"mode": "standard", "max_attempts": max_attempts},
-                              connect_timeout=10, read_timeout=60),
+                config=Config(retries=retries, connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                              tcp_keepalive=True),
             )
         self.client = client
 
@@ -191,12 +204,26 @@ class S3Store:
         return StoredObject(clean_key(key), f"s3://{self.bucket}/{full_key}", len(data), digest)
 
     def get(self, key: str, expected_sha256: str | None = None) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         uri = self.uri(key)
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except self.client.exceptions.NoSuchKey:
-            raise ObjectNotFound(f"{uri} does not exist") from None
-        data = response["Body"].read()
+        attempts = (self.client.meta.config.retries or {}).get("total_max_attempts") or MAX_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except self.client.exceptions.NoSuchKey:
+                raise ObjectNotFound(f"{uri} does not exist") from None
+            except (BotoCoreError, ClientError) as exc:  # botocore retried it already
+                raise ObjectStoreError(f"download of {uri} failed: {exc}") from exc
+            try:
+                data = response["Body"].read()
+                break
+            except BotoCoreError as exc:
+                # The answer began but its body broke off (dropped connection, stalled stream,
+                # fewer bytes than announced): botocore retries requests, not bodies, so do it here.
+                if attempt == attempts:
+                    raise ObjectStoreError(f"download of {uri} failed after {attempts} attempts: {exc}") from exc
+                time.sleep(random.random() * min(0.05 * 2**attempt, 5))
         recorded = response.get("Metadata", {}).get(SHA256_METADATA)
         _verify(uri, data, recorded)
         return _verify(uri, data, expected_sha256)

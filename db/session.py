@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+logger = logging.getLogger(__name__)
+
+# How long a new PostgreSQL connection keeps trying while the server is unreachable, starting up or
+# shutting down (a restart, a fail-over): work waits for the database instead of failing.
+CONNECT_RETRY_S = 60
+# What a server that is down, restarting or failing over answers (libpq's messages; no SQLSTATE comes
+# with a failed connection). Anything else (wrong password, unknown role or database) fails at once.
+TRANSIENT_CONNECT_ERRORS = ("connection refused", "the database system is", "server closed the connection",
+                            "connection reset", "timeout expired", "could not receive data", "no route to host",
+                            "terminating connection")
 
 # How long a SQLite writer waits for the lock before failing: claims serialise on it.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -27,8 +40,31 @@ def make_engine(url: str, **kwargs) -> Engine:
         # this is the SQLite equivalent of row claiming with FOR UPDATE SKIP LOCKED (see db.claims).
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    # pool_pre_ping: connections survive a database restart (the next checkout reconnects).
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # pool_pre_ping: connections survive a database restart (the next checkout reconnects), and the
+    # reconnection waits for the server to be back (see _connect_with_retry).
+    engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    event.listen(engine, "do_connect", _connect_with_retry)
+    return engine
+
+
+def _connect_with_retry(dialect, _record, cargs, cparams):
+    """Connect, retrying with backoff for CONNECT_RETRY_S while the server is down or restarting.
+
+    Only an unreachable or restarting server is waited for (TRANSIENT_CONNECT_ERRORS); a wrong
+    password or a missing database fails at once.
+    """
+    deadline = time.monotonic() + CONNECT_RETRY_S
+    delay = 0.2
+    while True:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except dialect.loaded_dbapi.OperationalError as exc:
+            transient = any(marker in str(exc).lower() for marker in TRANSIENT_CONNECT_ERRORS)
+            if not transient or time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database unreachable (%s): retrying in %.1fs", str(exc).strip().splitlines()[0], delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
