@@ -18,6 +18,8 @@ ImageInput = Union[str, os.PathLike, Image.Image]
 MAX_PIXELS = 40_000_000
 # A pixel counts as foreground when it is this far (0-255, any channel) from pure white.
 WHITE_TOLERANCE = 12
+# Below this many pixels on a side there is no product to learn from (and segmentation erodes it away).
+MIN_SIDE = 16
 
 
 def open_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -46,13 +48,18 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.
         raise ReferenceImageError(name, "not an image PIL can read (wrong format or not an image)") from None
     except Image.DecompressionBombError as exc:  # PIL's own, far higher, limit
         raise ReferenceImageError(name, f"is over the limit of {max_pixels:,} pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # a header cut short (truncated JPEG) fails here already
+        raise ReferenceImageError(name, f"image data is truncated or corrupt ({exc})") from None
     # The header gives the size before any pixel is decoded: refuse bombs before decoding them.
     _check_size(name, image.size, max_pixels)
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise ReferenceImageError(name, f"image data is truncated or corrupt ({exc})") from exc
-    return _to_rgb_on_white(ImageOps.exif_transpose(image))
+    try:
+        return _to_rgb_on_white(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, TypeError) as exc:  # e.g. a malformed EXIF block
+        raise ReferenceImageError(name, f"cannot be normalised to RGB ({type(exc).__name__}: {exc})") from exc
 
 
 def _check_size(name: str, size: tuple[int, int], max_pixels: int) -> None:
@@ -63,6 +70,10 @@ def _check_size(name: str, size: tuple[int, int], max_pixels: int) -> None:
         )
     if width < 1 or height < 1:
         raise ReferenceImageError(name, f"has no pixels ({width}x{height})")
+    if min(width, height) < MIN_SIDE:
+        raise ReferenceImageError(
+            name, f"{width}x{height} pixels is too small (each side needs at least {MIN_SIDE}): use a larger photo"
+        )
 
 
 def _to_rgb_on_white(image: Image.Image) -> Image.Image:

@@ -12,6 +12,9 @@ from urllib.parse import urlparse
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MANIFEST_SUFFIXES = {".csv", ".jsonl"}
 REQUIRED_COLUMNS = ("sku", "image_uri")
+URI_SCHEMES = ("s3://", "file://")
+# The database's column sizes (db/models.py): longer values would fail a whole batch's insert.
+MAX_SKU_CHARS, MAX_CATEGORY_CHARS, MAX_URI_CHARS = 255, 255, 1024
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class Listing:
 
 def read_uri(uri: str) -> bytes:
     """Bytes of an s3:// URI, a file:// URI or a local path."""
+    scheme = urlparse(uri).scheme
+    if len(scheme) > 1 and not uri.startswith(URI_SCHEMES):  # (one letter: a Windows drive, a path)
+        raise ValueError(f"{uri}: unsupported URI scheme {scheme}://; use s3://, file:// or a local path")
     if uri.startswith("s3://"):
         import boto3
 
@@ -44,12 +50,40 @@ def list_source(source: str) -> Listing:
     if Path(urlparse(source).path).suffix.lower() in MANIFEST_SUFFIXES:
         return _manifest(source)
     if source.startswith("s3://"):
-        return Listing(_s3_images(source), [])
+        return _unique(_s3_images(source))
     folder = Path(urlparse(source).path if source.startswith("file://") else source).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"source {source} is neither a folder, an s3:// prefix nor a .csv/.jsonl manifest")
     images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return Listing([_item(p.relative_to(folder).as_posix(), str(p.resolve())) for p in images], [])
+    return _unique([_item(p.relative_to(folder).as_posix(), str(p.resolve())) for p in images])
+
+
+def _problem(sku: str, uri: str, category: str | None) -> str | None:
+    """Why an item cannot be recorded (the database would refuse it, or it would be ambiguous), or None."""
+    if any(not ch.isprintable() for ch in sku):
+        return f"SKU {sku!r} contains control characters; use printable characters only"
+    if len(sku) > MAX_SKU_CHARS:
+        return f"SKU {sku[:40]!r}... has {len(sku)} characters, more than {MAX_SKU_CHARS}"
+    if category is not None and len(category) > MAX_CATEGORY_CHARS:
+        return f"category of {sku!r} has {len(category)} characters, more than {MAX_CATEGORY_CHARS}"
+    if len(uri) > MAX_URI_CHARS or "\x00" in uri:
+        return f"image URI of {sku!r} is longer than {MAX_URI_CHARS} characters or contains a NUL byte"
+    return None
+
+
+def _unique(items: list[SourceItem]) -> Listing:
+    """A folder or prefix listing with unusable items rejected, and one image per SKU (the first)."""
+    kept, rejected, first = [], [], {}
+    for item in items:
+        problem = _problem(item.sku, item.uri, item.category)
+        if problem is None and item.sku in first:
+            problem = f"duplicate SKU {item.sku!r}: {first[item.sku]} has it already; rename one of them"
+        if problem:
+            rejected.append((item.uri, problem))
+            continue
+        first[item.sku] = item.uri
+        kept.append(item)
+    return Listing(kept, rejected)
 
 
 def _item(relative: str, uri: str) -> SourceItem:
@@ -90,7 +124,7 @@ def _manifest(source: str) -> Listing:
     if missing:
         raise ValueError(f"manifest {source} lacks the column(s) {', '.join(missing)} (it has: {sorted(columns)})")
     base = source.rsplit("/", 1)[0] if "/" in source else "."
-    items, rejected, seen = [], [], {}
+    items, rejected, seen, skus = [], [], {}, {}
     for line, row in rows:
         label = f"{source} line {line}"
         if "__error__" in row:
@@ -100,14 +134,21 @@ def _manifest(source: str) -> Listing:
         if not sku or not uri:
             rejected.append((label, "empty sku or image_uri"))
             continue
-        if not uri.startswith(("s3://", "file://", "/")):
-            uri = f"{base}/{uri}"  # relative to the manifest
+        if "://" not in uri and not uri.startswith("/"):
+            uri = f"{base}/{uri}"  # relative to the manifest (other schemes are refused when read)
         key = (sku, uri)
         if key in seen:
             rejected.append((label, f"duplicate of line {seen[key]} (same SKU and image)"))
             continue
-        seen[key] = line
+        category = str(row.get("category") or "").strip() or None
+        problem = _problem(sku, uri, category)
+        if problem is None and sku in skus:
+            problem = (f"duplicate SKU {sku!r}: line {skus[sku]} gives it another image; "
+                       "one image per SKU, give this one its own SKU")
+        if problem:
+            rejected.append((label, problem))
+            continue
+        seen[key], skus[sku] = line, line
         extra = {k: v for k, v in row.items() if k not in ("sku", "image_uri", "category") and v not in (None, "")}
-        items.append(SourceItem(sku=sku, uri=uri, category=(str(row.get("category") or "").strip() or None),
-                                attributes=extra))
+        items.append(SourceItem(sku=sku, uri=uri, category=category, attributes=extra))
     return Listing(items, rejected)

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import string
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -85,21 +86,39 @@ def reject(platform: Platform, run_id: int, stage: str, rejected: Iterable[tuple
 def load_prompts(params: CatalogueRunParams) -> list[str]:
     templates = list(params.prompts)
     if params.prompt_file:
-        lines = read_uri(params.prompt_file).decode("utf-8").splitlines()
+        try:
+            lines = read_uri(params.prompt_file).decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"prompt file {params.prompt_file} is not UTF-8 text (byte {exc.start}): "
+                             "save it as UTF-8, one prompt per line") from None
         templates += [check_prompt(line, f"{params.prompt_file} line {n}")
                       for n, line in enumerate(lines, start=1) if line.strip() and not line.lstrip().startswith("#")]
     return list(dict.fromkeys(templates))
 
 
-class _Fields(dict):
-    def __missing__(self, key):  # an unknown {field} stays as written rather than failing the product
-        return "{" + key + "}"
-
-
 def render_prompt(template: str, subject: Subject) -> str:
-    fields = _Fields({**{k: str(v) for k, v in (subject.attributes or {}).items()},
-                      "sku": subject.sku, "category": subject.category or "product"})
-    return check_prompt(template.format_map(fields), f"prompt {template!r} for {subject.sku}")
+    """The template with {sku}, {category} and manifest fields filled in; an unknown {field} stays as written.
+
+    Only plain {name} fields: str.format's {x.attr}, {x[i]} and {x:>999999999} would let a template
+    reach object attributes or build enormous strings, so they are refused with the template named.
+    """
+    fields = {**{k: str(v) for k, v in (subject.attributes or {}).items()},
+              "sku": subject.sku, "category": subject.category or "product"}
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"prompt template {template!r} is not valid ({exc}): write a literal brace as {{{{ or }}}}") \
+            from None
+    parts = []
+    for literal, name, spec, conversion in parsed:
+        parts.append(literal)
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"prompt template {template!r}: {{{name}}} is not a plain field; use {{sku}}, "
+                             "{category} or a manifest column, without '.', '[', '!' or ':'")
+        parts.append(fields.get(name, "{" + name + "}"))
+    return check_prompt("".join(parts), f"prompt {template!r} for {subject.sku}")
 
 
 # --- ingest ----------------------------------------------------------------------------------
@@ -148,7 +167,10 @@ def segment(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list
             cut = platform.segmenter.segment(image, subject.category, name=f"{subject.sku} ({subject.source_uri})")
         except (SegmentationError, DreamCacheError) as exc:
             rejected.append((subject.sku, str(exc)))
-            rows.append(dict(subject_id=subject.id, method=method, quality="rejected", message=str(exc)))
+            # Every row names every column: one multi-row INSERT needs the same keys in each row.
+            rows.append(dict(subject_id=subject.id, method=method, mask_uri=None, reference_uri=None,
+                             area_fraction=None, largest_component_share=None, touches_border=None,
+                             quality="rejected", message=str(exc)))
             continue
         folder = f"subjects/{subject.content_sha256}/{safe_key_part(cut.method)}"
         mask = platform.objects.put(f"{folder}/mask.png", _png(Image.fromarray(cut.mask)), "image/png")
@@ -365,12 +387,49 @@ def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: s
                                                        f"{caches[gen.subject_cache_id]}")
         result.failed += [g.id for g, _, _ in unusable]
         rows = [r for r in rows if not isinstance(caches[r[0].subject_cache_id], Exception)]
-    for part in chunks(rows, batch_size):
-        _generate_part(platform, part, caches, references, output_prefix, result)
+    size = batch_size
+    while rows:
+        part = rows[:size]
+        # Renew the leases of what this call still holds: a long (or split) batch is not taken over.
+        with transaction(platform.sessions) as s:
+            claims.heartbeat(s, Generation, [g.id for g, _, _ in rows], me, platform.lease)
+        try:
+            _generate_part(platform, part, caches, references, output_prefix, result)
+        except GpuOutOfMemory as exc:
+            if len(part) > 1:  # the images are fine, the batch is too large: retry smaller, keep that size
+                size = max(1, len(part) // 2)
+                logger.warning("out of GPU memory for a batch of %d images (generations %s): splitting it, "
+                               "batches of %d from now on", len(part), [g.id for g, _, _ in part], size)
+                _free_gpu_memory()
+                continue
+            gen, _, subject = part[0]
+            with transaction(platform.sessions) as s:
+                claims.fail(s, Generation, gen.id, me, f"out of GPU memory for a single image of {subject.sku} "
+                                                       f"(generation {gen.id}): {exc.__cause__}")
+            result.failed.append(gen.id)
+        rows = rows[len(part):]
     return result
 
 
+class GpuOutOfMemory(RuntimeError):
+    """The pipeline ran out of GPU memory for a batch; a smaller batch may fit."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _free_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _generate_part(platform, part, caches, references, output_prefix, result: BatchResult) -> None:
+    """Generate, write and record one batch; raises GpuOutOfMemory (nothing recorded) for the caller to split."""
     me, pipe, first = worker_id(), platform.pipeline, part[0][0]
     started = time.perf_counter()
     try:
@@ -379,6 +438,8 @@ def _generate_part(platform, part, caches, references, output_prefix, result: Ba
                       image_guidance_scale=first.image_scale, num_inference_steps=first.steps,
                       resolution=first.resolution, batch_size=len(part), progress=False).images
     except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise GpuOutOfMemory(f"out of GPU memory for a batch of {len(part)}") from exc
         logger.exception("generation batch %s failed", [g.id for g, _, _ in part])
         with transaction(platform.sessions) as s:
             for gen, _, _ in part:
