@@ -124,7 +124,7 @@ def _manifest(source: str) -> Listing:
     if missing:
         raise ValueError(f"manifest {source} lacks the column(s) {', '.join(missing)} (it has: {sorted(columns)})")
     base = source.rsplit("/", 1)[0] if "/" in source else "."
-    items, rejected, seen, skus = [], [], {}, {}
+    items, rejected, skus = [], [], {}  # sku -> (line, image URI) of its first row
     for line, row in rows:
         label = f"{source} line {line}"
         if "__error__" in row:
@@ -136,19 +136,18 @@ def _manifest(source: str) -> Listing:
             continue
         if "://" not in uri and not uri.startswith("/"):
             uri = f"{base}/{uri}"  # relative to the manifest (other schemes are refused when read)
-        key = (sku, uri)
-        if key in seen:
-            rejected.append((label, f"duplicate of line {seen[key]} (same SKU and image)"))
+        if skus.get(sku, (None, None))[1] == uri:
+            rejected.append((label, f"duplicate of line {skus[sku][0]} (same SKU and image)"))
             continue
         category = str(row.get("category") or "").strip() or None
         problem = _problem(sku, uri, category)
         if problem is None and sku in skus:
-            problem = (f"duplicate SKU {sku!r}: line {skus[sku]} gives it another image; "
+            problem = (f"duplicate SKU {sku!r}: line {skus[sku][0]} gives it another image; "
                        "one image per SKU, give this one its own SKU")
         if problem:
             rejected.append((label, problem))
             continue
-        seen[key], skus[sku] = line, line
+        skus[sku] = (line, uri)
         extra = {k: v for k, v in row.items() if k not in ("sku", "image_uri", "category") and v not in (None, "")}
         items.append(SourceItem(sku=sku, uri=uri, category=category, attributes=extra))
     return Listing(items, rejected)
