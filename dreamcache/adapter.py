@@ -37,6 +37,16 @@ class LayerMemory:
     mask: torch.Tensor | None  # (R, M) True at real tokens; None when no row is padded
 
 
+@dataclass
+class PreparedMemory:
+    """A layer's memory as the adapter uses it at every step: keys and values already projected."""
+
+    keys: torch.Tensor  # (R, h, M, d/h)
+    values: torch.Tensor  # (R, h, M, d/h)
+    rows: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
 class MemoryAttention(nn.Module):
     """Multi-head attention from the block's tokens (queries) to the cached tokens (keys, values)."""
 
@@ -50,14 +60,19 @@ class MemoryAttention(nn.Module):
         self.to_v = nn.Linear(memory_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # a list to keep the released key names
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project the cached tokens once per sampling call: they are the same at every step."""
+        b, h = memory.shape[0], self.heads
+        k = self.to_k(memory).view(b, -1, h, self.to_k.out_features // h).transpose(1, 2)  # (B, h, M, d/h)
+        v = self.to_v(memory).view(b, -1, h, self.to_v.out_features // h).transpose(1, 2)  # (B, h, M, d/h)
+        return k, v
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
-        h = self.heads
-        q = self.to_q(x).view(b, n, h, d // h).transpose(1, 2)  # (B, h, N, d/h)
-        k = self.to_k(memory).view(b, -1, h, d // h).transpose(1, 2)  # (B, h, M, d/h)
-        v = self.to_v(memory).view(b, -1, h, d // h).transpose(1, 2)  # (B, h, M, d/h)
+        q = self.to_q(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)  # (B, h, N, d/h)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M), True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d/h)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)  # (B, h, N, d/h)
         return self.to_out[0](out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -74,10 +89,12 @@ class DreamCacheAdapter(nn.Module):
     def for_layer(cls, layer: Layer) -> "DreamCacheAdapter":
         return cls(layer.inner_dim, layer.channels, layer.heads)
 
-    def forward(
-        self, x: torch.Tensor, self_attn: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        mem = self.attn_mem(self.norm_mem(x), memory, mask)  # (B, N, d)
+    def prepare(self, memory: LayerMemory) -> PreparedMemory:
+        keys, values = self.attn_mem.keys_values(memory.tokens)
+        return PreparedMemory(keys, values, memory.rows, memory.mask)
+
+    def forward(self, x: torch.Tensor, self_attn: torch.Tensor, memory: PreparedMemory) -> torch.Tensor:
+        mem = self.attn_mem(self.norm_mem(x), memory.keys, memory.values, memory.mask)  # (B, N, d)
         return self.linear_cat(torch.cat([self_attn, mem], dim=-1))  # (B, N, 2d) -> (B, N, d)
 
 
@@ -90,7 +107,7 @@ class DreamCacheAttnProcessor(nn.Module):
         self.adapter = adapter
         # Kept out of the module tree on purpose: its weights (if any) belong to the base model.
         self.__dict__["base_processor"] = base_processor
-        self.memory: LayerMemory | None = None
+        self.memory: PreparedMemory | None = None
         self._block_input: torch.Tensor | None = None
         self._hook = None
 
@@ -104,8 +121,8 @@ class DreamCacheAttnProcessor(nn.Module):
         if memory is None:
             return out
         if memory.rows is None:
-            return self.adapter(x, out, memory.tokens, memory.mask)
-        fused = self.adapter(x[memory.rows], out[memory.rows], memory.tokens, memory.mask)
+            return self.adapter(x, out, memory)
+        fused = self.adapter(x[memory.rows], out[memory.rows], memory)
         return out.index_copy(0, memory.rows, fused)
 
 
@@ -158,14 +175,18 @@ def dreamcache_processors(unet: UNet2DConditionModel) -> dict[str, DreamCacheAtt
 
 
 def set_memory(unet: UNet2DConditionModel, memory: Mapping[str, LayerMemory] | None) -> None:
-    """Give each adapted layer its cached tokens for the next forward passes (None: no cache)."""
+    """Give each adapted layer its cached tokens for the next forward passes (None: no cache).
+
+    The adapters' keys and values are projected here, once, not at every denoising step; under
+    autograd (training) the projection stays in the graph, so its weights still get gradients.
+    """
     processors = dreamcache_processors(unet)
     if memory is not None:
         missing = sorted(set(processors) - set(memory))
         if missing:
             raise ValueError(f"no cached tokens for adapted layer(s) {', '.join(missing)}")
     for name, processor in processors.items():
-        processor.memory = None if memory is None else memory[name]
+        processor.memory = None if memory is None else processor.adapter.prepare(memory[name])
 
 
 @contextmanager

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="'auto' is float16 on CUDA and float32 on CPU."
     )
+    fast_paths: Literal["auto", "off"] = Field(
+        default="auto",
+        description="'auto': on CUDA, compiled UNet halves, CUDA graphs and padded static batches (the first "
+        "batch of a shape compiles, about a minute); everywhere, combined guidance shares its encoder half. "
+        "'off': eager passes, as plain diffusers runs them.",
+    )
     sam_checkpoint: Path | None = Field(
         default=None, description="Segment Anything checkpoint (.pth or .safetensors); unset: the border-colour segmenter."
     )

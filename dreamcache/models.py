@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dreamcache.architectures import build_tiny_pipeline_components
 from dreamcache.config import BUNDLED_MODEL, Settings
+from dreamcache.denoiser import FastPaths
 from dreamcache.pipeline import DreamCachePipeline
 from dreamcache.scoring import Scorer
 from dreamcache.segmentation import Segmenter, build_segmenter
@@ -66,6 +67,7 @@ def load_pipeline(settings: Settings, progress: bool = False) -> DreamCachePipel
     else:
         logger.warning("no adapter configured for %s: using untrained adapters (preset %r)", base, settings.preset)
         pipe.load_dreamcache(preset=settings.preset)
+    pipe.enable_fast_paths(FastPaths.off() if settings.fast_paths == "off" else None)
     return pipe
 
 

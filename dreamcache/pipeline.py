@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from dreamcache import __version__
 from dreamcache.adapter import DreamCacheAdapter, apply_dreamcache, dreamcache_processors, remove_dreamcache, use_memory
 from dreamcache.cache import CacheMetadata, FeatureCache, collate_memory, extract_features, model_fingerprint
-from dreamcache.guidance import DEFAULT_IMAGE_SCALE, DEFAULT_TEXT_SCALE, EVALUATIONS, GUIDANCE_MODES, Guidance, combine
+from dreamcache.denoiser import Denoiser, FastPaths, StepPlan
+from dreamcache.guidance import DEFAULT_IMAGE_SCALE, DEFAULT_TEXT_SCALE, EVALUATIONS, GUIDANCE_MODES, Guidance
 from dreamcache.images import ImageInput, load_reference
 from dreamcache.layers import Layer, resolve_preset
 from dreamcache.weights import AdapterConfig, load_adapters, read_adapter_config, save_adapters
@@ -45,6 +46,10 @@ class DreamCachePipeline(StableDiffusionPipeline):
     _dreamcache_preset: str | None = None
     _dreamcache_layers: tuple[Layer, ...] = ()
     _image_scale: float = DEFAULT_IMAGE_SCALE
+    _denoiser: Denoiser | None = None
+    _denoisers: dict[FastPaths, Denoiser] | None = None
+    _compiled_vae_decode = None
+    _empty: torch.Tensor | None = None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save the base pipeline as a plain Stable Diffusion directory (adapters are saved apart).
@@ -109,6 +114,36 @@ class DreamCachePipeline(StableDiffusionPipeline):
         config = AdapterConfig.for_layers(self._require_adapters(), self._dreamcache_layers, self.name_or_path)
         return save_adapters(directory, self.dreamcache_adapters, config)
 
+    # --- fast paths ------------------------------------------------------------------------
+
+    def enable_fast_paths(self, fast: FastPaths | None = None) -> None:
+        """Run denoising steps the fast ways (`denoiser.py`); default: everything on CUDA.
+
+        Call after moving the pipeline to its device: compiled kernels and captured graphs belong
+        to one device. The first batch of each shape compiles (about a minute on an H100) and
+        captures; later batches of that shape replay.
+        """
+        fast = fast or FastPaths.for_device(self._execution_device)
+        if self._denoisers is None or any(d.unet is not self.unet for d in self._denoisers.values()):
+            self._denoisers = {}
+        if fast not in self._denoisers:  # kept per setting: switching back reuses compiled kernels and graphs
+            self._denoisers[fast] = Denoiser(self.unet, fast)
+        self._denoiser = self._denoisers[fast]
+
+    def disable_fast_paths(self) -> None:
+        """Back to the eager, unshared passes of plain diffusers (the benchmark's baseline)."""
+        self.enable_fast_paths(FastPaths.off())
+
+    @property
+    def fast_paths(self) -> FastPaths:
+        return self.denoiser.fast
+
+    @property
+    def denoiser(self) -> Denoiser:
+        if self._denoiser is None or self._denoiser.unet is not self.unet:
+            self.enable_fast_paths(FastPaths())
+        return self._denoiser
+
     @property
     def dreamcache_adapters(self) -> dict[str, DreamCacheAdapter]:
         return {name: processor.adapter for name, processor in dreamcache_processors(self.unet).items()}
@@ -153,7 +188,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         per_subject = [[refs] if isinstance(refs, (str, Path, Image.Image)) else list(refs) for refs in subjects]
         flat = [(i, k, ref) for i, refs in enumerate(per_subject) for k, ref in enumerate(refs)]
         device, dtype = self._execution_device, self.unet.dtype
-        empty = self.encode_prompt("", device, 1, False)[0]
+        empty = self._empty_embedding()
         noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
         features: list[dict[str, torch.Tensor]] = []
         for start in tqdm(range(0, len(flat), batch_size), desc="caching", disable=not progress):
@@ -235,10 +270,11 @@ class DreamCachePipeline(StableDiffusionPipeline):
         chunks = range(0, n, batch_size)
         with tqdm(total=len(chunks) * num_inference_steps, desc="denoising", unit="step", disable=not progress) as bar:
             for start in chunks:
-                stop = start + batch_size
-                latents = self._sample(prompts[start:stop], subjects[start:stop], seeds[start:stop], guidance,
-                                       image_scale, guidance_scale, num_inference_steps, resolution, bar)
-                chunk, flags = self._decode(latents, output_type)
+                part = slice(start, start + batch_size)
+                rows = _padded([prompts[part], subjects[part], seeds[part]], batch_size, self.fast_paths.static_batch)
+                latents = self._sample(*rows, guidance, image_scale, guidance_scale, num_inference_steps,
+                                       resolution, bar)
+                chunk, flags = self._decode(latents[: len(prompts[part])], output_type)
                 images += list(chunk)
                 nsfw += flags or []
         if output_type in ("pt", "latent"):
@@ -249,15 +285,14 @@ class DreamCachePipeline(StableDiffusionPipeline):
         device, dtype = self._execution_device, self.unet.dtype
         n = len(prompts)
         text = self.encode_prompt(prompts, device, 1, False)[0]  # (n, L, D)
-        empty = self.encode_prompt("", device, 1, False)[0].expand(n, -1, -1)  # (n, L, D)
-        has_cache = any(s is not None for s in subjects)
+        empty = self._empty_embedding().expand(n, -1, -1)  # (n, L, D)
         # No row has a cache: plain classifier-free guidance, two evaluations ("joint" reduces to it).
-        mode = guidance if has_cache else "joint"
-        embeds = {"plain": empty, "image": empty, "full": text}
-        evaluations = EVALUATIONS[mode]
-        rows = [s if name != "plain" else None for name in evaluations for s in subjects]
+        mode = guidance if any(s is not None for s in subjects) else "joint"
+        denoiser = self.denoiser
+        plan = StepPlan.make(mode, text, empty, denoiser.share_encoder(self._dreamcache_layers), image_scale,
+                             text_scale)
+        rows = [s if name != "plain" else None for name in EVALUATIONS[mode] for s in subjects]
         memory = collate_memory(rows, [layer.name for layer in self._dreamcache_layers], device, dtype)
-        encoder_hidden_states = torch.cat([embeds[name] for name in evaluations])  # (k*n, L, D)
 
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         latents = self.prepare_latents(
@@ -265,21 +300,45 @@ class DreamCachePipeline(StableDiffusionPipeline):
         )
         self.scheduler.set_timesteps(steps, device=device)
         extra = self.prepare_extra_step_kwargs(generators, 0.0)
-        with use_memory(self.unet, memory):
+        with denoiser.batch(plan, memory) as step:
             for t in self.scheduler.timesteps:
-                model_input = self.scheduler.scale_model_input(torch.cat([latents] * len(evaluations)), t)
-                eps = self.unet(model_input, t, encoder_hidden_states=encoder_hidden_states).sample
-                eps = combine(mode, eps, image_scale, text_scale)
+                eps = step(self.scheduler.scale_model_input(latents, t), t)
                 latents = self.scheduler.step(eps, t, latents, **extra).prev_sample
                 bar.update()
         return latents
 
+    def _empty_embedding(self) -> torch.Tensor:
+        """The empty prompt's embedding (1, L, D), encoded once: every batch needs it."""
+        device = self._execution_device
+        cached = self._empty
+        if cached is None or cached.device != device or cached.dtype != self.text_encoder.dtype:
+            cached = self._empty = self.encode_prompt("", device, 1, False)[0]
+        return cached
+
     def _decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return latents, None
-        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        decode = self.vae.decode
+        if self.fast_paths.compile:
+            if self._compiled_vae_decode is None:
+                self._compiled_vae_decode = torch.compile(self.vae.decode)
+            decode = self._compiled_vae_decode
+        image = decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         nsfw = None
         if self.safety_checker is not None:
             image, nsfw = self.run_safety_checker(image, self._execution_device, latents.dtype)
         image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
         return image, nsfw
+
+
+def _padded(columns: list[list], batch_size: int, static: bool) -> list[list]:
+    """Rows padded with copies of the last one up to the next power of two (at most `batch_size`).
+
+    A run then meets a handful of batch shapes, each compiled and captured once. Each image
+    depends only on its own row, so the copies change nothing and are dropped after sampling.
+    """
+    n = len(columns[0])
+    if not static or n >= batch_size:
+        return columns
+    size = min(batch_size, 1 << (n - 1).bit_length())
+    return [list(c) + [c[-1]] * (size - n) for c in columns]

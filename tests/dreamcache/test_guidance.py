@@ -3,6 +3,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from dreamcache.denoiser import FastPaths
 from dreamcache.guidance import combine, combined_guidance, joint_guidance
 from tests.helpers import make_tiny_pipeline, product_image
 
@@ -27,20 +28,33 @@ def test_combine_reads_the_stacked_order():
         combine("triple", stacked, 0.5, 2.0)
 
 
-def _unet_batches(pipe, **kwargs):
-    sizes = []
-    handle = pipe.unet.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
-    pipe(**kwargs)
-    handle.remove()
+def _rows_per_step(pipe, **kwargs):
+    """Rows entering the UNet's encoder half (conv_in) and leaving its decoder half (conv_out), per step."""
+    sizes = {"encoder": [], "decoder": []}
+    hooks = [pipe.unet.conv_in.register_forward_pre_hook(lambda m, args: sizes["encoder"].append(args[0].shape[0])),
+             pipe.unet.conv_out.register_forward_pre_hook(lambda m, args: sizes["decoder"].append(args[0].shape[0]))]
+    try:
+        pipe(**kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return sizes
 
 
-@pytest.mark.parametrize("guidance, rows", [("combined", 3), ("joint", 2)])
-def test_evaluations_per_step(tiny_pipe, guidance, rows):
+@pytest.mark.parametrize("guidance, share, encoder_rows, decoder_rows", [
+    ("combined", True, 2, 3),  # the two empty-prompt passes share one encoder half
+    ("combined", False, 3, 3),
+    ("joint", True, 2, 2),
+])
+def test_evaluations_per_step(tiny_pipe, guidance, share, encoder_rows, decoder_rows):
     cache = tiny_pipe.cache_subject(product_image())
-    sizes = _unet_batches(tiny_pipe, prompt=["a", "b"], subject=cache, guidance=guidance, num_inference_steps=3,
-                          output_type="latent")
-    assert sizes == [rows * 2] * 3
+    tiny_pipe.enable_fast_paths(FastPaths(share_encoder=share))
+    try:
+        sizes = _rows_per_step(tiny_pipe, prompt=["a", "b"], subject=cache, guidance=guidance, num_inference_steps=3,
+                               output_type="latent", progress=False)
+    finally:
+        tiny_pipe.enable_fast_paths(FastPaths())
+    assert sizes == {"encoder": [encoder_rows * 2] * 3, "decoder": [decoder_rows * 2] * 3}
 
 
 def test_text_only_is_exactly_diffusers_classifier_free_guidance():
