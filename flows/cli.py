@@ -145,9 +145,10 @@ def history(
 
     url = Settings().resolved_database_url
     migrate.upgrade(url)
+    # Typed NULL checks: PostgreSQL cannot infer a bare parameter's type in `:x IS NULL`.
     query = "SELECT generation_id, run_id, sku, prompt, seed, status, mdino, clip_t, output_uri, error " \
-            "FROM generation_history WHERE (:sku IS NULL OR sku = :sku) AND (:run IS NULL OR run_id = :run) " \
-            "ORDER BY generation_id DESC LIMIT :limit"
+            "FROM generation_history WHERE (CAST(:sku AS VARCHAR) IS NULL OR sku = :sku) " \
+            "AND (CAST(:run AS INTEGER) IS NULL OR run_id = :run) ORDER BY generation_id DESC LIMIT :limit"
     engine = make_engine(url)
     with engine.connect() as connection:
         rows = connection.execute(text(query), dict(sku=sku, run=run_id, limit=limit)).all()
