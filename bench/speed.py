@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
+from bench.provenance import git_commit  # noqa: E402
 from dreamcache.architectures import build_random_pipeline_components, build_tiny_pipeline_components  # noqa: E402
 from dreamcache.cache import extract_features  # noqa: E402
 from dreamcache.denoiser import FastPaths  # noqa: E402
@@ -123,14 +124,7 @@ class Bench:
         import diffusers
         out["diffusers"] = diffusers.__version__
         out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not a.tiny else platform.processor() or "cpu"
-        try:
-            out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=Path(__file__).parent).stdout.strip() or None
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, cwd=Path(__file__).parent).stdout.strip()
-            out["dirty"] = bool(dirty)
-        except OSError:
-            out["commit"] = None
+        out.update(git_commit())
         return out
 
     def record(self, section: str, data) -> None:

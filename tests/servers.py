@@ -94,10 +94,10 @@ class PrefectServer:
         import time
         import urllib.request
 
-        prefect = Path(sys.executable).parent / "prefect"
         self.log = open(self.home / "server.log", "w")
-        self.process = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port",
-                                         str(self.port)], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        # `python -m prefect`: works wherever prefect imports, with or without its console script on PATH.
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
