@@ -47,6 +47,7 @@ def launch(processes: int, args, base: Path, folder: Path) -> dict:
     """One training run under `accelerate launch`; returns its log and final adapter weights."""
     from safetensors.torch import load_file
 
+    folder = Path(tempfile.mkdtemp(dir=folder))  # a run of its own, even for the same process count
     run = folder / f"processes-{processes}"
     config = dict(base_model=str(base), manifest="world://", output_dir=str(run),
                   batch_size=args.global_batch // processes, max_steps=args.warmup + args.steps,
