@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.provenance import git_commit  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 
 def save_base_model(folder: Path, model: str) -> Path:
@@ -35,12 +35,6 @@ def save_base_model(folder: Path, model: str) -> Path:
     DreamCachePipeline(**components, safety_checker=None, feature_extractor=None,
                        requires_safety_checker=False).save_pretrained(folder / model)
     return folder / model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(processes: int, args, base: Path, folder: Path) -> dict:
@@ -74,6 +68,8 @@ def launch(processes: int, args, base: Path, folder: Path) -> dict:
     if proc.returncode:
         raise RuntimeError(f"{processes} process(es) failed:\n{proc.stderr[-4000:]}")
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    if log[-1]["processes"] != processes:  # e.g. a launcher that started one process, or N unconnected ones
+        raise RuntimeError(f"asked for {processes} training processes, the run had {log[-1]['processes']}")
     warm, last = log[args.warmup - 1], log[-1]
     samples = (last["step"] - warm["step"]) * args.global_batch
     return dict(processes=processes, batch_per_process=args.global_batch // processes,

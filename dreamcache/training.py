@@ -384,7 +384,7 @@ class Trainer:
             if acc.is_main_process and (self.step % config.log_every == 0 or self.step == config.max_steps or validating):
                 elapsed = time.perf_counter() - started
                 record = dict(step=self.step, loss=loss, lr=config.learning_rate, samples_per_s=samples / elapsed,
-                              elapsed_s=elapsed)
+                              elapsed_s=elapsed, processes=acc.num_processes)
                 if torch.cuda.is_available():
                     record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 if validating:

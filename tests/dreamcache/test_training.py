@@ -111,6 +111,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(base_model, man
                        cwd=root, env=dict(os.environ, ACCELERATE_USE_CPU="true"), check=True, capture_output=True,
                        timeout=300)
         log = [json.loads(line) for line in (tmp_path / name / "run" / "log.jsonl").read_text().splitlines()]
+        assert {r["processes"] for r in log} == {processes}
         runs[name] = ([r["loss"] for r in log], load_file(tmp_path / name / "run" / "adapter" / "adapter_model.safetensors"))
     assert len(runs["two"][0]) == 3, "one log line per step: only the main process logs"
     assert runs["two"][0] == pytest.approx(runs["one"][0], rel=1e-5)
