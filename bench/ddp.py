@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=0, help="compare 1 GPU with this many (default: CPU processes)")
     parser.add_argument("--processes", type=int, default=2, help="CPU only: processes to compare with one")
-    parser.add_argument("--model", default="tiny", choices=["tiny", "sd15", "sd21", "sdxl"])
+    parser.add_argument("--model", default="tiny", choices=["tiny", "sd15", "sd21"])
     parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps, after the warm-up")

@@ -46,8 +46,7 @@ def model_settings(model: str, folder: Path) -> dict:
     """Environment for a model: the bundled tiny one, or random weights of a real architecture and scorers."""
     if model == "tiny":
         return {}
-    from bench.speed import save_scorers
-    from dreamcache.architectures import build_random_pipeline_components
+    from dreamcache.architectures import build_random_pipeline_components, save_random_scorers
     from dreamcache.pipeline import DreamCachePipeline
 
     pipe = DreamCachePipeline(**build_random_pipeline_components(model), safety_checker=None, feature_extractor=None,
@@ -55,7 +54,7 @@ def model_settings(model: str, folder: Path) -> dict:
     pipe.save_pretrained(folder / "base")
     pipe.load_dreamcache()
     pipe.save_dreamcache(folder / "adapter")
-    clip, dino = save_scorers(folder / "scorers", tiny=False)
+    clip, dino = save_random_scorers(folder / "scorers", "base")
     return dict(DREAMCACHE_BASE_MODEL=str(folder / "base"), DREAMCACHE_ADAPTER=str(folder / "adapter"),
                 DREAMCACHE_CLIP_MODEL=clip, DREAMCACHE_DINO_MODEL=dino, DREAMCACHE_DTYPE="float16")
 
@@ -138,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to compare")
     parser.add_argument("--gpus", nargs="+", help="CUDA device id per worker, reused round-robin "
                         "(default: CPU workers, one core each)")
-    parser.add_argument("--model", default="tiny", choices=["tiny", "sd15", "sd21", "sdxl"],
+    parser.add_argument("--model", default="tiny", choices=["tiny", "sd15", "sd21"],
                         help="tiny: the bundled model; else random weights of that architecture")
     parser.add_argument("--database", default="postgres", choices=["postgres", "sqlite"])
     parser.add_argument("--prompts", nargs="+", default=["a {category} on a beach", "a {category} in the snow"])

@@ -36,7 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from bench.provenance import git_commit  # noqa: E402
-from dreamcache.architectures import build_random_pipeline_components, build_tiny_pipeline_components  # noqa: E402
+from dreamcache.architectures import (  # noqa: E402
+    build_random_pipeline_components,
+    build_tiny_pipeline_components,
+    save_random_scorers,
+)
 from dreamcache.cache import extract_features  # noqa: E402
 from dreamcache.denoiser import FastPaths  # noqa: E402
 from dreamcache.pipeline import DreamCachePipeline  # noqa: E402
@@ -83,6 +87,7 @@ class Bench:
         self.dtype = torch.float32 if args.tiny else torch.float16
         self.steps = 3 if args.tiny else 50
         self.batches = [1, 2] if args.tiny else [1, 2, 4, 8, 16, 32]
+        self.scorer_size = "tiny" if args.tiny else "base"  # base: CLIP ViT-B/32 and DINO ViT-S/16 shapes
         self.results = {"settings": self.settings(), "sections": {}}
         self.pipe = self.project_pipeline(self.dtype)
         self.base = self.diffusers_pipeline()
@@ -277,7 +282,7 @@ class Bench:
             segmenter.segment(shots[0])
             out["sam_vit_b_images_per_s"] = n / timed(lambda: [segmenter.segment(s) for s in shots], self.device)
         with tempfile.TemporaryDirectory() as folder:
-            clip, dino = save_scorers(Path(folder), tiny=self.args.tiny)
+            clip, dino = save_random_scorers(folder, self.scorer_size)
             scorer = Scorer(clip, dino, border, self.device, batch_size=32)
             scorer.score(shots[:2], refs[:2], prompts(2))
             out["scoring_images_per_s"] = n / timed(lambda: scorer.score(shots, refs, prompts(n)), self.device)
@@ -294,7 +299,7 @@ class Bench:
             self.pipe.save_pretrained(folder / "base")
             self.pipe.load_dreamcache()
             self.pipe.save_dreamcache(folder / "adapter")
-            clip, dino = save_scorers(folder / "scorers", tiny=self.args.tiny)
+            clip, dino = save_random_scorers(folder / "scorers", self.scorer_size)
             env = dict(os.environ, DREAMCACHE_HOME=str(folder / "home"), DREAMCACHE_BASE_MODEL=str(folder / "base"),
                        DREAMCACHE_ADAPTER=str(folder / "adapter"), DREAMCACHE_CLIP_MODEL=clip,
                        DREAMCACHE_DINO_MODEL=dino, DREAMCACHE_DEVICE=self.device,
@@ -320,41 +325,6 @@ class Bench:
                "summary": {k: v for k, v in run["summary"].items() if k not in ("contact_sheets", "rejections", "output")}}
         out["images_per_hour"] = images / run["wall_s"] * 3600
         self.record("e2e", out)
-
-
-def save_scorers(folder: Path, tiny: bool) -> tuple[str, str]:
-    """CLIP ViT-B/32 and DINO ViT-S/16 shapes with random weights (tiny ones for the smoke run)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig, ViTImageProcessor, ViTModel
-
-    from dreamcache.architectures import tiny_tokenizer
-
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    if tiny:
-        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-        vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4)
-        vit = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=64)
-        clip_size, dino_size, projection = 32, 32, 16
-    else:
-        text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
-        vision = dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                      num_attention_heads=12)
-        vit = dict(image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                   intermediate_size=1536)
-        clip_size, dino_size, projection = 224, 224, 512
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **text),
-        vision_config=vision, projection_dim=projection))
-    clip.save_pretrained(folder / "clip")
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": clip_size},
-                                                     crop_size={"height": clip_size, "width": clip_size}),
-                  tokenizer=tok).save_pretrained(folder / "clip")
-    ViTModel(ViTConfig(**vit), add_pooling_layer=False).save_pretrained(folder / "dino")
-    ViTImageProcessor(size={"height": dino_size, "width": dino_size}).save_pretrained(folder / "dino")
-    return str(folder / "clip"), str(folder / "dino")
 
 
 def main(argv=None) -> int:

@@ -198,3 +198,53 @@ def build_random_pipeline_components(architecture: str = "sd15", seed: int = 0) 
                               set_alpha_to_one=False, steps_offset=1)
     return dict(unet=UNet2DConditionModel(**unet_config(architecture)), vae=AutoencoderKL(**SD_VAE),
                 text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+# Scorer towers: "base" has the shapes of CLIP ViT-B/32 and DINO ViT-S/16 (the scorers' real cost),
+# "tiny" runs in milliseconds on a CPU.
+SCORER_SHAPES = {
+    "tiny": dict(
+        clip_text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        clip_vision=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4),
+        clip_projection=16,
+        dino=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64),
+    ),
+    "base": dict(
+        clip_text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        clip_vision=dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
+                         num_hidden_layers=12, num_attention_heads=12),
+        clip_projection=512,
+        dino=dict(image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                  intermediate_size=1536),
+    ),
+}
+
+
+def save_random_scorers(directory, size: str = "tiny") -> tuple[str, str]:
+    """CLIP and DINO-style ViT models with random weights and their processors, saved like hub checkpoints.
+
+    Returns the two directories, for `DREAMCACHE_CLIP_MODEL` and `DREAMCACHE_DINO_MODEL`.
+    """
+    from pathlib import Path
+
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig, ViTImageProcessor,
+                              ViTModel)
+
+    shapes, directory = SCORER_SHAPES[size], Path(directory)
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **shapes["clip_text"]),
+        vision_config=shapes["clip_vision"], projection_dim=shapes["clip_projection"]))
+    clip.save_pretrained(directory / "clip")
+    clip_size, dino_size = shapes["clip_vision"]["image_size"], shapes["dino"]["image_size"]
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": clip_size},
+                                                     crop_size={"height": clip_size, "width": clip_size}),
+                  tokenizer=tokenizer).save_pretrained(directory / "clip")
+    ViTModel(ViTConfig(**shapes["dino"]), add_pooling_layer=False).save_pretrained(directory / "dino")
+    ViTImageProcessor(size={"height": dino_size, "width": dino_size}).save_pretrained(directory / "dino")
+    return str(directory / "clip"), str(directory / "dino")

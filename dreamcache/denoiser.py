@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -176,13 +176,10 @@ class _CapturedStep:
     """One batch layout's step as a CUDA graph over static input buffers."""
 
     def __init__(self, denoiser: Denoiser, plan: StepPlan, processors, memories, latents, t):
-        self.plan = replace(plan, encoder_states=plan.encoder_states.clone(),
-                            decoder_states=plan.decoder_states.clone(),
-                            shared_rows=None if plan.shared_rows is None else plan.shared_rows.clone())
-        # The graph reads the adapters' memory from these buffers; later batches copy theirs in.
-        self.memories = {name: None if m is None else PreparedMemory(
-            m.keys.clone(), m.values.clone(), None if m.rows is None else m.rows.clone(),
-            None if m.mask is None else m.mask.clone()) for name, m in memories.items()}
+        # The graph reads the batch's embeddings and the adapters' memory from these buffers; later
+        # batches of the same layout copy theirs in (`load`).
+        self.plan = _static_copy(plan)
+        self.memories = {name: None if m is None else _static_copy(m) for name, m in memories.items()}
         unet = denoiser.unet
         self.latents, self.t = latents.clone(), t.clone()
 
@@ -207,22 +204,27 @@ class _CapturedStep:
                 p.memory = originals[name]
 
     def load(self, plan: StepPlan, memories: Mapping[str, PreparedMemory | None]) -> None:
-        self.plan.encoder_states.copy_(plan.encoder_states)
-        self.plan.decoder_states.copy_(plan.decoder_states)
-        if plan.shared_rows is not None:
-            self.plan.shared_rows.copy_(plan.shared_rows)
+        _copy_into(self.plan, plan)
         for name, m in memories.items():
-            static = self.memories[name]
             if m is not None:
-                static.keys.copy_(m.keys)
-                static.values.copy_(m.values)
-                if m.rows is not None:
-                    static.rows.copy_(m.rows)
-                if m.mask is not None:
-                    static.mask.copy_(m.mask)
+                _copy_into(self.memories[name], m)
 
     def step(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.latents.copy_(latents)
         self.t.copy_(t)
         self.graph.replay()
         return self.eps.clone()  # the next replay overwrites the graph's output
+
+
+def _static_copy(obj):
+    """A copy of a dataclass whose tensor fields are fresh buffers (the graph's static inputs)."""
+    values = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    return replace(obj, **{name: v.clone() for name, v in values.items() if isinstance(v, torch.Tensor)})
+
+
+def _copy_into(static, obj) -> None:
+    """Copy obj's tensor fields into a `_static_copy`: the layout key fixes which are present and their shapes."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            getattr(static, f.name).copy_(value)

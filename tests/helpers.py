@@ -69,28 +69,6 @@ def tiny_sam(seed: int = 0):
 
 def save_tiny_scorers(directory) -> tuple[str, str]:
     """Tiny CLIP and DINO-style ViT models with their processors, saved like hub checkpoints."""
-    from pathlib import Path
+    from dreamcache.architectures import save_random_scorers
 
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig, ViTImageProcessor, ViTModel
-
-    from dreamcache.architectures import tiny_tokenizer
-
-    directory = Path(directory)
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=16,
-    ))
-    clip.save_pretrained(directory / "clip")
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(directory / "clip")
-    dino = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64), add_pooling_layer=False)
-    dino.save_pretrained(directory / "dino")
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory / "dino")
-    return str(directory / "clip"), str(directory / "dino")
+    return save_random_scorers(directory, "tiny")
