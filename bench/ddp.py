@@ -3,7 +3,7 @@
     python3 bench/ddp.py                                   # CPU: 1 vs 2 processes over gloo, one core each, tiny model
     python3 bench/ddp.py --gpus 2 --model sd15 --global-batch 64 --precision bf16   # 1 GPU vs 2 GPUs over NCCL
 
-Each configuration is a real `accelerate launch ... -m dreamcache.training config.toml`, the command
+Each configuration is a real `accelerate launch ... -m flows.training config.toml`, the command
 docs/training.md gives users, on the procedural product world (world://), so every process count draws
 the same samples. N processes take global-batch/N samples each. The figures: samples/s over the steps
 after warm-up (from the training log's elapsed times), the speed-up over one process, and the largest
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.provenance import git_commit  # noqa: E402
+from dreamcache.architectures import TINY_RESOLUTION  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
 
@@ -47,8 +48,8 @@ def launch(processes: int, args, base: Path, folder: Path) -> dict:
                   batch_size=args.global_batch // processes, max_steps=args.warmup + args.steps,
                   learning_rate=1e-4, log_every=1, checkpoint_every=10**9, validate_every=10**9,
                   data_workers=args.data_workers, mixed_precision=args.precision, seed=0)
-    if args.resolution:
-        config["resolution"] = args.resolution
+    # The world renders at any size; by default at the model's own.
+    config["resolution"] = args.resolution or {"tiny": TINY_RESOLUTION, "sd15": 512, "sd21": 512}[args.model]
     # The training CLI reads TOML; these are all scalars, which JSON writes in TOML's syntax.
     path = folder / f"processes-{processes}.toml"
     path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
@@ -63,7 +64,7 @@ def launch(processes: int, args, base: Path, folder: Path) -> dict:
         # behind --multi_gpu with ACCELERATE_USE_CPU gives N processes over gloo.
         topology += ["--num_cpu_threads_per_process", "1"]
         env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    command = [sys.executable, "-m", "accelerate.commands.launch", *topology, "-m", "dreamcache.training", str(path)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *topology, "-m", "flows.training", str(path)]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{processes} process(es) failed:\n{proc.stderr[-4000:]}")

@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
-# On a lent GPU machine: start the world model's training once (or keep waiting for it), then pack
-# whatever stages are finished into $OUT. Outputs live in /tmp/world, outside the working tree that
-# each call re-syncs (a sync deletes files it does not know). Call again to keep waiting: the
-# running job is found by its command line, so a second copy is never started.
-# Usage: [SEED=DIR] bench/world_device.sh WAIT_SECONDS [python -m dreamcache.world_model args...]
-# SEED: finished stages to start from (a model folder's stages/, classifier/, ...), copied in once.
+# On a lent GPU machine: start the product-world job once (bench/world_job.sh: training on every
+# GPU, then evaluation), wait for it, and pack what is finished into $OUT. Call again to keep waiting:
+# the job's outputs live in /tmp/world, outside the working tree each call re-syncs, and a job is
+# never started twice. What comes back: results.tgz (records, figures, logs) and the model's
+# folders as model.tgz.part-* (cat them together); both grow as stages finish.
+# Usage: bench/world_device.sh WAIT_SECONDS [python -m dreamcache.world.model args...]
 set -u
 wait_s=$1; shift
 W=/tmp/world
-[ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-running() { ps -eo args | grep -q "[d]reamcache.world_model --output $W/model"; }
-mkdir -p $W
-if [ ! -f $W/done ] && ! running; then
-  rm -rf $W/src && mkdir -p $W/src && cp -r dreamcache $W/src/  # the code as of the first call
-  if [ -n "${SEED:-}" ] && [ ! -d $W/model ]; then mkdir -p $W/model && cp -r "$SEED"/. $W/model/; fi
-  ( cd $W/src && PYTHONPATH=/tmp/site:$W/src setsid nohup bash -c \
-    "python3 -m dreamcache.world_model --output $W/model --workers 14 $* && touch $W/done" >> $W/train.log 2>&1 < /dev/null & )
+if [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$W/src
+if [ ! -f $W/started ]; then
+  mkdir -p $W/src && touch $W/started
+  cp -r dreamcache bench $W/src/  # the code as of the first call
+  ( cd $W/src && setsid nohup bash bench/world_job.sh "$@" > $W/job.log 2>&1 < /dev/null & )
 fi
 end=$((SECONDS + wait_s))
-while [ $SECONDS -lt $end ] && [ ! -f $W/done ] && ! grep -q Traceback $W/train.log; do sleep 5; done
-grep -v -i warn $W/train.log | grep -v "it/s\]" | tail -14
-[ -f $W/done ] && echo TRAINING-DONE
+while [ $SECONDS -lt $end ] && [ ! -f $W/done ] && [ ! -f $W/failed ]; do sleep 5; done
+grep -v -i "warn\|it/s\]\|s/it\]" $W/job.log | tail -25
+nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+[ -f $W/done ] && echo JOB-DONE
+[ -f $W/failed ] && echo JOB-FAILED
+cd $W && tar czf "$OUT/results.tgz" job.log results model/training.json model/runs/*/log.jsonl 2>/dev/null
 cd $W/model 2>/dev/null || exit 0
-keep=$(ls -d base clip classifier adapter adapter-middle training.json runs 2>/dev/null)
-[ -d base ] || keep="$keep $(ls -d stages 2>/dev/null)"
-tar czf /tmp/world.tgz --exclude=checkpoints $keep && split -b 15M /tmp/world.tgz "$OUT/world.tgz.part-"
+keep=$(ls -d base clip classifier adapter adapter-middle stages 2>/dev/null)
+[ -n "$keep" ] && tar czf /tmp/model.tgz $keep && split -b 15M /tmp/model.tgz "$OUT/model.tgz.part-"
 ls -la "$OUT"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dreamcache.world_eval import TEXT_ONLY, Cases, FidelityEvaluator
+from dreamcache.world.evaluation import TEXT_ONLY, Cases, FidelityEvaluator
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from dreamcache import world
-from dreamcache.world_eval import Cases, FidelityEvaluator
-from dreamcache.world_model import caption_tokens
+from dreamcache.world import scene as world
+from dreamcache.world.evaluation import Cases, FidelityEvaluator
+from dreamcache.world.model import caption_tokens
 
 
 @torch.no_grad()

@@ -25,11 +25,12 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from pydantic import BaseModel, Field
 from torch import nn
 
@@ -38,7 +39,6 @@ from dreamcache.cache import extract_features
 from dreamcache.data import Loader, ManifestReport, TripletDataset, load_manifest, read_bytes
 from dreamcache.layers import resolve_preset
 from dreamcache.weights import AdapterConfig, load_adapters, read_adapter_config, save_adapters
-from dreamcache.world import WORLD_MANIFEST, WorldTriplets
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,8 @@ class TrainConfig(BaseModel):
     """A training run; every field has the paper's or a sensible default. Read from TOML."""
 
     base_model: str = Field(description="Base Stable Diffusion pipeline: a diffusers directory or hub id.")
-    manifest: str = Field(description="Triplet manifest (JSONL): target, reference or mask, caption; "
-                          "or world:// for the procedural product world.")
-    world_pool: int = Field(default=0, ge=0, description="world:// only: render this many triplets once, up front, "
-                            "and draw samples from them (0: render every sample on the fly).")
+    manifest: str | None = Field(default=None, description="Triplet manifest (JSONL): target, reference or mask, "
+                                 "caption. Not needed when the trainer is handed a dataset.")
     output_dir: str = Field(description="Checkpoints, the final adapter, logs and validation images go here.")
     preset: str = "default"
     init_adapter: str | None = Field(default=None, description="Start from these adapter weights.")
@@ -64,6 +62,8 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW's default.")
     max_steps: int = Field(default=25_000, ge=1, description="Optimiser steps (the paper: 25k at batch 128).")
+    max_minutes: float | None = Field(default=None, gt=0, description="Stop after this much training time even "
+                                      "if max_steps is not reached (the final adapter is saved either way).")
     text_dropout: float = Field(default=0.07, ge=0, le=1)
     data_workers: int = Field(default=4, ge=0, description="Processes decoding and augmenting samples (0: in the training process).")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -80,20 +80,54 @@ class TrainConfig(BaseModel):
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
         with open(path, "rb") as f:
-            return cls.model_validate(tomllib.load(f))
+            return _TrainConfigFile.model_validate(tomllib.load(f))
+
+
+class _TrainConfigFile(TrainConfig):
+    """A config read from a file must name its manifest: dataset objects are handed over in code."""
+
+    manifest: str = Field(description="Triplet manifest (JSONL): target, reference or mask, caption.")
+
+
+@runtime_checkable
+class Triplets(Protocol):
+    """What the trainer draws samples from: (target, reference augmented with `generator`, caption)."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, index: int, generator: torch.Generator) -> tuple[Image.Image, Image.Image, str]: ...
+
+
+@runtime_checkable
+class DeviceTriplets(Protocol):
+    """Triplets held on the training device and augmented there, a batch at a time.
+
+    `draw` runs per sample (in data workers, if any) and returns only numbers: the sample's
+    augmentation parameters from its generator, and its caption. `pixels` turns a batch of indices
+    and parameters into targets and references in [-1, 1] on the device.
+    """
+
+    def __len__(self) -> int: ...
+
+    def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str]: ...
+
+    def pixels(self, indices: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class SampleDataset(torch.utils.data.Dataset):
-    """Sample seed -> (target pixels, reference pixels, caption, generator state), made in a data worker.
+    """Sample seed -> (target, reference, caption, generator state), made in a data worker.
 
     The sample's generator draws its triplet, the reference augmentation and the caption dropout here;
     the training process continues the same generator (from the returned state) for the noise and
-    the timestep. Where a sample is prepared never changes what it is.
+    the timestep. Where a sample is prepared never changes what it is. For `DeviceTriplets` the
+    target and reference are the triplet's index and its augmentation parameters, turned into
+    pixels on the device (`Trainer.images`).
     """
 
-    def __init__(self, triplets: TripletDataset, text_dropout: float):
+    def __init__(self, triplets: Triplets | DeviceTriplets, text_dropout: float):
         self.triplets = triplets
         self.text_dropout = text_dropout
+        self.on_device = isinstance(triplets, DeviceTriplets)
 
     def __len__(self) -> int:  # samples are addressed by seed, not by position
         return 2**62
@@ -101,12 +135,17 @@ class SampleDataset(torch.utils.data.Dataset):
     def __getitem__(self, seed: int):
         g = torch.Generator().manual_seed(seed)
         index = int(torch.randint(len(self.triplets), (), generator=g))
-        target, reference, caption = self.triplets.get(index, g)
+        if self.on_device:
+            params, caption = self.triplets.draw(index, g)
+            target, reference = torch.tensor(index), params
+        else:
+            target, reference, caption = self.triplets.get(index, g)
+            target, reference = _pixels(target), _pixels(reference)
         if torch.rand((), generator=g) < self.text_dropout:
             caption = ""
         # The state as numpy bytes: pickled inline, where a tensor per sample would cost a shared-memory
         # segment each between the data workers and the training process.
-        return _pixels(target), _pixels(reference), caption, g.get_state().numpy()
+        return target, reference, caption, g.get_state().numpy()
 
 
 def _pixels(image) -> torch.Tensor:
@@ -115,7 +154,9 @@ def _pixels(image) -> torch.Tensor:
 
 
 def _to_vae(pixels: torch.Tensor, device, dtype) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> [-1, 1] in `dtype` on `device`, as the VAE expects."""
+    """uint8 (B, 3, H, W), or floats already in [-1, 1] -> [-1, 1] in `dtype` on `device`, as the VAE expects."""
+    if pixels.is_floating_point():
+        return pixels.to(device, dtype)
     return pixels.to(device, non_blocking=True).to(dtype) / 127.5 - 1.0
 
 
@@ -148,7 +189,10 @@ def _seed(*parts: int) -> int:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, accelerator=None, loader: Loader = read_bytes):
+    """Trains adapters on `dataset` (`Triplets` or `DeviceTriplets`), or on the config's manifest."""
+
+    def __init__(self, config: TrainConfig, accelerator=None, loader: Loader = read_bytes,
+                 dataset: Triplets | DeviceTriplets | None = None):
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
@@ -180,10 +224,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()],
                                            lr=config.learning_rate, weight_decay=config.weight_decay)
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
-        if config.manifest == WORLD_MANIFEST:  # the procedural product world
-            self.dataset = WorldTriplets(self.resolution, pool=config.world_pool, seed=config.seed,
-                                         workers=config.data_workers)
-            self.manifest_report = ManifestReport(rows=0, usable=len(self.dataset), skipped=[])
+        if dataset is not None:
+            self.dataset = dataset
+            self.manifest_report = ManifestReport(rows=0, usable=len(dataset), skipped=[])
+        elif config.manifest is None:
+            raise ValueError("the training config names no manifest and no dataset was given: set `manifest`")
         else:
             triplets, self.manifest_report = load_manifest(config.manifest, loader=loader)
             if not triplets:
@@ -221,9 +266,18 @@ class Trainer:
         """A micro-batch prepared in this process (the data workers call the same function)."""
         return _collate([self.samples[seed] for seed in sample_seeds])
 
+    def images(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch's targets and references as the VAE takes them, on the device."""
+        targets, references = batch[0], batch[1]
+        if self.samples.on_device:  # indices and augmentation parameters: pixels made on the device
+            targets, references = self.dataset.pixels(targets, references)
+        device, dtype = self.accelerator.device, self.weight_dtype
+        return _to_vae(targets, device, dtype), _to_vae(references, device, dtype)
+
     def loss(self, batch, use_cache: bool = True, model=None) -> torch.Tensor:
         """The noise-prediction MSE of a micro-batch; `use_cache=False` gives the base model's on the same draws."""
-        targets, references, captions, states = batch
+        _, _, captions, states = batch
+        targets, references = self.images(batch)
         device, dtype = self.accelerator.device, self.weight_dtype
         gens = []
         for state in states:
@@ -231,10 +285,10 @@ class Trainer:
             g.set_state(torch.from_numpy(state))
             gens.append(g)
         with torch.no_grad():
-            latents = self.vae.encode(_to_vae(targets, device, dtype)).latent_dist
+            latents = self.vae.encode(targets).latent_dist
             noise_for_vae = torch.stack([torch.randn(latents.mean.shape[1:], generator=g) for g in gens]).to(device)
             latents = (latents.mean + latents.std * noise_for_vae.to(latents.mean.dtype)) * self.vae.config.scaling_factor
-            reference_latents = self.vae.encode(_to_vae(references, device, dtype)).latent_dist.mode()
+            reference_latents = self.vae.encode(references).latent_dist.mode()
             reference_latents = reference_latents * self.vae.config.scaling_factor
             text = self._encode(captions)
             cache_noise = [torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=g))) for g in gens]
@@ -375,13 +429,15 @@ class Trainer:
         started, samples = time.perf_counter(), 0
         per_step = config.batch_size * config.gradient_accumulation * acc.num_processes
         batches = self.batches()
-        while self.step < config.max_steps:
+        last = False
+        while not last:
             loss = self.train_step(batches)
             samples += per_step
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {self.step}: lower the learning rate or use bf16")
+            last = self.step >= config.max_steps or self._out_of_time(started)
             validating = self.step % config.validate_every == 0
-            if acc.is_main_process and (self.step % config.log_every == 0 or self.step == config.max_steps or validating):
+            if acc.is_main_process and (self.step % config.log_every == 0 or last or validating):
                 elapsed = time.perf_counter() - started
                 record = dict(step=self.step, loss=loss, lr=config.learning_rate, samples_per_s=samples / elapsed,
                               elapsed_s=elapsed, processes=acc.num_processes)
@@ -400,6 +456,14 @@ class Trainer:
         if acc.is_main_process:
             save_adapters(final, self.adapter_modules, self.adapter_config())
         return final
+
+    def _out_of_time(self, started: float) -> bool:
+        """Whether `max_minutes` of training have passed; every process gets the main process's answer."""
+        if self.config.max_minutes is None:
+            return False
+        late = torch.tensor(float(time.perf_counter() - started > 60 * self.config.max_minutes),
+                            device=self.accelerator.device)
+        return bool(self.accelerator.reduce(late, reduction="sum").item() > 0)
 
 
 def main(argv: list[str] | None = None, loader: Loader = read_bytes) -> None:

@@ -171,14 +171,15 @@ def train(
     """Train DreamCache adapters in this process (for several GPUs: accelerate launch -m flows.training)."""
     from pydantic import ValidationError
 
-    from dreamcache.training import TrainConfig, Trainer
-    from flows.sources import read_uri
+    from dreamcache.training import TrainConfig
+    from flows.training import trainer_for
 
     try:
         settings = TrainConfig.from_file(config)
+        trainer = trainer_for(settings)
     except (ValidationError, ValueError) as exc:
         library_cli.fail(f"{config}: {exc}")
-    final = Trainer(settings, loader=read_uri).train(resume=resume)
+    final = trainer.train(resume=resume)
     typer.echo(f"adapters written to {final}; load them with DREAMCACHE_ADAPTER={final}")
 
 

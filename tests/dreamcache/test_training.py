@@ -2,11 +2,9 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from dreamcache import world
 from dreamcache.training import TrainConfig, Trainer
 from tests.helpers import TEST_RESOLUTION, make_tiny_pipeline, scene
 
@@ -37,7 +35,7 @@ def manifest(tmp_path):
 
 
 def config(base_model, manifest, tmp_path, **overrides) -> TrainConfig:
-    values = dict(base_model=str(base_model), manifest=str(manifest), output_dir=str(tmp_path / "run"),
+    values = dict(base_model=str(base_model), manifest=str(manifest) if manifest else None, output_dir=str(tmp_path / "run"),
                   resolution=TEST_RESOLUTION, batch_size=4, learning_rate=1e-2, max_steps=30, log_every=1,
                   checkpoint_every=10, validate_every=1000, text_dropout=0.0, data_workers=0)
     return TrainConfig(**{**values, **overrides})
@@ -158,25 +156,46 @@ def test_data_workers_prepare_the_same_samples(base_model, manifest, tmp_path):
     assert [workers.train_step(batches) for _ in range(3)] == pytest.approx(losses, rel=1e-5)
 
 
-def test_adapters_train_on_the_procedural_world(base_model, tmp_path):
-    trainer = Trainer(config(base_model, "world://", tmp_path, max_steps=3))
-    target, reference, caption = trainer.dataset.get(4, torch.Generator().manual_seed(0))
-    assert target.size == reference.size == (TEST_RESOLUTION, TEST_RESOLUTION) and caption.startswith("a ")
-    losses = [trainer.train_step() for _ in range(3)]
-    assert all(0 < loss < 10 for loss in losses)
+class Scenes:
+    """A dataset object for the trainer (`Triplets`): the test scenes, references not augmented."""
+
+    def __init__(self):
+        self.rows = []
+        for product, background, caption in SCENES:
+            target, _ = scene(product_color=product, background=background, size=(TEST_RESOLUTION,) * 2,
+                              box=(8, 6, 26, 28))
+            reference, _ = scene(product_color=product, background=(255, 255, 255), size=(TEST_RESOLUTION,) * 2,
+                                 box=(5, 4, 27, 29))
+            self.rows.append((target, reference, caption))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, index, generator):
+        return self.rows[index]
 
 
-def test_the_world_can_be_rendered_once_into_a_pool(base_model, tmp_path):
-    trainer = Trainer(config(base_model, "world://", tmp_path, max_steps=2, world_pool=16, seed=3))
-    assert len(trainer.dataset) == 16
-    target, _, caption = trainer.dataset.get(5, torch.Generator().manual_seed(0))
-    rendered = world.triplet(3 * 10_000_019 + 5, TEST_RESOLUTION)
-    assert np.array_equal(np.asarray(target), np.asarray(rendered.target)) and caption == rendered.caption
-    assert all(0 < trainer.train_step() < 10 for _ in range(2))
+def test_the_trainer_takes_a_dataset_object_instead_of_a_manifest(base_model, tmp_path):
+    trainer = Trainer(config(base_model, None, tmp_path, max_steps=3), dataset=Scenes())
+    assert trainer.manifest_report.usable == 4 and not trainer.samples.on_device
+    assert all(0 < trainer.train_step() < 10 for _ in range(3))
+
+
+def test_without_a_manifest_or_a_dataset_the_trainer_says_what_is_missing(base_model, tmp_path):
+    with pytest.raises(ValueError, match="no manifest"):
+        Trainer(config(base_model, None, tmp_path))
+
+
+def test_training_stops_at_its_time_budget_and_saves_the_adapter(base_model, manifest, tmp_path):
+    trainer = Trainer(config(base_model, manifest, tmp_path, max_steps=10_000, max_minutes=0.02, checkpoint_every=10**6))
+    final = trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert 0 < trainer.step < 10_000 and log[-1]["step"] == trainer.step
+    assert log[-1]["elapsed_s"] >= 1.2 and (final / "adapter_model.safetensors").is_file()
 
 
 def test_the_cache_effect_is_zero_for_adapters_that_ignore_the_memory(base_model, tmp_path):
-    trainer = Trainer(config(base_model, "world://", tmp_path, max_steps=4, validate_every=2, log_every=100))
+    trainer = Trainer(config(base_model, None, tmp_path, max_steps=4, validate_every=2, log_every=100), dataset=Scenes())
     assert trainer.cache_effect() != 0  # PyTorch's default initialisation mixes the memory in
     with torch.no_grad():
         for adapter in trainer.adapter_modules.values():  # Linear_cat([self-attention, memory]) = self-attention

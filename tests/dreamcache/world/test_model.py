@@ -2,12 +2,19 @@
 
 import json
 import shutil
+import time
 
 import torch
+from accelerate import Accelerator
 
-from dreamcache import world, world_model
+from dreamcache.layers import resolve_preset
 from dreamcache.pipeline import DreamCachePipeline
-from dreamcache.world_classifier import AttributeClassifier
+from dreamcache.world import model as world_model
+from dreamcache.world import scene as world
+from dreamcache.world.classifier import AttributeClassifier
+from dreamcache.world.model import Processes, WorldModelConfig, _Progress
+from dreamcache.world.pool import pixels, render_pool
+from tests.dreamcache.world.conftest import TINY
 
 
 def test_every_stage_runs_and_is_recorded(tiny_world):
@@ -15,16 +22,18 @@ def test_every_stage_runs_and_is_recorded(tiny_world):
     assert set(record["stages"]) == {"pool", "vae", "clip", "unet", "classifier", "adapter", "adapter-middle"}
     for stage in ("vae", "clip", "unet", "classifier"):
         summary = record["stages"][stage]
-        assert summary["steps"] == 6 and torch.isfinite(torch.tensor(summary["final_loss"])), stage
+        assert summary["steps"] == 6 and summary["processes"] == 1, stage
+        assert torch.isfinite(torch.tensor(summary["final_loss"])), stage
     assert record["stages"]["vae"]["final_loss"] < record["stages"]["vae"]["first_loss"]
     assert [step for step, _ in record["stages"]["adapter"]["cache_effect"]] == [1, 2]  # watched while training
     assert json.loads((folder / "training.json").read_text())["stages"] == record["stages"]
+    assert record["device"] == "cpu x1" and record["config"]["resolution"] == 64
 
 
 def test_the_result_loads_like_any_stable_diffusion(tiny_world):
     folder, _ = tiny_world
     pipe = DreamCachePipeline.from_pretrained(folder / "base", dtype=torch.float32)
-    assert pipe.resolution == world_model.RESOLUTION
+    assert pipe.resolution == TINY.resolution and pipe.vae_scale_factor == 4
     pipe.load_dreamcache(folder / "adapter")
     subject = pipe.cache_subject(world.reference_image(world.product(10), 64, seed=0))
     (image,) = pipe("a mug on a lawn", subject=subject, num_inference_steps=2, progress=False).images
@@ -32,10 +41,26 @@ def test_the_result_loads_like_any_stable_diffusion(tiny_world):
     pipe.unload_dreamcache()
     pipe.load_dreamcache(folder / "adapter-middle")
     assert [layer.name for layer in pipe.dreamcache_layers] == ["mid_block.attentions.0"]
-    from transformers import CLIPModel
+    from transformers import AutoProcessor, CLIPModel
 
     assert CLIPModel.from_pretrained(folder / "clip").config.projection_dim == 128
-    assert AttributeClassifier.from_pretrained(folder / "classifier").resolution == world_model.RESOLUTION
+    pixels_ = AutoProcessor.from_pretrained(folder / "clip")(images=[image], return_tensors="pt")["pixel_values"]
+    assert pixels_.shape == (1, 3, 64, 64)  # the scorer's processor feeds the world CLIP at its own size
+    assert AttributeClassifier.from_pretrained(folder / "classifier").resolution == TINY.resolution
+
+
+def test_the_shipped_unet_has_stable_diffusions_layout_and_default_layers():
+    with torch.device("meta"):
+        unet = world_model.make_unet(WorldModelConfig())
+    layers = resolve_preset(unet, "default")
+    assert [layer.name for layer in layers] == ["mid_block.attentions.0", "up_blocks.1.attentions.1",
+                                                "up_blocks.2.attentions.0", "up_blocks.2.attentions.2",
+                                                "up_blocks.3.attentions.1"]  # as on SD 1.5 / 2.1
+    assert [layer.channels for layer in layers] == [160, 160, 80, 80, 40]
+    decoder = [name for name, m in unet.named_modules() if name.startswith("up_blocks") and
+               type(m).__name__ == "Transformer2DModel"]
+    assert len(decoder) == 9  # three cross-attention up blocks of three layers
+    assert sum(p.numel() for p in unet.parameters()) < 16e6  # fits the repository's model budget in fp16
 
 
 def test_the_schedule_ends_in_pure_noise_and_the_model_predicts_velocity(tiny_world):
@@ -61,46 +86,44 @@ def test_the_product_weighs_more_than_the_scene_in_the_unet_loss():
 def test_the_vae_scaling_factor_gives_unit_variance_latents(tiny_world):
     folder, _ = tiny_world
     pipe = DreamCachePipeline.from_pretrained(folder / "base", dtype=torch.float32)
-    pool = world_model.render_pool(64, seed=3)
+    pool = render_pool(64, seed=3, resolution=64)
     with torch.no_grad():
-        latents = pipe.vae.encode(world_model.pixels(pool.targets)).latent_dist.mean * pipe.vae.config.scaling_factor
-    assert 0.7 < latents.std().item() < 1.4
+        latents = pipe.vae.encode(pixels(pool.targets)).latent_dist.mean * pipe.vae.config.scaling_factor
+    assert latents.shape[-1] == 16 and 0.7 < latents.std().item() < 1.4
 
 
 def test_finished_stages_are_not_trained_again(tiny_world):
     folder, record = tiny_world
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*.safetensors")}
-    again = world_model.train_world_model(folder, world_model.StageSteps(pool_size=8), torch.device("cpu"))
+    again = world_model.train_world_model(folder, TINY)
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.safetensors")} == before
     assert again["stages"]["unet"] == record["stages"]["unet"]
 
 
-def test_the_pool_is_the_same_with_worker_processes():
-    here, workers = world_model.render_pool(40, seed=5, chunk=16), world_model.render_pool(40, seed=5, workers=2, chunk=16)
-    assert torch.equal(here.targets, workers.targets) and torch.equal(here.references, workers.references)
-    assert torch.equal(here.captions, workers.captions)
-    assert all(torch.equal(here.labels[h], workers.labels[h]) for h in here.labels)
-    assert torch.equal(here.masks, workers.masks) and here.masks.shape == (40, 64, 64)
-    assert here.targets.shape == (40, 3, 64, 64) and here.targets.dtype == torch.uint8
-    first = world.triplet(5 * 10_000_019, 64)
-    assert world.CAPTIONS[here.captions[0]] == first.caption
-    assert torch.equal(here.masks[0], torch.from_numpy(first.mask)) and 0 < first.mask.mean() < 0.5
-    assert not any(world.is_held_out(world.triplet(5 * 10_000_019 + i, 64).product.index) for i in range(40))
+def test_a_stage_stops_at_its_time_budget():
+    model = torch.nn.Linear(2, 1)
+    progress = _Progress("probe", torch.optim.SGD(model.parameters(), lr=0.1), Processes(Accelerator(cpu=True)),
+                         steps=1000, minutes=0.1 / 60)
+    for _ in progress:
+        time.sleep(0.005)
+        progress.step(model(torch.ones(1, 2)).sum() ** 2)
+    summary = progress.summary()
+    assert 10 <= summary["steps"] < 1000 and summary["steps"] % 10 == 0  # the budget is checked every 10 steps
 
 
-def test_adapter_stages_in_parallel_processes_keep_each_others_records(tiny_world, tmp_path, monkeypatch):
+def test_adapter_stages_run_side_by_side_keep_each_others_records(tiny_world, tmp_path, monkeypatch):
     folder = tmp_path / "world"
     shutil.copytree(tiny_world[0], folder, ignore=shutil.ignore_patterns("adapter-middle"))
 
-    def other_process_finishes_meanwhile(base, output, preset, steps):
+    def other_job_finishes_meanwhile(base, output, preset, pool, config, accelerator, minutes):
         record = json.loads((folder / "training.json").read_text())
         record["stages"]["adapter-other"] = {"steps": 1}
         (folder / "training.json").write_text(json.dumps(record))
         output.mkdir()
         return {"steps": 2, "preset": preset}
 
-    monkeypatch.setattr(world_model, "train_adapters", other_process_finishes_meanwhile)
-    record = world_model.train_world_model(folder, world_model.StageSteps(), torch.device("cpu"), ("adapter-middle",))
+    monkeypatch.setattr(world_model, "train_adapters", other_job_finishes_meanwhile)
+    record = world_model.train_world_model(folder, TINY, adapters=("adapter-middle",))
     on_disk = json.loads((folder / "training.json").read_text())["stages"]
     assert {"adapter", "adapter-middle", "adapter-other"} <= set(on_disk) == set(record["stages"])
     assert on_disk["adapter-middle"]["preset"] == "middle"

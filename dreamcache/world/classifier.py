@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dreamcache import world
+from dreamcache.world import scene as world
 
 # Head name -> class names, in label order.
 HEADS: dict[str, tuple[str, ...]] = {
@@ -52,12 +52,14 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class AttributeClassifier(nn.Module):
     """(B, 3, R, R) images in [-1, 1] -> {head: (B, classes) logits}."""
 
-    def __init__(self, resolution: int = 64, width: int = 48):
+    def __init__(self, resolution: int = 128, width: int = 48):
         super().__init__()
         self.resolution, self.width = resolution, width
-        channels = (width, 2 * width, 4 * width, 4 * width)
+        # Halve the side down to 4x4 (five blocks at 128 px), widening up to 4x.
+        blocks = max(1, (resolution // 4).bit_length() - 1)
+        channels = tuple(width * min(4, 2**k) for k in range(blocks))
         self.features = nn.Sequential(*(_block(cin, cout) for cin, cout in zip((3,) + channels[:-1], channels)))
-        side = resolution // 16
+        side = resolution // 2**blocks
         # Flattened, not pooled: where the glyph sits on the body is a question of position.
         self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(channels[-1] * side * side, 512), nn.GELU(), nn.Dropout(0.1))
         self.heads = nn.ModuleDict({head: nn.Linear(512, len(classes)) for head, classes in HEADS.items()})

@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dreamcache import world
+from dreamcache.world import scene as world
 
 
 def test_the_world_is_deterministic_by_seed():

@@ -1,7 +1,8 @@
 import torch
 
-from dreamcache import world, world_model
-from dreamcache.world_classifier import HEADS, IGNORE, AttributeClassifier, labels
+from dreamcache.world import scene as world
+from dreamcache.world.pool import pixels, render_pool
+from dreamcache.world.classifier import HEADS, IGNORE, AttributeClassifier, labels
 
 
 def test_labels_hide_the_pattern_colour_of_plain_products():
@@ -15,7 +16,7 @@ def test_labels_hide_the_pattern_colour_of_plain_products():
 
 def test_round_trip_keeps_predictions(tmp_path):
     torch.manual_seed(0)
-    model = AttributeClassifier(width=16).eval()
+    model = AttributeClassifier(64, width=16).eval()
     images = torch.rand(4, 3, 64, 64) * 2 - 1
     model.save_pretrained(tmp_path)
     loaded = AttributeClassifier.from_pretrained(tmp_path)
@@ -24,10 +25,10 @@ def test_round_trip_keeps_predictions(tmp_path):
 
 
 def test_it_learns_every_head_from_labelled_scenes():
-    pool = world_model.render_pool(32, seed=1)
-    images, targets = world_model.pixels(pool.targets), pool.labels
+    pool = render_pool(32, seed=1, resolution=64)
+    images, targets = pixels(pool.targets), pool.labels
     torch.manual_seed(0)
-    model = AttributeClassifier(width=16)
+    model = AttributeClassifier(64, width=16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):
         loss = model.loss(images, targets)

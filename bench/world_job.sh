@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The product-world model's whole job on a GPU machine, in order: every training stage over all its
+# GPUs (accelerate DDP), then the fidelity evaluation and the base model's gates on GPU 0 and GPU 1
+# side by side. Started (once) by bench/world_device.sh; writes under /tmp/world.
+# Usage: bench/world_job.sh [python -m dreamcache.world.model args...]
+set -u
+W=/tmp/world
+GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+mkdir -p $W/results
+step() { echo "=== $(date +%T) $*"; }
+
+step "training on $GPUS GPU(s)"
+launch=(python3 -m accelerate.commands.launch --num_machines 1 --num_processes "$GPUS" --mixed_precision bf16
+        --dynamo_backend no --main_process_port 29517)
+[ "$GPUS" -gt 1 ] && launch+=(--multi_gpu)
+"${launch[@]}" -m dreamcache.world.model --output $W/model --workers $(( $(nproc) / GPUS - 1 )) "$@" || { touch $W/failed; exit 1; }
+cp $W/model/training.json $W/results/
+
+step "evaluation"
+evaluate() {
+  CUDA_VISIBLE_DEVICES=0 python3 -m dreamcache.world.evaluation --model $W/model --products 24 --seeds 2 \
+    --image-scale auto --output $W/results/world_fidelity.json --figures $W/results > $W/results/evaluation.log 2>&1
+}
+gates() {
+  export CUDA_VISIBLE_DEVICES=$(( GPUS - 1 ))
+  python3 bench/world_sdedit_bound.py $W/model --output $W/results/world_sdedit_bound.json > $W/results/gates.log 2>&1
+  python3 bench/world_prior.py $W/model --output $W/results/world_prior.json >> $W/results/gates.log 2>&1
+}
+evaluate & gates & wait
+tail -3 $W/results/evaluation.log; cat $W/results/gates.log | grep -v -i warn
+step "done"
+touch $W/done
