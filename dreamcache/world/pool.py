@@ -107,7 +107,7 @@ class _Chunks(torch.utils.data.Dataset):
                             torch.from_numpy(np.stack([t.mask for t in triplets])))
 
 
-def render_pool(size: int, seed: int, workers: int = 0, chunk: int = 512, resolution: int = 128,
+def render_pool(size: int, seed: int, workers: int = 0, chunk: int = 128, resolution: int = 128,
                 directory: Path | None = None, rank: int = 0, processes: int = 1, barrier=None) -> WorldPool:
     """The first `size` triplets of the world for `seed` (training instances only), the same for any
     number of workers and processes.
