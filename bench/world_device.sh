@@ -2,8 +2,9 @@
 # On a lent GPU machine: start the product-world job once (bench/world_job.sh: training on every
 # GPU, then evaluation), wait for it, and pack what is finished into $OUT. Call again to keep waiting:
 # the job's outputs live in /tmp/world, outside the working tree each call re-syncs, and a job is
-# never started twice. What comes back: results.tgz (records, figures, logs) and the model's
-# folders as model.tgz.part-* (cat them together); both grow as stages finish.
+# never started twice; a job that failed is started again (finished stages are kept, and a fix in
+# the working tree is picked up). What comes back: results.tgz (records, figures, logs) and the
+# model's folders as model.tgz.part-* (cat them together); both grow as stages finish.
 # Usage: bench/world_device.sh WAIT_SECONDS [python -m dreamcache.world.model args...]
 set -u
 wait_s=$1; shift
@@ -12,6 +13,7 @@ if [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$W/src
+[ -f $W/failed ] && rm -rf $W/started $W/failed $W/src $W/model/runs
 if [ ! -f $W/started ]; then
   mkdir -p $W/src && touch $W/started
   cp -r dreamcache bench $W/src/  # the code as of the first call

@@ -57,36 +57,38 @@ EMPTY = len(world.CAPTIONS)  # the index of the empty caption in the UNet's text
 
 @dataclass
 class WorldModelConfig:
-    """The model's sizes and every stage's length and optimiser settings; the defaults are the shipped
-    model's (docs/toy-world.md records the steps each stage ran)."""
+    """The model's sizes and every stage's length and optimiser settings. The defaults are the shipped
+    model's: the step counts its stages ran on two H200s under time budgets (bench/results/
+    world_attempt4_h200x2.json), so that one command retrains it on any number of GPUs."""
 
     resolution: int = 128
     unet_channels: int = 40  # SD's (C, 2C, 4C, 4C) with C = 40: 13.7M parameters, 40-channel heads
     vae_channels: int = 32  # (C, 2C, 4C): its decoder runs at full resolution, the CPU's costliest part
     pool_size: int = 120_000  # rendered triplets every stage draws from (training instances only)
-    batch_size: int = 128  # global batch of the VAE, CLIP and classifier stages
-    vae_steps: int = 4000
-    clip_steps: int = 2000
-    unet_steps: int = 20_000
+    batch_size: int = 256  # global batch of the VAE, CLIP and classifier stages
+    vae_steps: int = 1070
+    clip_steps: int = 1210
+    unet_steps: int = 2150
     unet_batch_size: int = 1024
     # The loss weight of the product's pixels against the scene's. Five times, at 64 px, lifted the
     # adapters' cache effect and worsened the text-only colour spread (docs/toy-world.md); at 128 px
     # the product covers more of the shot, and a mild weight is kept.
     product_weight: float = 2.0
-    classifier_steps: int = 3000
-    # The cache's effect on the loss plateaus by about 1,500 steps of 1,024 (docs/toy-world.md), and a
-    # hundred times the paper's learning rate (1e-5, for 200k steps) gets there in minutes.
-    adapter_steps: int = 3000
+    classifier_steps: int = 1990
+    # A hundred times the paper's learning rate (1e-5, for 200k steps) gets the cache's effect on the
+    # loss to its plateau in minutes (docs/toy-world.md); the shipped adapters stopped before it.
+    adapter_steps: int = 587
+    middle_adapter_steps: int = 134  # the placement ablation's adapters
     adapter_batch_size: int = 1024
     learning_rate: float = 3e-4
     adapter_learning_rate: float = 1e-3
     # Time budgets in minutes (0: none): a stage stops at its steps or its budget, whichever comes first.
-    vae_minutes: float = 0
-    clip_minutes: float = 0
-    unet_minutes: float = 0
-    classifier_minutes: float = 0
-    adapter_minutes: float = 0
-    middle_adapter_minutes: float = 0
+    vae_minutes: float = 0.0
+    clip_minutes: float = 0.0
+    unet_minutes: float = 0.0
+    classifier_minutes: float = 0.0
+    adapter_minutes: float = 0.0
+    middle_adapter_minutes: float = 0.0
     seed: int = 0
     workers: int = 0  # processes rendering the world (use most CPU cores on a GPU machine); 0: none at all
 
@@ -380,20 +382,20 @@ def train_classifier(pool: WorldPool, config: WorldModelConfig, vae: Autoencoder
 
 
 def train_adapters(base: Path, output: Path, preset: str, pool: WorldPool, config: WorldModelConfig,
-                   accelerator, minutes: float = 0) -> dict:
+                   accelerator, steps: int, minutes: float = 0) -> dict:
     """Adapters for `preset` on the pool, with the platform's trainer; the result in `output`."""
     from dreamcache.training import TrainConfig, Trainer
 
     run = output.parent / "runs" / output.name
     train_config = TrainConfig(base_model=str(base), output_dir=str(run), preset=preset,
                                batch_size=config.adapter_batch_size // accelerator.num_processes,
-                               learning_rate=config.adapter_learning_rate, max_steps=config.adapter_steps,
+                               learning_rate=config.adapter_learning_rate, max_steps=steps,
                                max_minutes=minutes or None,
-                               # Workers only draw each sample's numbers here (images stay on the device).
-                               data_workers=4 if config.workers else 0, seed=config.seed,
+                               # The pool lives on the GPU, and forked data workers must not touch it (CUDA
+                               # cannot be re-initialised in a fork); drawing a sample's numbers is cheap.
+                               data_workers=0, seed=config.seed,
                                log_every=50, mixed_precision="bf16" if torch.cuda.is_available() else "no",
-                               checkpoint_every=max(1, config.adapter_steps // 10),
-                               validate_every=max(1, config.adapter_steps // 20))
+                               checkpoint_every=max(1, steps // 10), validate_every=max(1, steps // 20))
     started = time.perf_counter()
     trainer = Trainer(train_config, accelerator=accelerator, dataset=PoolTriplets(pool))
     final = trainer.train(resume="latest")  # an interrupted stage goes on from its last checkpoint
@@ -430,7 +432,8 @@ def save_pipeline(vae, clip: CLIPModel, unet, directory: Path) -> Path:
 # --- all of it, resumable by stage --------------------------------------------------------
 
 ADAPTERS = {"adapter": "default", "adapter-middle": "middle"}  # output folder -> preset
-BUDGETS = {"adapter": "adapter_minutes", "adapter-middle": "middle_adapter_minutes"}  # output folder -> budget field
+# Output folder -> its steps and time budget fields.
+LENGTHS = {"adapter": ("adapter_steps", "adapter_minutes"), "adapter-middle": ("middle_adapter_steps", "middle_adapter_minutes")}
 
 
 def train_world_model(output: Path, config: WorldModelConfig, accelerator=None,
@@ -469,8 +472,9 @@ def train_world_model(output: Path, config: WorldModelConfig, accelerator=None,
         _train_base(output, config, pool, p, done)
     for name in adapters:
         if not (output / name).exists():
+            steps, minutes = (getattr(config, field) for field in LENGTHS[name])
             done(name, train_adapters(output / "base", output / name, ADAPTERS[name], pool, config, accelerator,
-                                      getattr(config, BUDGETS[name])))
+                                      steps, minutes))
     return record
 
 

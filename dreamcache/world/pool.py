@@ -159,6 +159,8 @@ class PoolTriplets:
 
     def __init__(self, pool: WorldPool, augment: bool = True):
         self.pool = pool
+        # `draw` runs in data workers, which must not touch the GPU: the captions they read stay on the CPU.
+        self.captions = pool.captions.cpu()
         self.augmentation = DeviceReferenceAugmentation(pool.resolution) if augment else None
 
     def __len__(self) -> int:
@@ -166,7 +168,7 @@ class PoolTriplets:
 
     def draw(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, str]:
         params = self.augmentation.draw(generator) if self.augmentation else torch.zeros(0)
-        return params, world.CAPTIONS[int(self.pool.captions[index])]
+        return params, world.CAPTIONS[int(self.captions[index])]
 
     def pixels(self, indices: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.pool.targets.device

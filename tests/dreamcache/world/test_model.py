@@ -115,7 +115,7 @@ def test_adapter_stages_run_side_by_side_keep_each_others_records(tiny_world, tm
     folder = tmp_path / "world"
     shutil.copytree(tiny_world[0], folder, ignore=shutil.ignore_patterns("adapter-middle"))
 
-    def other_job_finishes_meanwhile(base, output, preset, pool, config, accelerator, minutes):
+    def other_job_finishes_meanwhile(base, output, preset, pool, config, accelerator, steps, minutes):
         record = json.loads((folder / "training.json").read_text())
         record["stages"]["adapter-other"] = {"steps": 1}
         (folder / "training.json").write_text(json.dumps(record))
