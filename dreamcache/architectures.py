@@ -2,9 +2,9 @@
 
 The public Stable Diffusion configs are written out here so that `dreamcache inspect` and the
 tests can build the real structures (on the meta device, no weights) without any download.
-The tiny pipeline is the bundled default model until the project ships trained weights: it has
-the Stable Diffusion layout (cross-attention down blocks, a mid block, cross-attention up
-blocks) at a size that runs in well under a second on a laptop CPU.
+The tiny pipeline, for tests and smoke runs, has the Stable Diffusion layout (cross-attention down
+blocks, a mid block, cross-attention up blocks) at a size that runs in well under a second on a
+laptop CPU.
 """
 
 from __future__ import annotations

@@ -15,7 +15,33 @@ import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-BUNDLED_MODEL = "bundled:tiny-random"
+from dreamcache.errors import DreamCacheError
+
+BUNDLED_MODEL = "bundled:product-world"
+# The project's own model of the procedural product world (docs/toy-world.md), shipped in the package
+# and read in place: a Stable Diffusion directory, its DreamCache adapters and the world's CLIP scorer.
+BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "product-world"
+# The bundled adapters' working point (docs/toy-world.md): the toy adapters need a far larger image
+# scale than the authors' 0.35 on Stable Diffusion before the product shows.
+BUNDLED_IMAGE_SCALE = 5.0
+# Each part of the bundled model and the file that shows it is there.
+BUNDLED_PARTS = {"base": "model_index.json", "adapter": "adapter_config.json", "clip": "config.json"}
+
+
+class BundledModelMissing(DreamCacheError, FileNotFoundError):
+    """A part of the bundled model is not in the installed package."""
+
+
+def bundled_part(name: str) -> Path:
+    """The folder of one part of the bundled model (base, adapter, clip), or an error naming what is missing."""
+    folder = BUNDLED_DIR / name
+    marker = folder / BUNDLED_PARTS[name]
+    if not marker.is_file():
+        raise BundledModelMissing(
+            f"the bundled model's {name}/ is incomplete: {marker} is missing. Reinstall the package "
+            "(a checkout needs the committed dreamcache/assets/product-world/), or set DREAMCACHE_BASE_MODEL "
+            "(and DREAMCACHE_ADAPTER, DREAMCACHE_CLIP_MODEL) to a model of your own")
+    return folder
 
 
 class Settings(BaseSettings):
@@ -23,7 +49,7 @@ class Settings(BaseSettings):
 
     home: Path = Field(
         default=Path("~/.dreamcache"),
-        description="Data directory of the embedded default: models, caches, outputs (and later the database).",
+        description="Data directory of the embedded default: the database, objects (caches, shots) and outputs.",
     )
     database_url: str | None = Field(
         default=None,
@@ -40,7 +66,8 @@ class Settings(BaseSettings):
     )
     base_model: str = Field(
         default=BUNDLED_MODEL,
-        description="Base Stable Diffusion pipeline: a local diffusers directory, a hub id, or the bundled model.",
+        description="Base Stable Diffusion pipeline: a local diffusers directory, a hub id, or the bundled model "
+        f"({BUNDLED_MODEL!r}, the product-world model).",
     )
     adapter: str | None = Field(
         default=None,
@@ -67,7 +94,9 @@ class Settings(BaseSettings):
     detector_model: str | None = Field(
         default=None, description="Text-grounded detector for SAM's box (OWL-ViT, OWLv2, Grounding DINO): directory or hub id."
     )
-    clip_model: str | None = Field(default=None, description="CLIP ViT-B/32 scorer: local directory or hub id.")
+    clip_model: str | None = Field(
+        default=None, description="CLIP ViT-B/32 scorer: local directory or hub id; unset with the bundled model: "
+        "the product world's CLIP.")
     dino_model: str | None = Field(default=None, description="DINO ViT-S/16 scorer: local directory or hub id.")
 
     @field_validator("home", mode="after")
@@ -112,9 +141,22 @@ class Settings(BaseSettings):
     def resolved_objects_url(self) -> str:
         return self.objects_url or str(self.home / "objects")
 
+    # The bundled model's parts stand in wherever a setting is unset and the base is the bundled model.
     @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
+    def resolved_base_model(self) -> str:
+        return str(bundled_part("base")) if self.base_model == BUNDLED_MODEL else self.base_model
+
+    @property
+    def resolved_adapter(self) -> str | None:
+        if self.adapter or self.base_model != BUNDLED_MODEL:
+            return self.adapter
+        return str(bundled_part("adapter"))
+
+    @property
+    def resolved_clip_model(self) -> str | None:
+        if self.clip_model or self.base_model != BUNDLED_MODEL:
+            return self.clip_model
+        return str(bundled_part("clip"))
 
     @property
     def outputs_dir(self) -> Path:

@@ -10,27 +10,57 @@ from PIL import Image, ImageDraw, ImageFont
 TILE = 256
 CAPTION_LINES = 3
 LINE_HEIGHT = 16
+TITLE_HEIGHT = 28
+# A comparison sheet's pairs per row: three prompts, the demo's, read across one row.
+PAIRS_PER_ROW = 3
+
+Tile = tuple[Image.Image, str]
 
 
 def contact_sheet(
-    reference: Image.Image, shots: Sequence[tuple[Image.Image, str]], title: str = "", columns: int = 5
+    reference: Image.Image, shots: Sequence[Tile], title: str = "", columns: int = 5,
+    text_only: Sequence[Tile | None] = (),
 ) -> Image.Image:
-    """A grid: the reference first, then each shot with its caption under it; `title` on top."""
+    """A grid: the reference first, then each shot with its caption under it; `title` on top.
+
+    `text_only` holds, per shot, the text-only shot of the same prompt and seed (or None where there
+    is none). When any is given, the reference has the first column to itself and each shot follows
+    its text-only shot as a pair [text only | personalised], PAIRS_PER_ROW pairs a row, so that the
+    cache's effect reads across (`columns` then does not apply).
+    """
+    if any(text_only):
+        if len(text_only) != len(shots):
+            raise ValueError(f"got {len(shots)} shots but {len(text_only)} text-only entries: give one per shot")
+        pairs = [[(plain[0], f"text only: {plain[1]}") if plain else None, (shot[0], f"personalised: {shot[1]}")]
+                 for shot, plain in zip(shots, text_only)]
+        rows = [[(reference, "reference") if start == 0 else None]
+                + [tile for pair in pairs[start : start + PAIRS_PER_ROW] for tile in pair]
+                for start in range(0, len(pairs), PAIRS_PER_ROW)]
+    else:
+        tiles: list[Tile | None] = [(reference, "reference"), *shots]
+        rows = [tiles[start : start + columns] for start in range(0, len(tiles), columns)]
+    return _draw(rows, title)
+
+
+def _draw(rows: Sequence[Sequence[Tile | None]], title: str) -> Image.Image:
+    """Rows of captioned tiles (None leaves its place blank)."""
     font = ImageFont.load_default(size=13)
-    tiles = [(reference, "reference")] + list(shots)
-    cols = min(columns, len(tiles))
-    rows = -(-len(tiles) // cols)
+    cols = max(len(row) for row in rows)
     caption_h = CAPTION_LINES * LINE_HEIGHT + 8
-    title_h = 28 if title else 0
-    sheet = Image.new("RGB", (cols * TILE, title_h + rows * (TILE + caption_h)), "white")
+    title_h = TITLE_HEIGHT if title else 0
+    sheet = Image.new("RGB", (cols * TILE, title_h + len(rows) * (TILE + caption_h)), "white")
     draw = ImageDraw.Draw(sheet)
     if title:
         draw.text((8, 6), title, fill="black", font=ImageFont.load_default(size=16))
-    for i, (image, caption) in enumerate(tiles):
-        x, y = (i % cols) * TILE, title_h + (i // cols) * (TILE + caption_h)
-        sheet.paste(image.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST
-                                                if image.width < TILE else Image.Resampling.LANCZOS), (x, y))
-        lines = textwrap.wrap(caption, width=34)[:CAPTION_LINES]
-        for j, line in enumerate(lines):
-            draw.text((x + 6, y + TILE + 4 + j * LINE_HEIGHT), line, fill="black", font=font)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            if tile is None:
+                continue
+            image, caption = tile
+            x, y = c * TILE, title_h + r * (TILE + caption_h)
+            sheet.paste(image.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST
+                                                    if image.width < TILE else Image.Resampling.LANCZOS), (x, y))
+            lines = textwrap.wrap(caption, width=34)[:CAPTION_LINES]
+            for j, line in enumerate(lines):
+                draw.text((x + 6, y + TILE + 4 + j * LINE_HEIGHT), line, fill="black", font=font)
     return sheet

@@ -1,4 +1,5 @@
-"""The library-level demo: cache the bundled example product once, generate a few shots, show them."""
+"""The library-level demo: cache the bundled example product once, generate a few shots with and
+without its cache, and show them side by side."""
 
 from __future__ import annotations
 
@@ -7,26 +8,25 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Sequence
 
-from dreamcache.config import Settings
+from dreamcache.config import BUNDLED_IMAGE_SCALE, Settings
 from dreamcache.contact_sheet import contact_sheet
 from dreamcache.images import open_image
-from dreamcache.models import is_bundled_untrained, load_pipeline
+from dreamcache.models import load_pipeline
+from dreamcache.world import scene as world
 
+# A held-out mug of the product world on white (flows/examples/catalogue/mug/MUG-TEAL-DOTS.png):
+# the bundled model never saw it in training.
 EXAMPLE_PRODUCT = files("dreamcache") / "assets" / "example_product.png"
-EXAMPLE_PROMPTS = (
-    "a mug on a sandy beach",
-    "a mug on a snowy mountain",
-    "a mug on a kitchen counter",
-    "a mug in a forest",
-)
+# World captions, because the bundled model knows no other texts; three, so that the pairs fill one row.
+EXAMPLE_PROMPTS = tuple(world.caption("mug", scene) for scene in ("beach", "snow", "forest"))
 
 
 @dataclass
 class DemoResult:
     output_dir: Path
     images: list[Path]
+    text_only: list[Path]
     contact_sheet: Path
-    untrained: bool
 
 
 def run_demo(
@@ -35,22 +35,27 @@ def run_demo(
     prompts: Sequence[str] = EXAMPLE_PROMPTS,
     steps: int = 25,
     seed: int = 0,
+    image_scale: float = BUNDLED_IMAGE_SCALE,
 ) -> DemoResult:
     output_dir = Path(output_dir or settings.outputs_dir / "demo")
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(settings)
     reference = open_image(Path(str(EXAMPLE_PRODUCT)))
     subject = pipe.cache_subject(reference, seed=seed)
-    shots = pipe(list(prompts), subject=subject, seed=seed, num_inference_steps=steps, progress=True).images
+    n, seeds = len(prompts), [seed + i for i in range(len(prompts))]
+    # Each text-only row has its shot's prompt and seed, so a pair differs by the cache alone.
+    images = pipe(list(prompts) * 2, subject=[subject] * n + [None] * n, seed=seeds * 2, num_inference_steps=steps,
+                  image_guidance_scale=image_scale, progress=True).images
+    shots, plain = images[:n], images[n:]
 
-    paths = []
-    for i, (prompt, image) in enumerate(zip(prompts, shots)):
-        path = output_dir / f"shot-{i:02d}.png"
-        image.save(path)
-        paths.append(path)
-    untrained = is_bundled_untrained(settings)
-    title = "DreamCache demo" + (" - UNTRAINED bundled model: images are noise" if untrained else "")
-    captions = [f"{prompt} (seed {seed + i})" for i, prompt in enumerate(prompts)]
+    paths, plain_paths = [], []
+    for i, (shot, plain_shot) in enumerate(zip(shots, plain)):
+        paths.append(output_dir / f"shot-{i:02d}.png")
+        plain_paths.append(output_dir / f"shot-{i:02d}.text-only.png")
+        shot.save(paths[-1])
+        plain_shot.save(plain_paths[-1])
+    captions = [f"{prompt} (seed {s})" for prompt, s in zip(prompts, seeds)]
     sheet_path = output_dir / "contact_sheet.png"
-    contact_sheet(reference, list(zip(shots, captions)), title=title).save(sheet_path)
-    return DemoResult(output_dir, paths, sheet_path, untrained)
+    contact_sheet(reference, list(zip(shots, captions)), title="DreamCache demo",
+                  text_only=list(zip(plain, captions))).save(sheet_path)
+    return DemoResult(output_dir, paths, plain_paths, sheet_path)

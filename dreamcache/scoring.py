@@ -7,7 +7,7 @@
   platform's segmenter (prompted with the subject's category), the reference likewise, and each
   subject is put on white, cropped to its box and padded square before embedding.
 
-Values are raw cosines in [-1, 1] (the paper's tables print them as such, not x100).
+Values are raw cosines in [-1, 1] (the paper's tables print them as such, not x100), computed in float32.
 Preprocessing is each model's own image processor, loaded with it: for the public checkpoints,
 CLIP resizes the short side to 224 (bicubic), centre-crops 224 and normalises with CLIP's mean and
 std; DINO resizes to 224 and normalises with ImageNet's. Models load from a local directory or a hub
@@ -48,7 +48,9 @@ class ClipEmbedder:
         from transformers import AutoProcessor, CLIPModel
 
         self.model_id = model
-        self.model = CLIPModel.from_pretrained(model).to(device).eval()
+        # float32 whatever the checkpoint holds (the bundled CLIP is saved in float16): scores are
+        # compared across runs and machines, and CPUs run half precision slowly if at all.
+        self.model = CLIPModel.from_pretrained(model, dtype=torch.float32).to(device).eval()
         self.processor = AutoProcessor.from_pretrained(model)
         self.device = device
 
@@ -71,7 +73,7 @@ class DinoEmbedder:
         from transformers import AutoImageProcessor, AutoModel
 
         self.model_id = model
-        self.model = AutoModel.from_pretrained(model, add_pooling_layer=False).to(device).eval()
+        self.model = AutoModel.from_pretrained(model, add_pooling_layer=False, dtype=torch.float32).to(device).eval()
         self.processor = AutoImageProcessor.from_pretrained(model)
         self.device = device
 

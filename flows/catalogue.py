@@ -11,6 +11,7 @@ Tasks take and return keys (ids, URIs), never images or tensors.
 
 
 import logging
+import time
 from typing import Callable, Sequence
 from uuid import UUID
 
@@ -53,8 +54,9 @@ def plan_task(run_id: int, cache_ids: list[int], params: CatalogueRunParams) -> 
 
 
 @task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def generate_task(generation_ids: list[int], output_prefix: str, batch_size: int) -> dict:
-    result = steps.generate(get_platform(), generation_ids, output_prefix, batch_size)
+def generate_task(generation_ids: list[int], output_prefix: str, batch_size: int,
+                  compare_text_only: bool) -> dict:
+    result = steps.generate(get_platform(), generation_ids, output_prefix, batch_size, compare_text_only)
     return dict(done=len(result.done), failed=len(result.failed), skipped=len(result.skipped))
 
 
@@ -88,7 +90,7 @@ class EmbeddedRunner(Runner):
     def generate(self, run_id, todo, params):
         with tqdm(total=len(todo), desc="generating", unit="image", disable=not self.progress) as bar:
             for batch in steps.chunks(todo, params.batch_size):
-                generate_task.fn(batch, params.output_prefix, params.batch_size)
+                generate_task.fn(batch, params.output_prefix, params.batch_size, params.compare_text_only)
                 bar.update(len(batch))
 
 
@@ -154,17 +156,35 @@ class Progress(BaseModel):
             update_progress_artifact(artifact_id=self.artifact_id, progress=min(100.0, 100.0 * self.done / self.total))
 
 
+def wait_for_deferred(future, patience_s: float = 60.0) -> None:
+    """Wait for a task sent to the task workers (`.delay()`).
+
+    `.delay()` returns before the server has given the task run its first state, and Prefect's
+    `wait()` raises "has no state ... hasn't started yet" when it reads the run in that moment (seen
+    under load with a few dozen deferred batches); that is not a failure, so ask again.
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return future.wait()
+        except RuntimeError as exc:
+            if "has no state" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def generate_batches(todo: list[int], params: CatalogueRunParams, progress: Progress) -> None:
     batches = steps.chunks(todo, params.batch_size)
     if params.execution == "task-workers":
         # Long-lived GPU workers (`dreamcache worker`) run these; the results are in the database.
-        futures = [generate_task.delay(batch, params.output_prefix, params.batch_size) for batch in batches]
+        futures = [generate_task.delay(batch, params.output_prefix, params.batch_size,
+                                         params.compare_text_only) for batch in batches]
         for batch, future in zip(batches, futures):
-            future.wait()
+            wait_for_deferred(future)
             progress.advance(len(batch))
     else:
         for batch in batches:  # one at a time: one job per GPU
-            generate_task(batch, params.output_prefix, params.batch_size)
+            generate_task(batch, params.output_prefix, params.batch_size, params.compare_text_only)
             progress.advance(len(batch))
 
 

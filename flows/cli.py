@@ -61,6 +61,9 @@ def run(
     output_prefix: str = typer.Option("shots", help="Key prefix of the outputs in the object store."),
     batch_size: int = typer.Option(16, help="Images per generation batch."),
     execution: str = typer.Option("in-process", help="in-process or task-workers (Prefect only)."),
+    compare_text_only: bool = typer.Option(
+        False, "--compare-text-only/--no-compare-text-only",
+        help="Also generate each shot's text-only twin (same prompt and seed, no cache); sheets show the pairs."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate inputs and count the work; write nothing."),
     use_prefect: Optional[bool] = typer.Option(
         None, "--prefect/--embedded", help="Run as a Prefect flow (default when PREFECT_API_URL is set) or in-process."),
@@ -79,7 +82,7 @@ def run(
             source=source, prompts=prompt or [], prompt_file=prompt_file, images_per_prompt=images_per_prompt,
             seed=seed, seed_policy=seed_policy, guidance=guidance, text_scale=text_scale, image_scale=image_scale,
             steps=steps, resolution=resolution, output_prefix=output_prefix, batch_size=batch_size,
-            execution=execution, dry_run=dry_run)
+            execution=execution, compare_text_only=compare_text_only, dry_run=dry_run)
     except ValidationError as exc:
         library_cli.fail("invalid run parameters:\n" + "\n".join(
             f"  {'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}" for e in exc.errors()))
@@ -122,11 +125,6 @@ def _print_summary(summary: dict, settings: Settings) -> None:
         typer.echo(f"contact sheet {sku}: {uri}")
     url = settings.resolved_database_url
     typer.echo(f"database: {_safe(url)}")
-    from dreamcache.models import is_bundled_untrained  # imported here: it loads diffusers
-
-    if is_bundled_untrained(settings):
-        typer.secho("note: the bundled model is a tiny, randomly initialised Stable Diffusion: its images are noise.",
-                    fg=typer.colors.YELLOW)
     typer.echo("try: dreamcache history   (or in SQL: SELECT sku, prompt, seed, mdino, output_uri FROM generation_history "
                "ORDER BY generation_id DESC LIMIT 10;)")
 

@@ -52,6 +52,12 @@ class CatalogueRunParams(BaseModel):
         description="in-process: this flow run generates; task-workers: batches go to long-lived GPU workers "
         "(`dreamcache worker`), one per GPU, each loading the model once.",
     )
+    compare_text_only: bool = Field(
+        default=False,
+        description="Also generate, beside each shot, the text-only shot of its prompt and seed (no cache), and "
+        "show the pairs on the contact sheets. Not part of a shot's identity: turning it on regenerates nothing, "
+        "and shots made without it stay without.",
+    )
     dry_run: bool = Field(default=False, description="List and validate inputs and plan the work; write nothing.")
 
     @field_validator("prompts")

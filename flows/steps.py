@@ -356,8 +356,22 @@ def output_key(prefix: str, sku: str, identity: str) -> str:
     return f"{prefix}/{safe_key_part(sku)}/{identity[:20]}.png"
 
 
-def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: str, batch_size: int = 16) -> BatchResult:
-    """The batch function of a GPU worker: claim, generate, write images and sidecars, score, record."""
+def sidecar_key(shot_key: str) -> str:
+    return shot_key.removesuffix(".png") + ".json"
+
+
+def text_only_key(shot_key: str) -> str:
+    """Where a shot's text-only twin (same prompt and seed, no cache) is stored: beside the shot."""
+    return shot_key.removesuffix(".png") + ".text-only.png"
+
+
+def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: str, batch_size: int = 16,
+             compare_text_only: bool = False) -> BatchResult:
+    """The batch function of a GPU worker: claim, generate, write images and sidecars, score, record.
+
+    With `compare_text_only`, each shot's text-only twin is generated in the same pipeline call and
+    stored beside it. The twin is no part of the generation's identity: asking for it regenerates nothing.
+    """
     me = worker_id()
     with transaction(platform.sessions) as s:
         claimed = claims.claim(s, Generation, me, len(generation_ids), platform.lease,
@@ -394,7 +408,7 @@ def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: s
         with transaction(platform.sessions) as s:
             claims.heartbeat(s, Generation, [g.id for g, _, _ in rows], me, platform.lease)
         try:
-            _generate_part(platform, part, caches, references, output_prefix, result)
+            _generate_part(platform, part, caches, references, output_prefix, compare_text_only, result)
         except GpuOutOfMemory as exc:
             if len(part) > 1:  # the images are fine, the batch is too large: retry smaller, keep that size
                 size = max(1, len(part) // 2)
@@ -428,39 +442,45 @@ def _free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _generate_part(platform, part, caches, references, output_prefix, result: BatchResult) -> None:
+def _generate_part(platform, part, caches, references, output_prefix, compare_text_only: bool,
+                   result: BatchResult) -> None:
     """Generate, write and record one batch; raises GpuOutOfMemory (nothing recorded) for the caller to split."""
     me, pipe, first = worker_id(), platform.pipeline, part[0][0]
+    texts, seeds = [text for _, text, _ in part], [g.seed for g, _, _ in part]
+    subjects = [caches[g.subject_cache_id] for g, _, _ in part]
+    if compare_text_only:  # the twins as rows without a subject: each image depends on its own row only
+        texts, seeds, subjects = texts * 2, seeds * 2, subjects + [None] * len(part)
     started = time.perf_counter()
     try:
-        images = pipe([text for _, text, _ in part], subject=[caches[g.subject_cache_id] for g, _, _ in part],
-                      seed=[g.seed for g, _, _ in part], guidance=first.guidance, guidance_scale=first.text_scale,
+        images = pipe(texts, subject=subjects, seed=seeds, guidance=first.guidance, guidance_scale=first.text_scale,
                       image_guidance_scale=first.image_scale, num_inference_steps=first.steps,
-                      resolution=first.resolution, batch_size=len(part), progress=False).images
+                      resolution=first.resolution, batch_size=len(texts), progress=False).images
     except Exception as exc:
         if _is_out_of_memory(exc):
-            raise GpuOutOfMemory(f"out of GPU memory for a batch of {len(part)}") from exc
+            raise GpuOutOfMemory(f"out of GPU memory for a batch of {len(texts)} images") from exc
         logger.exception("generation batch %s failed", [g.id for g, _, _ in part])
         with transaction(platform.sessions) as s:
             for gen, _, _ in part:
                 claims.fail(s, Generation, gen.id, me, f"{type(exc).__name__}: {exc}")
         result.failed += [g.id for g, _, _ in part]
         return
-    seconds = (time.perf_counter() - started) / len(part)
+    seconds = (time.perf_counter() - started) / len(texts)  # per image, twins too: comparable across runs
+    images, twins = images[: len(part)], images[len(part) :] or [None] * len(part)
     scores = (platform.scorer.score(images, [references[sub.id] for _, _, sub in part], [t for _, t, _ in part],
                                     [sub.category for _, _, sub in part],
                                     names=[f"{sub.sku} seed {g.seed}" for g, _, sub in part])
               if platform.scorer.available else [[] for _ in part])
-    for (gen, text, subject), image, image_scores in zip(part, images, scores):
+    for (gen, text, subject), image, twin, image_scores in zip(part, images, twins, scores):
         identity = sha256(f"{subject.content_sha256}|{sha256(text)}|{gen.seed}|{gen.params_sha256}")
         key = output_key(output_prefix, subject.sku, identity)
         sidecar = dict(generation_id=gen.id, sku=subject.sku, category=subject.category, prompt=text, seed=gen.seed,
                        parameters=gen.parameters, scores={s.label: s.value for s in image_scores},
                        scorer_models=sorted({s.scorer_model_id for s in image_scores}))
         try:
+            if twin is not None:  # written first: the sidecar that names it must not point to nothing
+                sidecar["text_only_uri"] = platform.objects.put(text_only_key(key), _png(twin), "image/png").uri
             stored = platform.objects.put(key, _png(image), "image/png")
-            platform.objects.put(key.removesuffix(".png") + ".json", json.dumps(sidecar, indent=2).encode(),
-                                 "application/json")
+            platform.objects.put(sidecar_key(key), json.dumps(sidecar, indent=2).encode(), "application/json")
             with transaction(platform.sessions) as s:
                 insert_missing(s, Score, [dict(generation_id=gen.id, metric=sc.metric, masked=sc.masked, value=sc.value,
                                                scorer_model_id=sc.scorer_model_id) for sc in image_scores])
@@ -478,7 +498,8 @@ def _generate_part(platform, part, caches, references, output_prefix, result: Ba
 
 def contact_sheets(platform: Platform, run_id: int, subject_ids: Sequence[int], output_prefix: str,
                    per_sheet: int = 12) -> dict[str, str]:
-    """One contact sheet per product: reference, then its best shots of this run with their scores."""
+    """One contact sheet per product: reference, then its best shots of this run with their scores (each beside
+    its text-only twin where the sidecar names one)."""
     sheets = {}
     with transaction(platform.sessions) as s:
         for subject in s.scalars(select(Subject).where(Subject.id.in_(subject_ids))):
@@ -491,16 +512,24 @@ def contact_sheets(platform: Platform, run_id: int, subject_ids: Sequence[int], 
                 continue
             scores = _scores(s, [g.id for g, _ in gens])
             gens = sorted(gens, key=lambda g: -scores.get(g[0].id, {}).get("mdino", scores.get(g[0].id, {}).get("dino", 0)))
-            shots = []
+            shots, twins = [], []
             for gen, text in gens[:per_sheet]:
-                image = Image.open(io.BytesIO(platform.objects.get(platform.objects.key_of(gen.output_uri))))
+                key = platform.objects.key_of(gen.output_uri)
                 values = "  ".join(f"{k} {v:.2f}" for k, v in sorted(scores.get(gen.id, {}).items()))
-                shots.append((image, f"{text} (seed {gen.seed}) {values}"))
+                shots.append((_image(platform, key), f"{text} (seed {gen.seed}) {values}"))
+                twin_uri = json.loads(platform.objects.get(sidecar_key(key))).get("text_only_uri")
+                twins.append((_image(platform, platform.objects.key_of(twin_uri)), f"{text} (seed {gen.seed})")
+                             if twin_uri else None)
             _, reference = _reference(platform, s, subject.id)
-            sheet = contact_sheet(reference, shots, title=f"{subject.sku} ({subject.category or 'product'})")
+            sheet = contact_sheet(reference, shots, title=f"{subject.sku} ({subject.category or 'product'})",
+                                  text_only=twins)
             key = f"{output_prefix}/{safe_key_part(subject.sku)}/contact_sheet.png"
             sheets[subject.sku] = platform.objects.put(key, _png(sheet), "image/png").uri
     return sheets
+
+
+def _image(platform: Platform, key: str) -> Image.Image:
+    return Image.open(io.BytesIO(platform.objects.get(key)))
 
 
 def _scores(s, generation_ids) -> dict[int, dict[str, float]]:

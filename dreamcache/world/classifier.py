@@ -95,7 +95,7 @@ class AttributeClassifier(nn.Module):
         config = json.loads((directory / CONFIG).read_text())
         if config["heads"] != {h: list(c) for h, c in HEADS.items()}:
             raise ValueError(f"the classifier in {directory} was trained for other attribute classes than "
-                             "this version of the world has: retrain it (python -m dreamcache.world_model)")
+                             "this version of the world has: retrain it (python -m dreamcache.world.model)")
         model = cls(config["resolution"], config["width"])
         state = {k: v.float() for k, v in load_file(directory / WEIGHTS).items()}
         model.load_state_dict(state)

@@ -24,8 +24,8 @@ def test_a_catalogue_run_over_one_and_two_task_workers(tmp_path):
     assert [r["workers"] for r in results["rounds"]] == [1, 2]
     for round_ in results["rounds"]:
         assert round_["each_image_once"] and round_["only_workers_generated"] and round_["workers_alive_throughout"]
-        assert [run["generated"] for run in round_["runs"]] == [8, 8]  # 4 products x 1 prompt x 2, twice
-        assert round_["claims"]["rows"] == 16 and len(round_["claims"]["by_worker"]) <= round_["workers"]
+        assert [run["generated"] for run in round_["runs"]] == [12, 12]  # 6 products x 1 prompt x 2, twice
+        assert round_["claims"]["rows"] == 24 and len(round_["claims"]["by_worker"]) <= round_["workers"]
         assert all(run["speedup_vs_one_worker"] > 0 for run in round_["runs"])
     assert results["commit"]
 

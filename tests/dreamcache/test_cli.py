@@ -55,19 +55,39 @@ def test_inspect_errors(args, message):
     assert result.exit_code == 1 and message in result.output
 
 
-def test_demo_writes_shots_and_a_contact_sheet(tmp_path, monkeypatch):
+def test_demo_writes_shots_their_text_only_twins_and_a_contact_sheet(tmp_path, monkeypatch):
+    import numpy as np
+
+    from dreamcache.contact_sheet import PAIRS_PER_ROW, TILE
+
+    for name in ("DREAMCACHE_CONFIG", "DREAMCACHE_BASE_MODEL", "DREAMCACHE_ADAPTER"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DREAMCACHE_HOME", str(tmp_path / "home"))
     result = runner.invoke(app, ["demo", "--steps", "2"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "home" / "outputs" / "demo"
-    shots = sorted(out.glob("shot-*.png"))
-    assert len(shots) == 4 and all(Image.open(p).size == (64, 64) for p in shots)
+    shots = [out / f"shot-{i:02d}.png" for i in range(3)]
+    twins = [out / f"shot-{i:02d}.text-only.png" for i in range(3)]
+    assert all(Image.open(p).size == (128, 128) for p in shots + twins)  # the bundled product-world model's size
+    assert all(np.abs(np.asarray(Image.open(s), dtype=int) - np.asarray(Image.open(t), dtype=int)).mean() > 1
+               for s, t in zip(shots, twins)), "a personalised shot equals its text-only twin: the cache did nothing"
     sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.width >= 5 * 256
+    assert sheet.width == (1 + 2 * PAIRS_PER_ROW) * TILE  # the reference, then three [text only | personalised]
     assert f"contact sheet: {out / 'contact_sheet.png'}" in result.output
-    assert "images are noise" in result.output
-    # The bundled model went through the real loading path: a diffusers directory on disk.
-    assert (tmp_path / "home" / "models" / "tiny-random" / "model_index.json").is_file()
+    assert "model: bundled:product-world" in result.output
+    assert not (tmp_path / "home" / "models").exists(), "the bundled model is read in place, never copied"
+
+
+def test_demo_names_a_missing_bundled_model(tmp_path, monkeypatch):
+    from dreamcache import config
+
+    for name in ("DREAMCACHE_CONFIG", "DREAMCACHE_BASE_MODEL", "DREAMCACHE_ADAPTER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DREAMCACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(config, "BUNDLED_DIR", tmp_path / "broken-install")
+    result = runner.invoke(app, ["demo", "--steps", "2"])
+    assert result.exit_code == 1
+    assert "bundled model's base/ is incomplete" in result.output and "model_index.json is missing" in result.output
 
 
 def test_segment_writes_masks_and_reports_rejections(tmp_path, monkeypatch):

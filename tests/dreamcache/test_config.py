@@ -2,7 +2,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from dreamcache.config import BUNDLED_MODEL, Settings
+from dreamcache import config
+from dreamcache.config import BUNDLED_MODEL, BundledModelMissing, Settings
+
+SETTINGS_VARIABLES = ("DREAMCACHE_CONFIG", "DREAMCACHE_BASE_MODEL", "DREAMCACHE_ADAPTER", "DREAMCACHE_CLIP_MODEL")
 
 
 def test_defaults(monkeypatch):
@@ -22,7 +25,7 @@ def test_environment_overrides_the_file_which_overrides_defaults(tmp_path, monke
     settings = Settings()
     assert settings.base_model == "stabilityai/stable-diffusion-2-1-base"
     assert settings.torch_dtype == torch.float32
-    assert str(settings.home) == "/data/dc" and settings.models_dir == settings.home / "models"
+    assert str(settings.home) == "/data/dc"
 
 
 def test_bad_values_are_rejected(tmp_path, monkeypatch):
@@ -41,3 +44,30 @@ def test_unknown_keys_in_the_file_are_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMCACHE_CONFIG", str(config))
     with pytest.raises(ValidationError, match="base_modle"):
         Settings()
+
+
+def test_the_bundled_model_supplies_what_is_unset_and_nothing_else(monkeypatch):
+    for name in SETTINGS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    bundled = Settings()
+    assert bundled.resolved_base_model == str(config.BUNDLED_DIR / "base")
+    assert bundled.resolved_adapter == str(config.BUNDLED_DIR / "adapter")
+    assert bundled.resolved_clip_model == str(config.BUNDLED_DIR / "clip")
+    own = Settings(adapter="/models/adapter", clip_model="openai/clip-vit-base-patch32")
+    assert (own.resolved_adapter, own.resolved_clip_model) == ("/models/adapter", "openai/clip-vit-base-patch32")
+    assert own.resolved_base_model == str(config.BUNDLED_DIR / "base")
+    real = Settings(base_model="stabilityai/stable-diffusion-2-1-base")
+    assert (real.resolved_base_model, real.resolved_adapter, real.resolved_clip_model) == (
+        "stabilityai/stable-diffusion-2-1-base", None, None)
+
+
+def test_a_missing_bundled_model_is_named_with_what_to_do(tmp_path, monkeypatch):
+    for name in SETTINGS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(config, "BUNDLED_DIR", tmp_path / "product-world")
+    with pytest.raises(BundledModelMissing, match=r"base/ is incomplete: .*base/model_index.json is missing.*"
+                                                  r"DREAMCACHE_BASE_MODEL"):
+        Settings().resolved_base_model
+    # A base of one's own needs nothing from the package.
+    own = Settings(base_model="/models/sd")
+    assert (own.resolved_base_model, own.resolved_adapter, own.resolved_clip_model) == ("/models/sd", None, None)

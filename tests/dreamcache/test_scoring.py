@@ -70,3 +70,26 @@ def test_batches_give_the_same_scores(tmp_path):
     for a, b in zip(whole, pieces):
         assert [s.label for s in a] == [s.label for s in b]
         assert [s.value for s in a] == pytest.approx([s.value for s in b], abs=1e-5)
+
+
+def test_the_bundled_model_scores_with_the_world_clip_in_float32(monkeypatch):
+    import torch
+
+    from dreamcache.config import BUNDLED_DIR, Settings
+    from dreamcache.models import load_scorer
+    from dreamcache.world import scene as world
+
+    for name in ("DREAMCACHE_CONFIG", "DREAMCACHE_BASE_MODEL", "DREAMCACHE_CLIP_MODEL", "DREAMCACHE_DINO_MODEL",
+                 "DREAMCACHE_SAM_CHECKPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    scorer = load_scorer(Settings(device="cpu"))
+    assert scorer.clip.model_id == str(BUNDLED_DIR / "clip") and scorer.dino is None
+    assert scorer.clip.model.dtype == torch.float32  # saved in float16
+    item = world.held_out_products(1)[0]
+    # City scenes: dark and even, where the default (border-colour) segmenter finds the product.
+    shot, _ = world.scene_image(item, "city", 128, seed=0)
+    (scores,) = scorer.score([shot], [world.reference_image(item, 128, seed=0)], [world.caption(item.family, "city")],
+                             [item.family])
+    values = by_label(scores)
+    assert set(values) == {"clip-i", "clip-t", "mclip-i"}
+    assert all(-1.0 <= v <= 1.0 for v in values.values())

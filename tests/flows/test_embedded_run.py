@@ -72,11 +72,12 @@ def test_dry_run_writes_nothing(platform_env, catalogue, tmp_path):
     assert not (tmp_path / "home" / "dreamcache.db").exists()
 
 
-def test_the_cli_runs_and_reports(platform_env, catalogue):
+def test_the_cli_runs_and_reports(platform_env, catalogue, tmp_path):
     result = CliRunner().invoke(app, ["run", "--source", str(catalogue), "-p", "a {category} at dusk",
-                                      "--images-per-prompt", "1", "--steps", "2"])
+                                      "--images-per-prompt", "1", "--steps", "2", "--compare-text-only"])
     assert result.exit_code == 0, result.output
     assert "3 ingested, 2 rejected" in result.output and "3 images generated, 0 failed" in result.output
+    assert len(list((tmp_path / "home" / "objects" / "shots").rglob("*.text-only.png"))) == 3
     assert "BROKEN.png" in result.output and "contact sheet MUG-1" in result.output
     history = CliRunner().invoke(app, ["history", "--sku", "LAMP-1"])
     assert history.exit_code == 0 and "a lamp at dusk" in history.output and "MUG-1" not in history.output
@@ -182,3 +183,89 @@ def test_shots_are_scored_when_scorer_models_are_configured(platform_env, catalo
     assert {"dino", "clip-i", "clip-t"} <= set(sidecar["scores"]) and sorted(sidecar["scorer_models"]) == [clip, dino]
     assert {p["sku"] for p in summary["products"]} == {"MUG-1", "MUG-2", "LAMP-1"}
     assert all("best_dino" in p for p in summary["products"])
+
+
+def test_text_only_twins_are_stored_beside_their_shots_and_paired_on_the_sheets(platform_env, catalogue, tmp_path):
+    import numpy as np
+
+    from dreamcache.contact_sheet import PAIRS_PER_ROW, TILE, TITLE_HEIGHT
+
+    summary = run_embedded(params(catalogue, compare_text_only=True), progress=False)
+    assert summary["images_generated"] == 12 and summary["images_planned"] == 12
+    with database(tmp_path / "home").connect() as db:
+        rows = db.execute(text("SELECT generation_id, sku, output_uri FROM generation_history "
+                               "ORDER BY generation_id")).all()
+    for row in rows:
+        shot_path = Path(row.output_uri.removeprefix("file://"))
+        sidecar = json.loads(shot_path.with_suffix(".json").read_text())
+        twin_path = Path(sidecar["text_only_uri"].removeprefix("file://"))
+        assert twin_path == shot_path.with_name(shot_path.stem + ".text-only.png")
+        shot, twin = (np.asarray(Image.open(p), dtype=int) for p in (shot_path, twin_path))
+        assert twin.shape == shot.shape and np.abs(shot - twin).mean() > 1, "the twin is the shot: no cache effect?"
+
+    # MUG-1's four shots: the reference, then [text only | personalised] pairs, in generation order.
+    sheet = np.asarray(Image.open(summary["contact_sheets"]["MUG-1"].removeprefix("file://")).convert("RGB"))
+    assert sheet.shape[1] == (1 + 2 * PAIRS_PER_ROW) * TILE
+    first = Path(next(r for r in rows if r.sku == "MUG-1").output_uri.removeprefix("file://"))
+    for column, path in ((1, first.with_name(first.stem + ".text-only.png")), (2, first)):
+        tile = np.asarray(Image.open(path).convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST))
+        assert (sheet[TITLE_HEIGHT : TITLE_HEIGHT + TILE, column * TILE : (column + 1) * TILE] == tile).all(), column
+
+
+def test_asking_for_twins_later_regenerates_nothing(platform_env, catalogue, tmp_path):
+    shots = tmp_path / "home" / "objects" / "shots"
+    run_embedded(params(catalogue), progress=False)
+    before = {p: p.read_bytes() for p in shots.rglob("*") if p.is_file() and p.name != "contact_sheet.png"}
+    again = run_embedded(params(catalogue, compare_text_only=True), progress=False)
+    assert again["images_planned"] == 0 and again["images_generated"] == 0
+    after = {p: p.read_bytes() for p in shots.rglob("*") if p.is_file() and p.name != "contact_sheet.png"}
+    assert after == before, "shots made without twins stay as they were, and get none"
+    with database(tmp_path / "home").connect() as db:
+        assert db.scalar(select(func.count()).select_from(Generation)) == 12
+        assert len(set(db.scalars(select(Generation.params_sha256)))) == 1
+    # New work of a run that asks for twins gets them; the old shots still have none.
+    more = run_embedded(params(catalogue, compare_text_only=True).model_copy(
+        update={"prompts": PROMPTS + ["a {category} on a table"]}), progress=False)
+    assert more["images_generated"] == 3 * 2
+    assert len(list(shots.rglob("*.text-only.png"))) == 3 * 2
+
+
+class CentreBoxSegmenter:
+    """Every image's centre as the product: masked scoring of any shot, whatever the model drew."""
+
+    method = "centre-box"
+
+    def segment(self, image, category=None, name="<image>"):
+        import numpy as np
+
+        from dreamcache.segmentation import check_mask
+
+        mask = np.zeros((image.height, image.width), dtype=bool)
+        mask[image.height // 4 : image.height * 3 // 4, image.width // 4 : image.width * 3 // 4] = True
+        return check_mask(mask, self.method, name)
+
+
+def test_a_default_run_scores_with_the_bundled_clip_and_records_no_dino(platform_env, tmp_path):
+    import shutil
+
+    from dreamcache.config import BUNDLED_DIR
+    from flows.cli import EXAMPLES
+    from flows.platform import get_platform
+
+    for name in ("DREAMCACHE_BASE_MODEL", "DREAMCACHE_ADAPTER"):
+        platform_env.delenv(name)
+    shutil.copytree(EXAMPLES / "catalogue" / "mug", tmp_path / "catalogue" / "mug")
+    # Whether the default segmenter finds the product in a shot depends on the model's drawing (see
+    # test_scoring for it on world scenes); here every shot is maskable, so MCLIP-I must be recorded.
+    get_platform()._models["segmenter"] = CentreBoxSegmenter()
+    summary = run_embedded(CatalogueRunParams(source=str(tmp_path / "catalogue"),
+                                              prompt_file=str(EXAMPLES / "prompts.txt"), images_per_prompt=1,
+                                              steps=2), progress=False)
+    assert summary["images_generated"] == 3
+    with database(tmp_path / "home").connect() as db:
+        scores = db.execute(text("SELECT generation_id, metric, masked, scorer_model_id FROM scores")).all()
+        history = db.execute(text("SELECT dino, mdino, clip_i, clip_t, mclip_i FROM generation_history")).all()
+    assert sorted((metric, bool(masked)) for _, metric, masked, _ in scores) == sorted(
+        [("clip_i", False), ("clip_t", False), ("clip_i", True)] * 3)
+    assert {model for *_, model in scores} == {str(BUNDLED_DIR / "clip")}
+    assert all(r.dino is None and r.mdino is None and None not in (r.clip_i, r.clip_t, r.mclip_i) for r in history)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, select
 
 from db.models import Generation
@@ -63,3 +64,25 @@ def test_a_large_plan_is_sharded_into_child_runs(prefect_server, platform_env, c
         runs = [r for r in asyncio.run(shards()) if r.parameters["params"]["output_prefix"] == "sharded"]
     assert summary["images_generated"] == 6
     assert len(runs) == 2 and all(r.state.is_completed() for r in runs)  # 6 images in shards of 4
+
+
+class _NotYetStarted:
+    """A deferred task's future whose run has no state for its first reads (the race under load)."""
+
+    def __init__(self, empty_reads: int):
+        self.reads, self.empty_reads = 0, empty_reads
+
+    def wait(self):
+        self.reads += 1
+        if self.reads <= self.empty_reads:
+            raise RuntimeError("Task run 6ce0 has no state which means it hasn't started yet.")
+
+
+def test_waiting_for_a_deferred_batch_outlasts_a_run_without_state_yet():
+    from flows.catalogue import wait_for_deferred
+
+    future = _NotYetStarted(empty_reads=2)
+    wait_for_deferred(future)
+    assert future.reads == 3
+    with pytest.raises(RuntimeError, match="has no state"):
+        wait_for_deferred(_NotYetStarted(empty_reads=10**6), patience_s=0.6)
