@@ -62,7 +62,7 @@ class WorldModelConfig:
     world_attempt4_h200x2.json), so that one command retrains it on any number of GPUs."""
 
     resolution: int = 128
-    unet_channels: int = 40  # SD's (C, 2C, 4C, 4C) with C = 40: 13.7M parameters, 40-channel heads
+    unet_channels: int = 40  # SD's (C, 2C, 4C, 4C) with C = 40: 13.6M parameters, 40-channel heads
     vae_channels: int = 32  # (C, 2C, 4C): its decoder runs at full resolution, the CPU's costliest part
     pool_size: int = 120_000  # rendered triplets every stage draws from (training instances only)
     batch_size: int = 256  # global batch of the VAE, CLIP and classifier stages
