@@ -6,7 +6,7 @@ from alembic import context
 
 from db.models import Base
 from db.session import make_engine
-from dreamcache.config import Settings
+from dreamcache.app.config import Settings
 
 config = context.config
 if config.config_file_name and config.attributes.get("configure_logging", True):

@@ -24,13 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.provenance import git_commit  # noqa: E402
-from dreamcache.architectures import TINY_RESOLUTION  # noqa: E402
+from dreamcache.core.architectures import TINY_RESOLUTION  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
 
 def save_base_model(folder: Path, model: str) -> Path:
-    from dreamcache.architectures import build_random_pipeline_components, build_tiny_pipeline_components
-    from dreamcache.pipeline import DreamCachePipeline
+    from dreamcache.core.architectures import build_random_pipeline_components, build_tiny_pipeline_components
+    from dreamcache.core.pipeline import DreamCachePipeline
 
     components = build_tiny_pipeline_components() if model == "tiny" else build_random_pipeline_components(model)
     DreamCachePipeline(**components, safety_checker=None, feature_extractor=None,

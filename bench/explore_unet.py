@@ -6,10 +6,10 @@ One-off measurements that decided the fast paths (issue 9); the benchmark proper
 import json, sys, time, traceback
 import torch
 sys.path.insert(0, ".")
-from dreamcache.architectures import build_random_pipeline_components
-from dreamcache.pipeline import DreamCachePipeline
-from dreamcache.adapter import use_memory
-from dreamcache.cache import collate_memory
+from dreamcache.core.architectures import build_random_pipeline_components
+from dreamcache.core.pipeline import DreamCachePipeline
+from dreamcache.core.adapter import use_memory
+from dreamcache.core.cache import collate_memory
 
 path = sys.argv[1]
 res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}

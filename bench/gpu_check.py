@@ -9,10 +9,10 @@ import json, os, sys, time
 import torch
 sys.path.insert(0, ".")
 from PIL import Image, ImageDraw
-from dreamcache.architectures import build_random_pipeline_components
-from dreamcache.pipeline import DreamCachePipeline
-from dreamcache.adapter import use_memory
-from dreamcache.cache import collate_memory
+from dreamcache.core.architectures import build_random_pipeline_components
+from dreamcache.core.pipeline import DreamCachePipeline
+from dreamcache.core.adapter import use_memory
+from dreamcache.core.cache import collate_memory
 
 out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 def product(c):

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreamcache.cache import CacheMetadata, FeatureCache  # noqa: E402
+from dreamcache.core.cache import CacheMetadata, FeatureCache  # noqa: E402
 
 PRODUCTS = 50
 
@@ -73,8 +73,8 @@ def shape(images: int) -> tuple[int, int]:
 
 
 def run_once(images: int) -> dict:
-    from dreamcache.config import Settings
-    from dreamcache.scoring import Scorer
+    from dreamcache.app.config import Settings
+    from dreamcache.perception.scoring import Scorer
     from flows import platform as platform_module
     from flows.catalogue import run_embedded
     from flows.params import CatalogueRunParams

@@ -46,8 +46,8 @@ def model_settings(model: str, folder: Path) -> dict:
     """Environment for a model: the bundled tiny one, or random weights of a real architecture and scorers."""
     if model == "tiny":
         return {}
-    from dreamcache.architectures import build_random_pipeline_components, save_random_scorers
-    from dreamcache.pipeline import DreamCachePipeline
+    from dreamcache.core.architectures import build_random_pipeline_components, save_random_scorers
+    from dreamcache.core.pipeline import DreamCachePipeline
 
     pipe = DreamCachePipeline(**build_random_pipeline_components(model), safety_checker=None, feature_extractor=None,
                               requires_safety_checker=False)

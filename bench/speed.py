@@ -36,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from bench.provenance import git_commit  # noqa: E402
-from dreamcache.architectures import (  # noqa: E402
+from dreamcache.core.architectures import (  # noqa: E402
     build_random_pipeline_components,
     build_tiny_pipeline_components,
     save_random_scorers,
 )
-from dreamcache.cache import extract_features  # noqa: E402
-from dreamcache.denoiser import FastPaths  # noqa: E402
-from dreamcache.pipeline import DreamCachePipeline  # noqa: E402
+from dreamcache.core.cache import extract_features  # noqa: E402
+from dreamcache.core.denoiser import FastPaths  # noqa: E402
+from dreamcache.core.pipeline import DreamCachePipeline  # noqa: E402
 
 SECTIONS = ("fidelity", "generation", "latency", "cache", "vae", "perception", "e2e")
 PROMPTS = ["a {c} mug on a beach at sunset", "a {c} lamp in a loft", "a {c} bottle on snow", "a {c} box on a desk"]
@@ -266,8 +266,8 @@ class Bench:
         self.record("vae", out)
 
     def section_perception(self):
-        from dreamcache.scoring import Scorer
-        from dreamcache.segmentation import BorderColourSegmenter, SamSegmenter
+        from dreamcache.perception.scoring import Scorer
+        from dreamcache.perception.segmentation import BorderColourSegmenter, SamSegmenter
 
         out = {}
         n = 4 if self.args.tiny else 64

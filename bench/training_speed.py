@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreamcache.architectures import build_random_pipeline_components  # noqa: E402
-from dreamcache.pipeline import DreamCachePipeline  # noqa: E402
-from dreamcache.training import TrainConfig, Trainer  # noqa: E402
+from dreamcache.core.architectures import build_random_pipeline_components  # noqa: E402
+from dreamcache.core.pipeline import DreamCachePipeline  # noqa: E402
+from dreamcache.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def make_data(folder: Path, count: int = 16) -> Path:

@@ -10,7 +10,8 @@ expired lease), returning the claimed ids:
 
 Status changes after a claim are conditional on still holding it (same worker, status running):
 a worker whose lease expired and whose item was claimed again cannot overwrite the new owner's
-result. Leases are renewed by `heartbeat`.
+result. Leases are renewed by `heartbeat`. How long a lease lasts is the caller's (the platform's
+setting `lease_seconds`); this module sets no default of its own.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ from db.models import WorkItem, WorkStatus, utcnow
 
 Item = TypeVar("Item", bound=WorkItem)
 
-DEFAULT_LEASE = timedelta(minutes=10)
-
-
 class LostClaimError(RuntimeError):
     """The item is no longer held by this worker (its lease expired and someone else claimed it)."""
 
@@ -37,7 +35,7 @@ def claim(
     model: type[Item],
     worker: str,
     limit: int,
-    lease: timedelta = DEFAULT_LEASE,
+    lease: timedelta,
     where: Sequence = (),
     now: datetime | None = None,
 ) -> list[int]:
@@ -89,14 +87,7 @@ def fail(session: Session, model: type[Item], item_id: int, worker: str, error: 
                 finished_at=utcnow(), error=error[:4000])
 
 
-def release(session: Session, model: type[Item], item_id: int, worker: str) -> None:
-    """Give a held item back without an attempt counted against it (e.g. a batch split on OOM)."""
-    _transition(session, model, item_id, worker, status=WorkStatus.pending, claimed_by=None,
-                lease_expires_at=None, attempts=model.attempts - 1)
-
-
-def heartbeat(session: Session, model: type[Item], ids: Sequence[int], worker: str,
-              lease: timedelta = DEFAULT_LEASE) -> int:
+def heartbeat(session: Session, model: type[Item], ids: Sequence[int], worker: str, lease: timedelta) -> int:
     """Extend the lease of items this worker still holds; returns how many it holds."""
     result = session.execute(
         update(model)

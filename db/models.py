@@ -67,28 +67,16 @@ class WorkItem(Timestamped):
     finished_at: Mapped[datetime | None]
 
 
-class CatalogueSource(Timestamped, Base):
-    """Where products come from: an S3 prefix, a local folder or a manifest."""
-
-    __tablename__ = "catalogue_sources"
-    uri: Mapped[str] = mapped_column(String(1024), unique=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "s3", "local", "manifest"
-    name: Mapped[str | None]
-
-
 class Subject(Timestamped, Base):
     """A product image as ingested: one row per (SKU, image content)."""
 
     __tablename__ = "subjects"
     __table_args__ = (UniqueConstraint("sku", "content_sha256"),)
-    source_id: Mapped[int | None] = mapped_column(ForeignKey("catalogue_sources.id", ondelete="SET NULL"))
     sku: Mapped[str] = mapped_column(index=True)
     category: Mapped[str | None] = mapped_column(index=True)
     source_uri: Mapped[str] = mapped_column(String(1024))
     content_sha256: Mapped[str] = mapped_column(String(64), index=True)
     attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
-
-    source: Mapped[CatalogueSource | None] = relationship(lazy="raise")
 
 
 class Segmentation(Timestamped, Base):
@@ -131,23 +119,6 @@ class SubjectCache(WorkItem, Base):
     bytes: Mapped[int | None] = mapped_column(BigInteger)
 
     subject: Mapped[Subject] = relationship(lazy="raise")
-
-
-class PromptList(Timestamped, Base):
-    """A named list of prompt templates (which may use product fields such as {category})."""
-
-    __tablename__ = "prompt_lists"
-    name: Mapped[str]
-    content_sha256: Mapped[str] = mapped_column(String(64), unique=True)
-
-    entries: Mapped[list["PromptListEntry"]] = relationship(lazy="raise", order_by="PromptListEntry.position")
-
-
-class PromptListEntry(Base):
-    __tablename__ = "prompt_list_entries"
-    prompt_list_id: Mapped[int] = mapped_column(ForeignKey("prompt_lists.id", ondelete="CASCADE"), primary_key=True)
-    position: Mapped[int] = mapped_column(primary_key=True)
-    template: Mapped[str] = mapped_column(Text)
 
 
 class Prompt(Timestamped, Base):

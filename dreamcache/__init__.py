@@ -6,14 +6,14 @@ The public names are imported lazily so that `dreamcache --help` does not pay fo
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "DreamCachePipeline": "dreamcache.pipeline",
-    "FeatureCache": "dreamcache.cache",
-    "CacheMetadata": "dreamcache.cache",
-    "Settings": "dreamcache.config",
-    "resolve_preset": "dreamcache.layers",
-    "PRESETS": "dreamcache.layers",
-    "convert_original_checkpoint": "dreamcache.weights",
-    "DreamCacheError": "dreamcache.errors",
+    "DreamCachePipeline": "dreamcache.core.pipeline",
+    "FeatureCache": "dreamcache.core.cache",
+    "CacheMetadata": "dreamcache.core.cache",
+    "Settings": "dreamcache.app.config",
+    "resolve_preset": "dreamcache.core.layers",
+    "PRESETS": "dreamcache.core.layers",
+    "convert_original_checkpoint": "dreamcache.core.weights",
+    "DreamCacheError": "dreamcache.core.errors",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -20,7 +20,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from flows import steps
+from db import queries
+from db.session import transaction
+from flows.sources import SourceItem, list_source
+from flows.steps import caches, generate, ingest, plan, runs, segment, sheets
+from flows.steps.shared import chunks
 from flows.params import CatalogueRunParams
 from flows.platform import get_platform
 
@@ -34,35 +38,35 @@ INGEST_BATCH = 64
 # NO_CACHE: whether work is done is the database's answer, never a cached task result.
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def ingest_task(run_id: int, items: list[steps.SourceItem]) -> list[int]:
-    return steps.ingest(get_platform(), run_id, items)
+def ingest_task(run_id: int, items: list[SourceItem]) -> list[int]:
+    return ingest.ingest(get_platform(), run_id, items)
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def segment_task(run_id: int, subject_ids: list[int]) -> list[int]:
-    return steps.segment(get_platform(), run_id, subject_ids)
+    return segment.segment(get_platform(), run_id, subject_ids)
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def cache_task(run_id: int, subject_ids: list[int]) -> list[int]:
-    return steps.cache(get_platform(), run_id, subject_ids)
+    return caches.cache(get_platform(), run_id, subject_ids)
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def plan_task(run_id: int, cache_ids: list[int], params: CatalogueRunParams) -> list[int]:
-    return steps.plan(get_platform(), run_id, cache_ids, params)
+    return plan.plan(get_platform(), run_id, cache_ids, params)
 
 
 @task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def generate_task(generation_ids: list[int], output_prefix: str, batch_size: int,
                   compare_text_only: bool) -> dict:
-    result = steps.generate(get_platform(), generation_ids, output_prefix, batch_size, compare_text_only)
+    result = generate.generate(get_platform(), generation_ids, output_prefix, batch_size, compare_text_only)
     return dict(done=len(result.done), failed=len(result.failed), skipped=len(result.skipped))
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def contact_sheets_task(run_id: int, subject_ids: list[int], output_prefix: str) -> dict[str, str]:
-    return steps.contact_sheets(get_platform(), run_id, subject_ids, output_prefix)
+    return sheets.contact_sheets(get_platform(), run_id, subject_ids, output_prefix)
 
 
 class Runner:
@@ -89,7 +93,7 @@ class EmbeddedRunner(Runner):
 
     def generate(self, run_id, todo, params):
         with tqdm(total=len(todo), desc="generating", unit="image", disable=not self.progress) as bar:
-            for batch in steps.chunks(todo, params.batch_size):
+            for batch in chunks(todo, params.batch_size):
                 generate_task.fn(batch, params.output_prefix, params.batch_size, params.compare_text_only)
                 bar.update(len(batch))
 
@@ -105,7 +109,7 @@ class PrefectRunner(Runner):
         from prefect.artifacts import create_progress_artifact
 
         progress_id = create_progress_artifact(progress=0.0, description="Images generated in this run (%)")
-        shards = steps.chunks(todo, params.shard_size)
+        shards = chunks(todo, params.shard_size)
         done = 0
         for index, shard in enumerate(shards):
             progress = Progress(artifact_id=progress_id, done=done, total=len(todo))
@@ -174,7 +178,7 @@ def wait_for_deferred(future, patience_s: float = 60.0) -> None:
 
 
 def generate_batches(todo: list[int], params: CatalogueRunParams, progress: Progress) -> None:
-    batches = steps.chunks(todo, params.batch_size)
+    batches = chunks(todo, params.batch_size)
     if params.execution == "task-workers":
         # Long-lived GPU workers (`dreamcache worker`) run these; the results are in the database.
         futures = [generate_task.delay(batch, params.output_prefix, params.batch_size,
@@ -198,40 +202,41 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
                 name: str | None = None, on_stage: Callable[[str], None] = lambda stage: None) -> dict:
     platform = get_platform()
     if params.dry_run:
-        return steps.dry_run(platform, params)
+        return runs.dry_run(platform, params)
     platform.migrate()
-    run_id = steps.start_run(platform, params, flow_run_id, name)
+    run_id = runs.start_run(platform, params, flow_run_id, name)
     try:
         on_stage("listing products")
-        listing = steps.list_source(params.source)
-        steps.reject(platform, run_id, "ingest", listing.rejected)
-        batches = steps.chunks(listing.items, INGEST_BATCH)
+        listing = list_source(params.source)
+        runs.reject(platform, run_id, "ingest", listing.rejected)
+        batches = chunks(listing.items, INGEST_BATCH)
         on_stage(f"ingesting {len(listing.items)} products")
         subject_ids = sorted({i for ids in runner.map(ingest_task, [(run_id, b) for b in batches]) for i in ids})
         on_stage("segmenting")
-        groups = steps.chunks(subject_ids, INGEST_BATCH)
+        groups = chunks(subject_ids, INGEST_BATCH)
         usable = [i for ids in runner.map(segment_task, [(run_id, g) for g in groups]) for i in ids]
         on_stage("caching")
-        cache_ids = [i for ids in runner.map(cache_task, [(run_id, g) for g in steps.chunks(usable, INGEST_BATCH)])
+        cache_ids = [i for ids in runner.map(cache_task, [(run_id, g) for g in chunks(usable, INGEST_BATCH)])
                      for i in ids]
         todo = runner.map(plan_task, [(run_id, cache_ids, params)])[0]
         if todo:
-            platform.scorer  # loaded (and any "no scorer configured" notice given) before the progress bar
+            platform.load("scorer")
         on_stage(f"generating {len(todo)} images")
         runner.generate(run_id, todo, params)
         on_stage("contact sheets")
-        sheets = {}
+        sheet_uris = {}
         for part in runner.map(contact_sheets_task,
-                               [(run_id, g, params.output_prefix) for g in steps.chunks(usable, INGEST_BATCH)]):
-            sheets.update(part)
-        summary = steps.summarise(platform, run_id, len(listing.items), subject_ids, cache_ids, len(todo), sheets,
+                               [(run_id, g, params.output_prefix) for g in chunks(usable, INGEST_BATCH)]):
+            sheet_uris.update(part)
+        summary = runs.summarise(platform, run_id, len(listing.items), subject_ids, cache_ids, len(todo), sheet_uris,
                                   params.output_prefix)
         summary["run_id"] = run_id
-        summary["products"] = steps.best_scores(platform, run_id)
+        with transaction(platform.sessions) as session:
+            summary["products"] = queries.best_scores(session, run_id)
     except Exception as exc:
-        steps.finish_run(platform, run_id, {}, error=f"{type(exc).__name__}: {exc}")
+        runs.finish_run(platform, run_id, {}, error=f"{type(exc).__name__}: {exc}")
         raise
-    steps.finish_run(platform, run_id, summary)
+    runs.finish_run(platform, run_id, summary)
     runner.report(summary)
     return summary
 

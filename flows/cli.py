@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 from sqlalchemy import make_url
 
-from dreamcache import cli as library_cli
-from dreamcache.config import Settings
+from dreamcache.app import cli as library_cli
+from dreamcache.app.config import Settings
+from flows.params import CatalogueRunParams
 
 app = library_cli.app
 db_app = typer.Typer(help="The platform database (SQLite embedded, PostgreSQL in production).", no_args_is_help=True)
@@ -45,33 +46,39 @@ def db_current() -> None:
     typer.echo(f"{_safe(url)}: revision {migrate.current_revision(url)} (head: {migrate.head_revision(url)})")
 
 
+def _default(name: str):
+    """A run parameter's default and help come from CatalogueRunParams, their one home."""
+    return CatalogueRunParams.model_fields[name].default
+
+
+def _help(name: str) -> str:
+    return CatalogueRunParams.model_fields[name].description
+
+
 @app.command()
 def run(
     source: Optional[str] = typer.Option(None, help="S3 prefix, local folder or manifest; default: the bundled example catalogue."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt template (repeatable)."),
-    prompt_file: Optional[str] = typer.Option(None, help="File or URI with one prompt template per line."),
-    images_per_prompt: int = typer.Option(2, help="Shots per product and prompt."),
-    seed: int = typer.Option(0, help="First seed."),
-    seed_policy: str = typer.Option("fixed", help="fixed or per-product."),
-    guidance: str = typer.Option("combined", help="combined or joint."),
-    text_scale: float = typer.Option(7.5, help="Text guidance scale."),
-    image_scale: float = typer.Option(0.35, help="Image guidance scale (combined)."),
-    steps: int = typer.Option(50, help="Denoising steps."),
-    resolution: Optional[int] = typer.Option(None, help="Image side; default: the model's."),
-    output_prefix: str = typer.Option("shots", help="Key prefix of the outputs in the object store."),
-    batch_size: int = typer.Option(16, help="Images per generation batch."),
-    execution: str = typer.Option("in-process", help="in-process or task-workers (Prefect only)."),
+    prompt_file: Optional[str] = typer.Option(None, help=_help("prompt_file")),
+    images_per_prompt: int = typer.Option(_default("images_per_prompt"), help=_help("images_per_prompt")),
+    seed: int = typer.Option(_default("seed"), help=_help("seed")),
+    seed_policy: str = typer.Option(_default("seed_policy"), help=_help("seed_policy")),
+    guidance: library_cli.GuidanceChoice = typer.Option(_default("guidance"), help=_help("guidance")),
+    text_scale: float = typer.Option(_default("text_scale"), help=_help("text_scale")),
+    image_scale: float = typer.Option(_default("image_scale"), help=_help("image_scale")),
+    steps: int = typer.Option(_default("steps"), help=_help("steps")),
+    resolution: Optional[int] = typer.Option(None, help=_help("resolution")),
+    output_prefix: str = typer.Option(_default("output_prefix"), help=_help("output_prefix")),
+    batch_size: int = typer.Option(_default("batch_size"), help=_help("batch_size")),
+    execution: str = typer.Option(_default("execution"), help=_help("execution")),
     compare_text_only: bool = typer.Option(
-        False, "--compare-text-only/--no-compare-text-only",
-        help="Also generate each shot's text-only twin (same prompt and seed, no cache); sheets show the pairs."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate inputs and count the work; write nothing."),
+        _default("compare_text_only"), "--compare-text-only/--no-compare-text-only", help=_help("compare_text_only")),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_help("dry_run")),
     use_prefect: Optional[bool] = typer.Option(
         None, "--prefect/--embedded", help="Run as a Prefect flow (default when PREFECT_API_URL is set) or in-process."),
 ) -> None:
     """A catalogue run: ingest, segment, cache once, generate, score, write images, sheets and history."""
     from pydantic import ValidationError
-
-    from flows.params import CatalogueRunParams
 
     if source is None:
         source = str(EXAMPLES / "catalogue")
@@ -80,7 +87,7 @@ def run(
     try:
         params = CatalogueRunParams(
             source=source, prompts=prompt or [], prompt_file=prompt_file, images_per_prompt=images_per_prompt,
-            seed=seed, seed_policy=seed_policy, guidance=guidance, text_scale=text_scale, image_scale=image_scale,
+            seed=seed, seed_policy=seed_policy, guidance=guidance.value, text_scale=text_scale, image_scale=image_scale,
             steps=steps, resolution=resolution, output_prefix=output_prefix, batch_size=batch_size,
             execution=execution, compare_text_only=compare_text_only, dry_run=dry_run)
     except ValidationError as exc:
@@ -169,7 +176,7 @@ def train(
     """Train DreamCache adapters in this process (for several GPUs: accelerate launch -m flows.training)."""
     from pydantic import ValidationError
 
-    from dreamcache.training import TrainConfig
+    from dreamcache.training.trainer import TrainConfig
     from flows.training import trainer_for
 
     try:

@@ -6,6 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from dreamcache.core.guidance import (
+    COMBINED, DEFAULT_GUIDANCE, DEFAULT_IMAGE_SCALE, DEFAULT_TEXT_SCALE, JOINT, MAX_IMAGE_SCALE, MAX_TEXT_SCALE, Guidance,
+)
+
 MAX_PROMPT_CHARS = 1000
 
 
@@ -30,11 +34,13 @@ class CatalogueRunParams(BaseModel):
         default="fixed",
         description="fixed: every product uses seeds seed, seed+1, ...; per-product: offset by a hash of the SKU.",
     )
-    guidance: Literal["combined", "joint"] = Field(
-        default="combined", description="combined: 3 UNet passes a step, separate image and text scales; joint: 2."
+    guidance: Guidance = Field(
+        default=DEFAULT_GUIDANCE,
+        description=f"{COMBINED}: 3 UNet passes a step, separate image and text scales; {JOINT}: 2, one scale.",
     )
-    text_scale: float = Field(default=7.5, ge=0.0, le=30.0, description="Text guidance scale.")
-    image_scale: float = Field(default=0.35, ge=0.0, le=10.0, description="Image guidance scale (combined only).")
+    text_scale: float = Field(default=DEFAULT_TEXT_SCALE, ge=0.0, le=MAX_TEXT_SCALE, description="Text guidance scale.")
+    image_scale: float = Field(default=DEFAULT_IMAGE_SCALE, ge=0.0, le=MAX_IMAGE_SCALE,
+                               description=f"Image guidance scale ({COMBINED} only): higher keeps more of the product.")
     steps: int = Field(default=50, ge=1, le=500, description="Denoising steps per image.")
     resolution: int | None = Field(
         default=None, ge=64, le=2048, multiple_of=8, description="Image side in pixels; default: the model's."

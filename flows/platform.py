@@ -17,8 +17,8 @@ from db import migrate
 from db.objects import ObjectStore, open_store
 from db.session import make_engine, session_factory
 from db.tensors import TensorStore
-from dreamcache.cache import model_fingerprint
-from dreamcache.config import BUNDLED_MODEL, Settings
+from dreamcache.core.cache import model_fingerprint
+from dreamcache.app.config import BUNDLED_MODEL, Settings
 
 
 def worker_id() -> str:
@@ -47,8 +47,12 @@ class ModelIdentity:
 @dataclass
 class Platform:
     settings: Settings
-    lease: timedelta = timedelta(minutes=10)
     _models: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a claimed item stays this worker's without renewal (the setting `lease_seconds`)."""
+        return timedelta(seconds=self.settings.lease_seconds)
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
@@ -69,7 +73,7 @@ class Platform:
     @property
     def pipeline(self):
         if "pipeline" not in self._models:
-            from dreamcache.models import load_pipeline
+            from dreamcache.app.loading import load_pipeline
 
             self._models["pipeline"] = load_pipeline(self.settings)
         return self._models["pipeline"]
@@ -77,7 +81,7 @@ class Platform:
     @property
     def segmenter(self):
         if "segmenter" not in self._models:
-            from dreamcache.models import load_segmenter
+            from dreamcache.app.loading import load_segmenter
 
             self._models["segmenter"] = load_segmenter(self.settings)
         return self._models["segmenter"]
@@ -85,10 +89,16 @@ class Platform:
     @property
     def scorer(self):
         if "scorer" not in self._models:
-            from dreamcache.models import load_scorer
+            from dreamcache.app.loading import load_scorer
 
             self._models["scorer"] = load_scorer(self.settings, self.segmenter)
         return self._models["scorer"]
+
+    def load(self, *names: str) -> None:
+        """Load these models (pipeline, segmenter, scorer) now rather than on first use: before a
+        progress bar starts, say, so that their loading notices are not printed across it."""
+        for name in names:
+            getattr(self, name)
 
     @cached_property
     def identity(self) -> ModelIdentity:
@@ -99,7 +109,7 @@ class Platform:
             base_model_id=self.settings.base_model,
             base_model_revision=pipe.base_fingerprint,
             adapter_id=f"{Path(adapter).name}@{adapter_hash}",
-            layer_preset=pipe._dreamcache_preset,
+            layer_preset=pipe.dreamcache_preset,
             dtype=str(pipe.unet.dtype).removeprefix("torch."),
         )
 
@@ -112,5 +122,5 @@ def get_platform(settings: Settings | None = None) -> Platform:
     settings = settings or Settings()
     key = settings.model_dump_json()
     if key not in _platforms:
-        _platforms[key] = Platform(settings, lease=timedelta(seconds=settings.lease_seconds))
+        _platforms[key] = Platform(settings)
     return _platforms[key]

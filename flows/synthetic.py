@@ -11,8 +11,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from dreamcache import synthetic
-from dreamcache.config import Settings
+from dreamcache.training import synthetic
+from dreamcache.app.config import Settings
 
 
 class SyntheticParams(BaseModel):
@@ -36,7 +36,7 @@ def _text_to_image(params: SyntheticParams):
     if key not in _models:
         from diffusers import DiffusionPipeline
 
-        from dreamcache.models import load_pipeline
+        from dreamcache.app.loading import load_pipeline
 
         settings = Settings()
         if params.text_to_image:
@@ -51,7 +51,7 @@ def _text_to_image(params: SyntheticParams):
 
 def _segmenter():
     if "segmenter" not in _models:
-        from dreamcache.models import load_segmenter
+        from dreamcache.app.loading import load_segmenter
 
         _models["segmenter"] = load_segmenter(Settings())
     return _models["segmenter"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from dreamcache import training
+from dreamcache.training import trainer as training
 from dreamcache.world.pool import WORLD_MANIFEST, WorldTriplets
 from flows.sources import read_uri
 

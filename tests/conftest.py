@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from dreamcache.architectures import build_unet
+from dreamcache.core.architectures import build_unet
 from tests.helpers import make_tiny_pipeline
 from tests.servers import PostgresServer
 

@@ -3,8 +3,8 @@
 import torch
 from PIL import Image, ImageDraw
 
-from dreamcache.architectures import build_tiny_pipeline_components
-from dreamcache.pipeline import DreamCachePipeline
+from dreamcache.core.architectures import build_tiny_pipeline_components
+from dreamcache.core.pipeline import DreamCachePipeline
 
 TEST_RESOLUTION = 32
 
@@ -69,6 +69,6 @@ def tiny_sam(seed: int = 0):
 
 def save_tiny_scorers(directory) -> tuple[str, str]:
     """Tiny CLIP and DINO-style ViT models with their processors, saved like hub checkpoints."""
-    from dreamcache.architectures import save_random_scorers
+    from dreamcache.core.architectures import save_random_scorers
 
     return save_random_scorers(directory, "tiny")

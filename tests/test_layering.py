@@ -1,4 +1,4 @@
-"""The model library stays a library: it imports neither orchestration nor persistence.
+"""The model library stays a library (no orchestration, no persistence), and its wings point one way.
 
 (boto3 is not checked at run time: a third-party dependency imports it when installed.)
 """
@@ -21,8 +21,24 @@ def test_import_linter_contracts_are_kept():
 
 def test_importing_the_library_loads_no_orchestration_or_database():
     code = (
-        "import sys, dreamcache.pipeline, dreamcache.cli, dreamcache.demo, dreamcache.weights;"
+        "import sys, dreamcache.core.pipeline, dreamcache.app.cli, dreamcache.app.demo, dreamcache.core.weights;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in {'prefect', 'sqlalchemy', 'alembic', 'db', 'flows'}))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_no_module_of_the_library_imports_itself_round_a_circle():
+    import grimp
+
+    graph = grimp.build_graph("dreamcache")
+    modules = sorted(graph.modules)
+    circles = [(a, b) for a in modules for b in graph.find_modules_directly_imported_by(a)
+               if b.startswith("dreamcache.") and graph.find_shortest_chain(importer=b, imported=a)]
+    assert circles == []
+
+
+def test_every_wing_says_what_it_is_and_what_it_may_import():
+    for wing in ("core", "perception", "training", "world", "app"):
+        doc = (ROOT / "dreamcache" / wing / "__init__.py").read_text()
+        assert doc.startswith('"""') and "\nMay import " in doc, wing

@@ -7,6 +7,6 @@ personalisation fidelity measured against that truth (docs/toy-world.md).
 - `model`: every training stage (VAE, CLIP, UNet, classifier, adapters), data-parallel, resumable.
 - `evaluation`: identity, scene accuracy and toy CLIP-T of held-out products, with the paper's ablations.
 
-It uses the rest of `dreamcache` (the pipeline, the trainer, the data augmentations); nothing outside
-this package imports it except the application layer (the bundled model, the CLI).
+May import `dreamcache.core`, `dreamcache.perception` and `dreamcache.training` (the pipeline, the
+trainer, the augmentations); of the library, only `dreamcache.app` imports it.
 """

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dreamcache.guidance import DEFAULT_IMAGE_SCALE, Guidance
+from dreamcache.core.guidance import COMBINED, DEFAULT_GUIDANCE, DEFAULT_IMAGE_SCALE, JOINT, Guidance
 from dreamcache.world import scene as world
 from dreamcache.world.classifier import HEADS, IGNORE, AttributeClassifier, labels
 from dreamcache.world.model import caption_tokens, clip_pixels
@@ -55,7 +55,7 @@ class Condition:
     name: str
     cache: bool = True
     adapter: str = "adapter"  # adapter folder in the model directory
-    guidance: Guidance = "combined"
+    guidance: Guidance = DEFAULT_GUIDANCE
     image_scale: float = DEFAULT_IMAGE_SCALE
     timestep: int = 1  # the cached pass's noise level
 
@@ -73,7 +73,7 @@ def ablations(image_scale: float = DEFAULT_IMAGE_SCALE, middle_adapter: bool = T
     timestep, joint guidance, placement. (The image-scale sweep is `sweep()`.)"""
     out = [Condition("cache t=150", timestep=150, image_scale=image_scale),
            Condition("cache t=300", timestep=300, image_scale=image_scale),
-           Condition("joint guidance", guidance="joint")]
+           Condition("joint guidance", guidance=JOINT)]
     if middle_adapter:
         out.append(Condition("middle-only adapters", adapter="adapter-middle", image_scale=image_scale))
     return out
@@ -117,8 +117,8 @@ class FidelityEvaluator:
                  batch_size: int = 64):
         from transformers import CLIPModel
 
-        from dreamcache.architectures import tiny_tokenizer
-        from dreamcache.pipeline import DreamCachePipeline
+        from dreamcache.core.architectures import tiny_tokenizer
+        from dreamcache.core.pipeline import DreamCachePipeline
 
         self.model_dir, self.device, self.steps, self.batch_size = Path(model_dir), torch.device(device), steps, batch_size
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -269,7 +269,7 @@ def scale_curve(results: dict, width: int = 640, height: int = 440) -> Image.Ima
     text-only and the ceiling marked; the scene accuracy range goes in the title, as it often saturates."""
     points = sorted((r["extra"]["image_scale"], r["identity"], r["clip_t"], r["scene"]) for r in results.values()
                     if r.get("extra", {}).get("cache") and r["extra"]["adapter"] == "adapter"
-                    and r["extra"]["guidance"] == "combined" and r["extra"]["timestep"] == 1)
+                    and r["extra"]["guidance"] == COMBINED and r["extra"]["timestep"] == 1)
     marks = [(name, colour, results[name]) for name, colour in
              (("text-only", (200, 60, 40)), (CEILING, (40, 150, 60))) if name in results]
     clip_ts = [c for _, _, c, _ in points] + [r["clip_t"] for _, _, r in marks]

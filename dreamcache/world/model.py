@@ -17,7 +17,7 @@ Stages, run in order, each saving its result so that a later call resumes after 
    captions dropped 10% of the time; the exported weights are an EMA.
 5. **Classifier**: the attribute classifier that measures fidelity (`dreamcache.world.classifier`),
    on scenes and on their VAE round trips (so that it reads the decoder's images as well as renders).
-6. **Adapters**: the platform's own trainer (`dreamcache.training`) on the pool, references augmented
+6. **Adapters**: the platform's own trainer (`dreamcache.training.trainer`) on the pool, references augmented
    on the GPU, for the default preset and, for the paper's placement ablation, the middle-only preset.
 
 Every stage runs data-parallel under `accelerate launch` (one process per GPU: each takes its share
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
-from dreamcache.architectures import tiny_tokenizer
+from dreamcache.core.architectures import tiny_tokenizer
 from dreamcache.world import scene as world
 from dreamcache.world.classifier import HEADS, AttributeClassifier
 from dreamcache.world.pool import PoolTriplets, WorldPool, pixels, render_pool
@@ -384,7 +384,7 @@ def train_classifier(pool: WorldPool, config: WorldModelConfig, vae: Autoencoder
 def train_adapters(base: Path, output: Path, preset: str, pool: WorldPool, config: WorldModelConfig,
                    accelerator, steps: int, minutes: float = 0) -> dict:
     """Adapters for `preset` on the pool, with the platform's trainer; the result in `output`."""
-    from dreamcache.training import TrainConfig, Trainer
+    from dreamcache.training.trainer import TrainConfig, Trainer
 
     run = output.parent / "runs" / output.name
     train_config = TrainConfig(base_model=str(base), output_dir=str(run), preset=preset,
@@ -415,7 +415,7 @@ def save_pipeline(vae, clip: CLIPModel, unet, directory: Path) -> Path:
     with its processor (so that the platform's scorer loads it like any CLIP)."""
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from dreamcache.pipeline import DreamCachePipeline
+    from dreamcache.core.pipeline import DreamCachePipeline
 
     pipe = DreamCachePipeline(vae=vae, text_encoder=text_encoder_of(clip), tokenizer=tiny_tokenizer(), unet=unet,
                               scheduler=scheduler(), safety_checker=None, feature_extractor=None,

@@ -4,7 +4,7 @@
   the processes, each rendering its own chunks), saved as plain `.npy` arrays so that every stage
   and every process loads the same pool without rendering it again.
 - `PoolTriplets`: the pool on the training device; the trainer augments references there, a whole
-  batch at once (`dreamcache.data.DeviceReferenceAugmentation`), so no image crosses a process
+  batch at once (`dreamcache.training.data.DeviceReferenceAugmentation`), so no image crosses a process
   boundary and adapter training is no longer bound by data workers.
 - `WorldTriplets`: triplets rendered on the fly, per sample, as PIL images: the trainer's ordinary
   path (data workers, the method's PIL augmentations), used by `world://` manifests.
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreamcache.data import DeviceReferenceAugmentation, ReferenceAugmentation
+from dreamcache.training.data import DeviceReferenceAugmentation, ReferenceAugmentation
 from dreamcache.world import scene as world
 from dreamcache.world.classifier import HEADS
 from dreamcache.world.classifier import labels as attribute_labels

@@ -1,3 +1,5 @@
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import select
 
@@ -6,7 +8,7 @@ from db.models import SubjectCache, WorkStatus
 from db.objects import CorruptObject, LocalStore, ObjectNotFound, open_store
 from db.session import transaction
 from db.tensors import TensorStore, requeue_cache
-from dreamcache.cache import FeatureCache
+from dreamcache.core.cache import FeatureCache
 from tests.db import factories as f
 from tests.helpers import product_image
 
@@ -53,7 +55,7 @@ def test_a_bad_cache_is_requeued_for_recomputation(sessions, tmp_path, cache_byt
     stored = tensors.put(cache_bytes)
     with transaction(sessions) as s:
         row = f.cache(s, f.subject(s, "MUG-1"), status=WorkStatus.pending)
-        (cache_id,) = claim(s, SubjectCache, "w1", 1)
+        (cache_id,) = claim(s, SubjectCache, "w1", 1, timedelta(minutes=10))
         complete(s, SubjectCache, cache_id, "w1", tensor_uri=stored.uri, sha256=stored.sha256, bytes=stored.size)
     tensors.objects.delete(stored.key)
     with transaction(sessions) as s:
@@ -65,7 +67,7 @@ def test_a_bad_cache_is_requeued_for_recomputation(sessions, tmp_path, cache_byt
         row = s.scalars(select(SubjectCache)).one()
         assert (row.status, row.tensor_uri, row.sha256) == (WorkStatus.pending, None, None)
         assert "cache object missing" in row.error
-        assert claim(s, SubjectCache, "w2", 1) == [row.id]
+        assert claim(s, SubjectCache, "w2", 1, timedelta(minutes=10)) == [row.id]
 
 
 def test_keys_need_a_real_digest(tensors):

@@ -188,7 +188,7 @@ def test_shots_are_scored_when_scorer_models_are_configured(platform_env, catalo
 def test_text_only_twins_are_stored_beside_their_shots_and_paired_on_the_sheets(platform_env, catalogue, tmp_path):
     import numpy as np
 
-    from dreamcache.contact_sheet import PAIRS_PER_ROW, TILE, TITLE_HEIGHT
+    from dreamcache.perception.contact_sheet import PAIRS_PER_ROW, TILE, TITLE_HEIGHT
 
     summary = run_embedded(params(catalogue, compare_text_only=True), progress=False)
     assert summary["images_generated"] == 12 and summary["images_planned"] == 12
@@ -238,7 +238,7 @@ class CentreBoxSegmenter:
     def segment(self, image, category=None, name="<image>"):
         import numpy as np
 
-        from dreamcache.segmentation import check_mask
+        from dreamcache.perception.segmentation import check_mask
 
         mask = np.zeros((image.height, image.width), dtype=bool)
         mask[image.height // 4 : image.height * 3 // 4, image.width // 4 : image.width * 3 // 4] = True
@@ -248,7 +248,7 @@ class CentreBoxSegmenter:
 def test_a_default_run_scores_with_the_bundled_clip_and_records_no_dino(platform_env, tmp_path):
     import shutil
 
-    from dreamcache.config import BUNDLED_DIR
+    from dreamcache.app.config import BUNDLED_DIR
     from flows.cli import EXAMPLES
     from flows.platform import get_platform
 

@@ -6,7 +6,7 @@ from db.models import Subject
 from dreamcache.world import scene as world
 from flows.cli import EXAMPLES
 from flows.params import CatalogueRunParams
-from flows.steps import load_prompts, render_prompt
+from flows.steps.prompts import load_prompts, render_prompt
 
 
 def test_one_held_out_product_of_each_family_named_by_its_attributes():

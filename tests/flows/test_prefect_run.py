@@ -70,7 +70,7 @@ async def _result(flow_run):
 
 
 async def _summary_from_db(run):
-    from dreamcache.config import Settings
+    from dreamcache.app.config import Settings
     from db.models import Run
 
     engine = create_engine(Settings().resolved_database_url)

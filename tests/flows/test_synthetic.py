@@ -4,9 +4,9 @@ import json
 
 from PIL import Image
 
-from dreamcache import synthetic
-from dreamcache.data import load_manifest
-from dreamcache.segmentation import BorderColourSegmenter
+from dreamcache.training import synthetic
+from dreamcache.training.data import load_manifest
+from dreamcache.perception.segmentation import BorderColourSegmenter
 from flows.synthetic import SyntheticParams, plan_items, run_embedded
 from tests.helpers import scene
 

@@ -192,8 +192,8 @@ def test_every_variable_is_documented_in_env_example(raw):
 
 
 def test_workers_receive_every_platform_setting(resolved):
-    """A setting added to dreamcache.config.Settings reaches the workers (or is set by the stack itself)."""
-    tree = ast.parse((ROOT / "dreamcache" / "config.py").read_text())
+    """A setting added to dreamcache.app.config.Settings reaches the workers (or is set by the stack itself)."""
+    tree = ast.parse((ROOT / "dreamcache" / "app" / "config.py").read_text())
     (settings,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings"]
     fields = {n.target.id for n in settings.body if isinstance(n, ast.AnnAssign) and n.target.id != "model_config"}
     expected = {f"DREAMCACHE_{f.upper()}" for f in fields} - {"DREAMCACHE_HOME"}  # the image user's home

@@ -20,13 +20,13 @@ from pydantic import ValidationError
 from sqlalchemy import create_engine, func, select
 
 from db.models import Generation, Subject
-from dreamcache.errors import ReferenceImageError
-from dreamcache.images import decode_image
-from dreamcache.segmentation import BorderColourSegmenter, SegmentationError
+from dreamcache.core.errors import ReferenceImageError
+from dreamcache.core.images import decode_image
+from dreamcache.perception.segmentation import BorderColourSegmenter, SegmentationError
 from flows.catalogue import run_embedded
 from flows.params import CatalogueRunParams
 from flows.sources import list_source, read_uri
-from flows.steps import load_prompts, render_prompt
+from flows.steps.prompts import load_prompts, render_prompt
 from tests.helpers import scene
 
 RED, WHITE = (200, 30, 40), (255, 255, 255)

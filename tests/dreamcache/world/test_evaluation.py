@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dreamcache.world import scene as world
-from dreamcache.pipeline import DreamCachePipeline
+from dreamcache.core.pipeline import DreamCachePipeline
 from dreamcache.world.evaluation import (
     CEILING, PERSONALISED, SWEEP, TEXT_ONLY, Cases, Condition, FidelityEvaluator, ablations, evaluate, personalised,
     picture_grid, scale_curve, spread, sweep, targets, working_point,

@@ -7,8 +7,8 @@ import time
 import torch
 from accelerate import Accelerator
 
-from dreamcache.layers import resolve_preset
-from dreamcache.pipeline import DreamCachePipeline
+from dreamcache.core.layers import resolve_preset
+from dreamcache.core.pipeline import DreamCachePipeline
 from dreamcache.world import model as world_model
 from dreamcache.world import scene as world
 from dreamcache.world.classifier import AttributeClassifier

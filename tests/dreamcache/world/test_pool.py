@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from dreamcache.data import DeviceReferenceAugmentation
+from dreamcache.training.data import DeviceReferenceAugmentation
 from PIL import Image
 
-from dreamcache.images import foreground_box
-from dreamcache.training import TrainConfig, Trainer
+from dreamcache.core.images import foreground_box
+from dreamcache.training.trainer import TrainConfig, Trainer
 from dreamcache.world import scene as world
 from dreamcache.world.pool import PoolTriplets, WorldTriplets, pool_seed, render_pool, to_uint8_tensor
 from tests.helpers import TEST_RESOLUTION, make_tiny_pipeline

@@ -9,7 +9,7 @@ that stopped personalising.
 
 import pytest
 
-from dreamcache.config import BUNDLED_DIR, BUNDLED_IMAGE_SCALE
+from dreamcache.app.config import BUNDLED_DIR, BUNDLED_IMAGE_SCALE
 from dreamcache.world.evaluation import CHANCE, TEXT_ONLY, Cases, FidelityEvaluator, evaluate, personalised
 
 

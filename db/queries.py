@@ -1,0 +1,51 @@
+"""Read-only queries the platform asks of its database (the flows' steps and summaries)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Generation, Score, Subject, SubjectCache, WorkStatus
+
+
+def scores_by_generation(session: Session, generation_ids: Sequence[int]) -> dict[int, dict[str, float]]:
+    """generation id -> {metric label: value}, masked metrics prefixed "m" (mdino, mclip_i)."""
+    out: dict[int, dict[str, float]] = {}
+    for score in session.scalars(select(Score).where(Score.generation_id.in_(list(generation_ids)))):
+        out.setdefault(score.generation_id, {})[("m" if score.masked else "") + score.metric] = score.value
+    return out
+
+
+def done_caches_by_content(session: Session, rows: Sequence[SubjectCache], contents: Sequence[str]) -> dict[str, dict]:
+    """Finished caches of the same model configuration as rows[0] for the same image contents, by content
+    hash: products whose image is identical (another SKU, the same photo) share one cache."""
+    if not rows:
+        return {}
+    first = rows[0]
+    found = session.execute(
+        select(Subject.content_sha256, SubjectCache.tensor_uri, SubjectCache.sha256, SubjectCache.bytes)
+        .join(Subject, Subject.id == SubjectCache.subject_id)
+        .where(Subject.content_sha256.in_(list(contents)), SubjectCache.status == WorkStatus.done,
+               SubjectCache.base_model_id == first.base_model_id,
+               SubjectCache.base_model_revision == first.base_model_revision,
+               SubjectCache.adapter_id == first.adapter_id, SubjectCache.layer_preset == first.layer_preset,
+               SubjectCache.resolution == first.resolution, SubjectCache.timestep == first.timestep)).all()
+    return {content: dict(tensor_uri=uri, sha256=digest, bytes=size) for content, uri, digest, size in found}
+
+
+def best_scores(session: Session, run_id: int) -> list[dict]:
+    """Per product of the run: images generated and its best score of each metric."""
+    done = session.execute(
+        select(Subject.sku, Generation.id).join(SubjectCache, SubjectCache.subject_id == Subject.id)
+        .join(Generation, Generation.subject_cache_id == SubjectCache.id)
+        .where(Generation.run_id == run_id, Generation.status == WorkStatus.done)).all()
+    scores = scores_by_generation(session, [g for _, g in done])
+    rows: dict[str, dict] = {}
+    for sku, generation_id in done:
+        row = rows.setdefault(sku, {"sku": sku, "images": 0})
+        row["images"] += 1
+        for metric, value in scores.get(generation_id, {}).items():
+            row[f"best_{metric}"] = round(max(value, row.get(f"best_{metric}", -1.0)), 4)
+    return sorted(rows.values(), key=lambda r: r["sku"])

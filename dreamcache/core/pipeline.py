@@ -1,0 +1,351 @@
+"""`DreamCachePipeline`: Stable Diffusion with cached-reference personalisation, the diffusers way.
+
+    pipe = DreamCachePipeline.from_pretrained("stabilityai/stable-diffusion-2-1-base")
+    pipe.load_dreamcache("path/to/adapter")              # adapter_config.json + adapter_model.safetensors
+    subject = pipe.cache_subject(["mug_front.png"])      # once per product
+    images = pipe(["a mug on a beach"], subject=subject, seed=[0]).images
+    pipe.unload_dreamcache()                             # the plain pipeline again
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dreamcache import __version__
+from dreamcache.core.adapter import DreamCacheAdapter, apply_dreamcache, dreamcache_processors, remove_dreamcache
+from dreamcache.core.cache import CacheMetadata, FeatureCache, collate_memory, extract_features, model_fingerprint
+from dreamcache.core.denoiser import Denoiser, FastPaths, StepPlan
+from dreamcache.core.guidance import (
+    DEFAULT_GUIDANCE, DEFAULT_IMAGE_SCALE, DEFAULT_TEXT_SCALE, EVALUATIONS, GUIDANCE_MODES, JOINT, Guidance,
+)
+from dreamcache.core.images import ImageInput, load_reference
+from dreamcache.core.layers import Layer, resolve_preset
+from dreamcache.core.weights import AdapterConfig, load_adapters, read_adapter_config, save_adapters
+
+# One subject's references: a single image or several (their tokens are concatenated).
+References = Union[ImageInput, Sequence[ImageInput]]
+CACHE_TIMESTEP = 1  # the paper's ablation: t = 1 beats 150 and 300
+
+
+@dataclass
+class DreamCacheOutput:
+    images: list[Image.Image] | torch.Tensor
+    nsfw_content_detected: list[bool] | None = None
+
+
+class DreamCachePipeline(StableDiffusionPipeline):
+    """A `StableDiffusionPipeline` that can load DreamCache adapters and sample with a cached subject."""
+
+    _dreamcache_preset: str | None = None
+    _dreamcache_layers: tuple[Layer, ...] = ()
+    _image_scale: float = DEFAULT_IMAGE_SCALE
+    _denoiser: Denoiser | None = None
+    _denoisers: dict[FastPaths, Denoiser] | None = None
+    _compiled_vae_decode = None
+    _empty: torch.Tensor | None = None
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save the base pipeline as a plain Stable Diffusion directory (adapters are saved apart).
+
+        The model index names `StableDiffusionPipeline`, so any diffusers tool loads the directory.
+        """
+        attached = self.dreamcache_adapters
+        if attached:  # the UNet holds the adapters while they are attached: save the base without them
+            dtype = next(iter(attached.values())).linear_cat.weight.dtype
+            remove_dreamcache(self.unet)
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if attached:
+                apply_dreamcache(self.unet, attached, dtype)
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = StableDiffusionPipeline.__name__
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    # --- adapters: load / set scale / unload ------------------------------------------------
+
+    def load_dreamcache(
+        self,
+        pretrained: str | Path | Mapping[str, DreamCacheAdapter] | None = None,
+        preset: str = "default",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Attach adapters: from an adapter directory, in-memory adapters (layer name -> adapter) for
+        `preset`, or freshly initialised ones for `preset` when None. `dtype` defaults to the UNet's."""
+        if isinstance(pretrained, Mapping):
+            layers = resolve_preset(self.unet, preset)
+            if sorted(pretrained) != sorted(layer.name for layer in layers):
+                raise ValueError(f"adapters for {sorted(pretrained)} do not match preset {preset!r} on this UNet")
+            adapters = dict(pretrained)
+        elif pretrained is not None:
+            config = read_adapter_config(pretrained)
+            layers = resolve_preset(self.unet, config.preset)
+            if [layer.name for layer in layers] != config.layer_names:
+                raise ValueError(
+                    f"adapters in {pretrained} are for layers {config.layer_names}, but preset "
+                    f"{config.preset!r} selects {[layer.name for layer in layers]} on this UNet: "
+                    "they were trained for another architecture"
+                )
+            adapters = load_adapters(pretrained, layers)
+            preset = config.preset
+        else:
+            layers = resolve_preset(self.unet, preset)
+            adapters = {layer.name: DreamCacheAdapter.for_layer(layer) for layer in layers}
+        apply_dreamcache(self.unet, adapters, dtype)
+        self._dreamcache_preset, self._dreamcache_layers = preset, tuple(layers)
+
+    def set_dreamcache_scale(self, image_scale: float) -> None:
+        """Default image guidance scale: higher keeps more of the reference, lower edits more."""
+        self._image_scale = float(image_scale)
+
+    def unload_dreamcache(self) -> None:
+        remove_dreamcache(self.unet)
+        self._dreamcache_preset, self._dreamcache_layers = None, ()
+
+    def save_dreamcache(self, directory: str | Path) -> Path:
+        config = AdapterConfig.for_layers(self._require_adapters(), self._dreamcache_layers, self.name_or_path)
+        return save_adapters(directory, self.dreamcache_adapters, config)
+
+    # --- fast paths ------------------------------------------------------------------------
+
+    def enable_fast_paths(self, fast: FastPaths | None = None) -> None:
+        """Run denoising steps the fast ways (`denoiser.py`); default: everything on CUDA.
+
+        Call after moving the pipeline to its device: compiled kernels and captured graphs belong
+        to one device. The first batch of each shape compiles (about a minute on an H100) and
+        captures; later batches of that shape replay.
+        """
+        fast = fast or FastPaths.for_device(self._execution_device)
+        if self._denoisers is None or any(d.unet is not self.unet for d in self._denoisers.values()):
+            self._denoisers = {}
+        if fast not in self._denoisers:  # kept per setting: switching back reuses compiled kernels and graphs
+            self._denoisers[fast] = Denoiser(self.unet, fast)
+        self._denoiser = self._denoisers[fast]
+
+    def disable_fast_paths(self) -> None:
+        """Back to the eager, unshared passes of plain diffusers (the benchmark's baseline)."""
+        self.enable_fast_paths(FastPaths.off())
+
+    @property
+    def fast_paths(self) -> FastPaths:
+        return self.denoiser.fast
+
+    @property
+    def denoiser(self) -> Denoiser:
+        if self._denoiser is None or self._denoiser.unet is not self.unet:
+            self.enable_fast_paths(FastPaths())
+        return self._denoiser
+
+    @property
+    def dreamcache_adapters(self) -> dict[str, DreamCacheAdapter]:
+        return {name: processor.adapter for name, processor in dreamcache_processors(self.unet).items()}
+
+    @property
+    def dreamcache_layers(self) -> tuple[Layer, ...]:
+        return self._dreamcache_layers
+
+    @property
+    def dreamcache_preset(self) -> str | None:
+        """The layer preset of the attached adapters (None when none are attached)."""
+        return self._dreamcache_preset
+
+    def _require_adapters(self) -> str:
+        if self._dreamcache_preset is None:
+            raise RuntimeError("no DreamCache adapters are loaded: call load_dreamcache(...) first")
+        return self._dreamcache_preset
+
+    @cached_property
+    def base_fingerprint(self) -> str:
+        """Identity of the base weights (UNet and VAE) that caches are checked against."""
+        return model_fingerprint(self.unet, self.vae)
+
+    @property
+    def resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    # --- caching subjects ------------------------------------------------------------------
+
+    def cache_subject(self, references: References, seed: int = 0, resolution: int | None = None,
+                      timestep: int = CACHE_TIMESTEP) -> FeatureCache:
+        return self.cache_subjects([references], seed=seed, resolution=resolution, timestep=timestep)[0]
+
+    @torch.no_grad()
+    def cache_subjects(
+        self, subjects: Sequence[References], seed: int = 0, batch_size: int = 32, progress: bool = False,
+        resolution: int | None = None, timestep: int = CACHE_TIMESTEP,
+    ) -> list[FeatureCache]:
+        """Cache many subjects, their reference images batched through one UNet pass per batch.
+
+        Each reference's noise comes from its own generator (seed + its index within the subject),
+        so a subject's cache does not depend on what else shares its batch. `timestep` is the
+        noise level of the cached pass: keep the method's t = 1 except to reproduce its ablation.
+        """
+        preset = self._require_adapters()
+        resolution = resolution or self.resolution
+        per_subject = [[refs] if isinstance(refs, (str, Path, Image.Image)) else list(refs) for refs in subjects]
+        flat = [(i, k, ref) for i, refs in enumerate(per_subject) for k, ref in enumerate(refs)]
+        device, dtype = self._execution_device, self.unet.dtype
+        empty = self._empty_embedding()
+        noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
+        features: list[dict[str, torch.Tensor]] = []
+        for start in tqdm(range(0, len(flat), batch_size), desc="caching", disable=not progress):
+            batch = flat[start : start + batch_size]
+            images = [load_reference(ref, resolution) for _, _, ref in batch]
+            pixels = self.image_processor.preprocess(images).to(device=device, dtype=self.vae.dtype)
+            latents = self.vae.encode(pixels).latent_dist.mode() * self.vae.config.scaling_factor
+            generators = [torch.Generator(device).manual_seed(seed + k) for _, k, _ in batch]
+            recorded = extract_features(
+                self.unet, latents.to(dtype), empty, self._dreamcache_layers, noise_scheduler,
+                timestep=timestep, generators=generators,
+            )
+            features += [{name: t[j] for name, t in recorded.items()} for j in range(len(batch))]
+
+        caches, offset = [], 0
+        for refs in per_subject:
+            parts = features[offset : offset + len(refs)]
+            offset += len(refs)
+            tensors = {layer.name: torch.cat([p[layer.name] for p in parts]) for layer in self._dreamcache_layers}
+            metadata = CacheMetadata(
+                base_model=str(self.name_or_path or "<in-memory>"),
+                base_fingerprint=self.base_fingerprint,
+                preset=preset,
+                layers=tuple(layer.name for layer in self._dreamcache_layers),
+                timestep=timestep,
+                noise_seed=seed,
+                resolution=resolution,
+                dtype=str(dtype).removeprefix("torch."),
+                library_version=__version__,
+                references=len(refs),
+            )
+            caches.append(FeatureCache(tensors=tensors, metadata=metadata))
+        return caches
+
+    # --- generation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        subject: FeatureCache | Sequence[FeatureCache | None] | None = None,
+        *,
+        seed: int | Sequence[int] = 0,
+        guidance: Guidance = DEFAULT_GUIDANCE,
+        guidance_scale: float = DEFAULT_TEXT_SCALE,
+        image_guidance_scale: float | None = None,
+        num_inference_steps: int = 50,
+        batch_size: int = 8,
+        resolution: int | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+    ) -> DreamCacheOutput:
+        """Generate one image per prompt, each with its own subject cache (or none) and seed.
+
+        `prompt`, `subject` and `seed` are broadcast to the same length: a single subject or seed
+        applies to every prompt; an int seed gives seeds seed, seed + 1, ... Rows without a
+        subject are plain text-to-image with classifier-free guidance. Each image depends only on
+        its own prompt, subject and seed, never on what shares its batch.
+        """
+        if guidance not in GUIDANCE_MODES:
+            raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        n = len(prompts)
+        subjects = list(subject) if isinstance(subject, (list, tuple)) else [subject] * n
+        seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
+        if not (len(subjects) == len(seeds) == n):
+            raise ValueError(f"got {n} prompts, {len(subjects)} subjects and {len(seeds)} seeds: give one each")
+        if any(s is not None for s in subjects):
+            layer_names = [layer.name for layer in self._dreamcache_layers] if self._dreamcache_preset else []
+            if not layer_names:
+                raise RuntimeError("a subject cache was given but no adapters are loaded: call load_dreamcache(...)")
+            for s in subjects:
+                if s is not None:
+                    s.check_compatible(self.base_fingerprint, layer_names)
+        image_scale = self._image_scale if image_guidance_scale is None else image_guidance_scale
+        resolution = resolution or self.resolution
+
+        images, nsfw = [], []
+        chunks = range(0, n, batch_size)
+        with tqdm(total=len(chunks) * num_inference_steps, desc="denoising", unit="step", disable=not progress) as bar:
+            for start in chunks:
+                part = slice(start, start + batch_size)
+                rows = _padded([prompts[part], subjects[part], seeds[part]], batch_size, self.fast_paths.static_batch)
+                latents = self._sample(*rows, guidance, image_scale, guidance_scale, num_inference_steps,
+                                       resolution, bar)
+                chunk, flags = self._decode(latents[: len(prompts[part])], output_type)
+                images += list(chunk)
+                nsfw += flags or []
+        if output_type in ("pt", "latent"):
+            images = torch.stack(images)
+        return DreamCacheOutput(images=images, nsfw_content_detected=nsfw or None)
+
+    def _sample(self, prompts, subjects, seeds, guidance, image_scale, text_scale, steps, resolution, bar):
+        device, dtype = self._execution_device, self.unet.dtype
+        n = len(prompts)
+        text = self.encode_prompt(prompts, device, 1, False)[0]  # (n, L, D)
+        empty = self._empty_embedding().expand(n, -1, -1)  # (n, L, D)
+        # No row has a cache: plain classifier-free guidance, two evaluations ("joint" reduces to it).
+        mode = guidance if any(s is not None for s in subjects) else JOINT
+        denoiser = self.denoiser
+        plan = StepPlan.make(mode, text, empty, denoiser.share_encoder(self._dreamcache_layers), image_scale,
+                             text_scale)
+        rows = [s if name != "plain" else None for name in EVALUATIONS[mode] for s in subjects]
+        memory = collate_memory(rows, [layer.name for layer in self._dreamcache_layers], device, dtype)
+
+        generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+        latents = self.prepare_latents(
+            n, self.unet.config.in_channels, resolution, resolution, dtype, device, generators
+        )
+        self.scheduler.set_timesteps(steps, device=device)
+        extra = self.prepare_extra_step_kwargs(generators, 0.0)
+        with denoiser.batch(plan, memory) as step:
+            for t in self.scheduler.timesteps:
+                eps = step(self.scheduler.scale_model_input(latents, t), t)
+                latents = self.scheduler.step(eps, t, latents, **extra).prev_sample
+                bar.update()
+        return latents
+
+    def _empty_embedding(self) -> torch.Tensor:
+        """The empty prompt's embedding (1, L, D), encoded once: every batch needs it."""
+        device = self._execution_device
+        cached = self._empty
+        if cached is None or cached.device != device or cached.dtype != self.text_encoder.dtype:
+            cached = self._empty = self.encode_prompt("", device, 1, False)[0]
+        return cached
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents, None
+        decode = self.vae.decode
+        if self.fast_paths.compile:
+            if self._compiled_vae_decode is None:
+                self._compiled_vae_decode = torch.compile(self.vae.decode)
+            decode = self._compiled_vae_decode
+        image = decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        nsfw = None
+        if self.safety_checker is not None:
+            image, nsfw = self.run_safety_checker(image, self._execution_device, latents.dtype)
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
+        return image, nsfw
+
+
+def _padded(columns: list[list], batch_size: int, static: bool) -> list[list]:
+    """Rows padded with copies of the last one up to the next power of two (at most `batch_size`).
+
+    A run then meets a handful of batch shapes, each compiled and captured once. Each image
+    depends only on its own row, so the copies change nothing and are dropped after sampling.
+    """
+    n = len(columns[0])
+    if not static or n >= batch_size:
+        return columns
+    size = min(batch_size, 1 << (n - 1).bit_length())
+    return [list(c) + [c[-1]] * (size - n) for c in columns]

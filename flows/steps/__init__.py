@@ -1,0 +1,14 @@
+"""The steps of a catalogue run, as plain functions: keys in, keys out, idempotent.
+
+One module per stage, in the order a run takes them: `ingest` (read and record each product image),
+`segment` (cut each product out once), `caches` (its DreamCache features, once per model), `plan`
+(every cache x prompt x seed, recorded once), `generate` (a GPU worker's batch: claim, generate,
+write, score, record), `sheets` (contact sheets); `runs` keeps the run record and its summary,
+`prompts` reads prompt files and fills templates, `shared` holds what several steps use.
+
+The Prefect flow (flows/catalogue.py) wraps each step as a task (the unit of retry); the embedded
+run (`run_embedded` there) calls them directly. Every step reads its inputs from the database and the
+object store and writes its outputs there first, so a step that is retried, or a run that is re-run,
+finds finished work and skips it. Objects are written before the rows that point to them. Read-only
+queries live in `db/queries.py`.
+"""

@@ -1,0 +1,92 @@
+"""Caches: each product's DreamCache features, once per model configuration, verified on load."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from sqlalchemy import select
+
+from db import claims, queries
+from db.models import Subject, SubjectCache, WorkStatus
+from db.objects import CorruptObject, ObjectNotFound
+from db.repository import insert_missing
+from db.session import transaction
+from db.tensors import requeue_cache
+from dreamcache.core.cache import FeatureCache
+from dreamcache.core.errors import DreamCacheError
+from flows.platform import Platform, worker_id
+from flows.steps.shared import chunks, reference
+
+logger = logging.getLogger(__name__)
+
+
+def cache(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list[int]:
+    """Cache each product's features once per model configuration; returns the ready cache ids."""
+    ident, pipe = platform.identity, platform.pipeline
+    key = dict(base_model_id=ident.base_model_id, base_model_revision=ident.base_model_revision,
+               adapter_id=ident.adapter_id, layer_preset=ident.layer_preset, resolution=pipe.resolution, timestep=1)
+    with transaction(platform.sessions) as s:
+        insert_missing(s, SubjectCache, [dict(key, subject_id=i, dtype=ident.dtype) for i in subject_ids])
+        mine = s.scalars(select(SubjectCache.id).where(
+            SubjectCache.subject_id.in_(subject_ids), *[getattr(SubjectCache, k) == v for k, v in key.items()])).all()
+        claims.retry_failed(s, SubjectCache, [SubjectCache.id.in_(mine)])
+        claimed = claims.claim(s, SubjectCache, worker_id(), len(mine) or 1, platform.lease, [SubjectCache.id.in_(mine)])
+    for batch in chunks(claimed, 32):
+        _compute_caches(platform, batch)
+    with transaction(platform.sessions) as s:
+        return sorted(s.scalars(select(SubjectCache.id).where(SubjectCache.id.in_(mine),
+                                                              SubjectCache.status == WorkStatus.done)))
+
+
+def _compute_caches(platform: Platform, cache_ids: Sequence[int], reuse: bool = True) -> None:
+    """Compute claimed caches; products whose image is identical (another SKU, same photo) share one.
+
+    reuse=False computes even where a finished cache of the same image exists (it was found damaged).
+    """
+    me = worker_id()
+    with transaction(platform.sessions) as s:
+        rows = s.execute(select(SubjectCache, Subject.content_sha256).join(Subject, Subject.id == SubjectCache.subject_id)
+                         .where(SubjectCache.id.in_(cache_ids)).order_by(SubjectCache.id)).all()
+        done_by_content = queries.done_caches_by_content(s, [row for row, _ in rows], [c for _, c in rows]) if reuse else {}
+        todo = {}
+        for row, content in rows:
+            if content not in done_by_content and content not in todo:
+                todo[content] = (row, reference(platform, s, row.subject_id))
+    try:
+        computed = platform.pipeline.cache_subjects([image for _, (_, image) in todo.values()], seed=0) if todo else []
+    except Exception as exc:
+        with transaction(platform.sessions) as s:
+            for row, _ in rows:
+                claims.fail(s, SubjectCache, row.id, me, f"caching failed: {exc}")
+        raise
+    for content, feature_cache in zip(todo, computed):
+        stored = platform.tensors.put(feature_cache.to_bytes())  # the object first, then the rows
+        done_by_content[content] = dict(tensor_uri=stored.uri, sha256=stored.sha256, bytes=stored.size)
+    segmentation = {content: seg.id for content, (_, (seg, _)) in todo.items()}
+    with transaction(platform.sessions) as s:
+        for row, content in rows:
+            claims.complete(s, SubjectCache, row.id, me, segmentation_id=segmentation.get(content),
+                            **done_by_content[content])
+
+
+def load_cache(platform: Platform, cache_id: int) -> FeatureCache:
+    """A verified cache; a missing or corrupt one is recomputed from its reference and recorded."""
+    with transaction(platform.sessions) as s:
+        row = s.get(SubjectCache, cache_id)
+        digest, subject_id = row.sha256, row.subject_id
+    try:
+        return FeatureCache.from_bytes(platform.tensors.get(digest), source=f"cache {cache_id}")
+    except (ObjectNotFound, CorruptObject, DreamCacheError) as exc:
+        logger.warning("cache %s of subject %s is unusable (%s): recomputing it", cache_id, subject_id, exc)
+        if isinstance(exc, CorruptObject):
+            platform.objects.delete(platform.tensors.key(digest))  # useless, and other rows must not trust it
+        with transaction(platform.sessions) as s:
+            requeue_cache(s, cache_id, f"recomputed: {exc}")
+            claims.claim(s, SubjectCache, worker_id(), 1, platform.lease, [SubjectCache.id == cache_id])
+        _compute_caches(platform, [cache_id], reuse=False)
+        with transaction(platform.sessions) as s:
+            row = s.get(SubjectCache, cache_id)
+            row.error = f"recomputed after: {exc}"[:4000]  # done, with the repair on record
+            digest = row.sha256
+        return FeatureCache.from_bytes(platform.tensors.get(digest), source=f"cache {cache_id}")

@@ -1,0 +1,170 @@
+"""Generate: a GPU worker's batch claimed, generated, written with sidecars, scored and recorded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from sqlalchemy import select
+
+from db import claims
+from db.models import Generation, Prompt, Score, Subject, SubjectCache
+from db.repository import insert_missing
+from db.session import transaction
+from flows.platform import Platform, safe_key_part, worker_id
+from flows.steps.caches import load_cache
+from flows.steps.shared import png, reference, sha256
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchResult:
+    done: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # done already, or held by another worker
+
+
+def output_key(prefix: str, sku: str, identity: str) -> str:
+    return f"{prefix}/{safe_key_part(sku)}/{identity[:20]}.png"
+
+
+def sidecar_key(shot_key: str) -> str:
+    return shot_key.removesuffix(".png") + ".json"
+
+
+def text_only_key(shot_key: str) -> str:
+    """Where a shot's text-only twin (same prompt and seed, no cache) is stored: beside the shot."""
+    return shot_key.removesuffix(".png") + ".text-only.png"
+
+
+def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: str, batch_size: int = 16,
+             compare_text_only: bool = False) -> BatchResult:
+    """The batch function of a GPU worker: claim, generate, write images and sidecars, score, record.
+
+    With `compare_text_only`, each shot's text-only twin is generated in the same pipeline call and
+    stored beside it. The twin is no part of the generation's identity: asking for it regenerates nothing.
+    """
+    me = worker_id()
+    with transaction(platform.sessions) as s:
+        claimed = claims.claim(s, Generation, me, len(generation_ids), platform.lease,
+                               [Generation.id.in_(list(generation_ids))])
+    result = BatchResult(skipped=sorted(set(generation_ids) - set(claimed)))
+    if not claimed:
+        return result
+    with transaction(platform.sessions) as s:
+        rows = s.execute(
+            select(Generation, Prompt.text, Subject).join(Prompt, Prompt.id == Generation.prompt_id)
+            .join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
+            .join(Subject, Subject.id == SubjectCache.subject_id).where(Generation.id.in_(claimed))
+            .order_by(Generation.id)).all()
+        references = {subject.id: reference(platform, s, subject.id)[1] for _, _, subject in rows}
+    caches = {}
+    for gen, _, subject in rows:
+        if gen.subject_cache_id not in caches:
+            try:
+                caches[gen.subject_cache_id] = load_cache(platform, gen.subject_cache_id)
+            except Exception as exc:  # neither loadable nor recomputable: this product's images fail, not the batch
+                caches[gen.subject_cache_id] = exc
+    unusable = [(g, t, sub) for g, t, sub in rows if isinstance(caches[g.subject_cache_id], Exception)]
+    if unusable:
+        with transaction(platform.sessions) as s:
+            for gen, _, subject in unusable:
+                claims.fail(s, Generation, gen.id, me, f"feature cache of {subject.sku} unavailable: "
+                                                       f"{caches[gen.subject_cache_id]}")
+        result.failed += [g.id for g, _, _ in unusable]
+        rows = [r for r in rows if not isinstance(caches[r[0].subject_cache_id], Exception)]
+    size = batch_size
+    while rows:
+        part = rows[:size]
+        # Renew the leases of what this call still holds: a long (or split) batch is not taken over.
+        with transaction(platform.sessions) as s:
+            claims.heartbeat(s, Generation, [g.id for g, _, _ in rows], me, platform.lease)
+        try:
+            _generate_part(platform, part, caches, references, output_prefix, compare_text_only, result)
+        except GpuOutOfMemory as exc:
+            if len(part) > 1:  # the images are fine, the batch is too large: retry smaller, keep that size
+                size = max(1, len(part) // 2)
+                logger.warning("out of GPU memory for a batch of %d images (generations %s): splitting it, "
+                               "batches of %d from now on", len(part), [g.id for g, _, _ in part], size)
+                _free_gpu_memory()
+                continue
+            gen, _, subject = part[0]
+            with transaction(platform.sessions) as s:
+                claims.fail(s, Generation, gen.id, me, f"out of GPU memory for a single image of {subject.sku} "
+                                                       f"(generation {gen.id}): {exc.__cause__}")
+            result.failed.append(gen.id)
+        rows = rows[len(part):]
+    return result
+
+
+class GpuOutOfMemory(RuntimeError):
+    """The pipeline ran out of GPU memory for a batch; a smaller batch may fit."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _free_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generate_part(platform, part, caches, references, output_prefix, compare_text_only: bool,
+                   result: BatchResult) -> None:
+    """Generate, write and record one batch; raises GpuOutOfMemory (nothing recorded) for the caller to split."""
+    me, pipe, first = worker_id(), platform.pipeline, part[0][0]
+    texts, seeds = [text for _, text, _ in part], [g.seed for g, _, _ in part]
+    subjects = [caches[g.subject_cache_id] for g, _, _ in part]
+    if compare_text_only:  # the twins as rows without a subject: each image depends on its own row only
+        texts, seeds, subjects = texts * 2, seeds * 2, subjects + [None] * len(part)
+    started = time.perf_counter()
+    try:
+        images = pipe(texts, subject=subjects, seed=seeds, guidance=first.guidance, guidance_scale=first.text_scale,
+                      image_guidance_scale=first.image_scale, num_inference_steps=first.steps,
+                      resolution=first.resolution, batch_size=len(texts), progress=False).images
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise GpuOutOfMemory(f"out of GPU memory for a batch of {len(texts)} images") from exc
+        logger.exception("generation batch %s failed", [g.id for g, _, _ in part])
+        with transaction(platform.sessions) as s:
+            for gen, _, _ in part:
+                claims.fail(s, Generation, gen.id, me, f"{type(exc).__name__}: {exc}")
+        result.failed += [g.id for g, _, _ in part]
+        return
+    seconds = (time.perf_counter() - started) / len(texts)  # per image, twins too: comparable across runs
+    images, twins = images[: len(part)], images[len(part) :] or [None] * len(part)
+    scores = (platform.scorer.score(images, [references[sub.id] for _, _, sub in part], [t for _, t, _ in part],
+                                    [sub.category for _, _, sub in part],
+                                    names=[f"{sub.sku} seed {g.seed}" for g, _, sub in part])
+              if platform.scorer.available else [[] for _ in part])
+    for (gen, text, subject), image, twin, image_scores in zip(part, images, twins, scores):
+        identity = sha256(f"{subject.content_sha256}|{sha256(text)}|{gen.seed}|{gen.params_sha256}")
+        key = output_key(output_prefix, subject.sku, identity)
+        sidecar = dict(generation_id=gen.id, sku=subject.sku, category=subject.category, prompt=text, seed=gen.seed,
+                       parameters=gen.parameters, scores={s.label: s.value for s in image_scores},
+                       scorer_models=sorted({s.scorer_model_id for s in image_scores}))
+        try:
+            if twin is not None:  # written first: the sidecar that names it must not point to nothing
+                sidecar["text_only_uri"] = platform.objects.put(text_only_key(key), png(twin), "image/png").uri
+            stored = platform.objects.put(key, png(image), "image/png")
+            platform.objects.put(sidecar_key(key), json.dumps(sidecar, indent=2).encode(), "application/json")
+            with transaction(platform.sessions) as s:
+                insert_missing(s, Score, [dict(generation_id=gen.id, metric=sc.metric, masked=sc.masked, value=sc.value,
+                                               scorer_model_id=sc.scorer_model_id) for sc in image_scores])
+                claims.complete(s, Generation, gen.id, me, output_uri=stored.uri, duration_s=seconds)
+            result.done.append(gen.id)
+        except claims.LostClaimError:
+            result.skipped.append(gen.id)  # our lease ran out and another worker took it over
+        except Exception as exc:  # an upload that failed after its retries: the item fails, the batch goes on
+            with transaction(platform.sessions) as s:
+                claims.fail(s, Generation, gen.id, me, f"writing results failed: {exc}")
+            result.failed.append(gen.id)

@@ -1,0 +1,37 @@
+"""Ingest: each product image read, checked and recorded once per (SKU, content)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from db.models import Subject
+from db.repository import ids_by_key, insert_missing
+from db.session import transaction
+from dreamcache.core.errors import DreamCacheError
+from dreamcache.core.images import decode_image
+from flows.platform import Platform
+from flows.sources import SourceItem, read_uri
+from flows.steps.runs import reject
+from flows.steps.shared import sha256
+
+
+def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem]) -> list[int]:
+    """Read and validate each image, record each product once per (SKU, content); bad images are rejected."""
+    rows, rejected = [], []
+    for item in items:
+        try:
+            data = read_uri(item.uri)
+            decode_image(data, item.uri)
+        except DreamCacheError as exc:
+            rejected.append((item.uri, str(exc)))
+            continue
+        except Exception as exc:  # unreachable URI, permissions, ...: this item only
+            rejected.append((item.uri, f"cannot be read: {exc}"))
+            continue
+        rows.append(dict(sku=item.sku, category=item.category, source_uri=item.uri, content_sha256=sha256(data),
+                         attributes=item.attributes))
+    reject(platform, run_id, "ingest", rejected)
+    with transaction(platform.sessions) as s:
+        insert_missing(s, Subject, rows)
+        ids = ids_by_key(s, Subject, ["sku", "content_sha256"], [(r["sku"], r["content_sha256"]) for r in rows])
+    return sorted(set(ids.values()))

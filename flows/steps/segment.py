@@ -1,0 +1,58 @@
+"""Segment: each product cut out once per method, its mask and reference on white stored."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from PIL import Image
+from sqlalchemy import select
+
+from db.models import Segmentation, Subject
+from db.repository import insert_missing
+from db.session import transaction
+from dreamcache.core.errors import DreamCacheError
+from dreamcache.core.images import decode_image
+from dreamcache.perception.segmentation import SegmentationError
+from flows.platform import Platform, safe_key_part
+from flows.sources import read_uri
+from flows.steps.runs import reject
+from flows.steps.shared import png
+
+
+def segment(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list[int]:
+    """Cut each product out once per method; returns the subjects with a usable cut-out."""
+    method = platform.segmenter.method
+    resolution = platform.pipeline.resolution
+    with transaction(platform.sessions) as s:
+        done = {row.subject_id: row for row in s.scalars(
+            select(Segmentation).where(Segmentation.subject_id.in_(subject_ids),
+                                       Segmentation.method.like(method + "%")))}
+        subjects = s.scalars(select(Subject).where(Subject.id.in_(subject_ids))).all()
+    usable, rejected, rows = [], [], []
+    for subject in subjects:
+        if subject.id in done:
+            if done[subject.id].quality != "rejected":
+                usable.append(subject.id)
+            continue
+        try:
+            image = decode_image(read_uri(subject.source_uri), subject.source_uri)
+            cut = platform.segmenter.segment(image, subject.category, name=f"{subject.sku} ({subject.source_uri})")
+        except (SegmentationError, DreamCacheError) as exc:
+            rejected.append((subject.sku, str(exc)))
+            # Every row names every column: one multi-row INSERT needs the same keys in each row.
+            rows.append(dict(subject_id=subject.id, method=method, mask_uri=None, reference_uri=None,
+                             area_fraction=None, largest_component_share=None, touches_border=None,
+                             quality="rejected", message=str(exc)))
+            continue
+        folder = f"subjects/{subject.content_sha256}/{safe_key_part(cut.method)}"
+        mask = platform.objects.put(f"{folder}/mask.png", png(Image.fromarray(cut.mask)), "image/png")
+        reference = platform.objects.put(f"{folder}/reference-{resolution}.png",
+                                         png(cut.subject_on_white(image, resolution)), "image/png")
+        rows.append(dict(subject_id=subject.id, method=cut.method, mask_uri=mask.uri, reference_uri=reference.uri,
+                         area_fraction=cut.area_fraction, largest_component_share=cut.largest_component_share,
+                         touches_border=cut.touches_border, quality=cut.quality, message="; ".join(cut.warnings) or None))
+        usable.append(subject.id)
+    reject(platform, run_id, "segment", rejected)
+    with transaction(platform.sessions) as s:
+        insert_missing(s, Segmentation, rows)
+    return sorted(usable)

@@ -1,0 +1,48 @@
+"""Contact sheets: per product, its reference and best shots (each beside its text-only twin)."""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from sqlalchemy import select
+
+from db import queries
+from db.models import Generation, Prompt, Subject, SubjectCache, WorkStatus
+from db.session import transaction
+from dreamcache.perception.contact_sheet import contact_sheet
+from flows.platform import Platform, safe_key_part
+from flows.steps.generate import sidecar_key
+from flows.steps.shared import png, read_image, reference
+
+
+def contact_sheets(platform: Platform, run_id: int, subject_ids: Sequence[int], output_prefix: str,
+                   per_sheet: int = 12) -> dict[str, str]:
+    """One contact sheet per product: reference, then its best shots of this run with their scores (each beside
+    its text-only twin where the sidecar names one)."""
+    sheets = {}
+    with transaction(platform.sessions) as s:
+        for subject in s.scalars(select(Subject).where(Subject.id.in_(subject_ids))):
+            gens = s.execute(
+                select(Generation, Prompt.text).join(Prompt, Prompt.id == Generation.prompt_id)
+                .join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
+                .where(SubjectCache.subject_id == subject.id, Generation.run_id == run_id,
+                       Generation.status == WorkStatus.done).order_by(Generation.id)).all()
+            if not gens:
+                continue
+            scores = queries.scores_by_generation(s, [g.id for g, _ in gens])
+            gens = sorted(gens, key=lambda g: -scores.get(g[0].id, {}).get("mdino", scores.get(g[0].id, {}).get("dino", 0)))
+            shots, twins = [], []
+            for gen, text in gens[:per_sheet]:
+                key = platform.objects.key_of(gen.output_uri)
+                values = "  ".join(f"{k} {v:.2f}" for k, v in sorted(scores.get(gen.id, {}).items()))
+                shots.append((read_image(platform, key), f"{text} (seed {gen.seed}) {values}"))
+                twin_uri = json.loads(platform.objects.get(sidecar_key(key))).get("text_only_uri")
+                twins.append((read_image(platform, platform.objects.key_of(twin_uri)), f"{text} (seed {gen.seed})")
+                             if twin_uri else None)
+            _, product = reference(platform, s, subject.id)
+            sheet = contact_sheet(product, shots, title=f"{subject.sku} ({subject.category or 'product'})",
+                                  text_only=twins)
+            key = f"{output_prefix}/{safe_key_part(subject.sku)}/contact_sheet.png"
+            sheets[subject.sku] = platform.objects.put(key, png(sheet), "image/png").uri
+    return sheets

@@ -1,0 +1,95 @@
+import logging
+
+import pytest
+from PIL import Image
+
+from dreamcache.perception.scoring import Scorer
+from dreamcache.perception.segmentation import BorderColourSegmenter
+from tests.helpers import save_tiny_scorers, scene
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    clip, dino = save_tiny_scorers(tmp_path_factory.mktemp("scorers"))
+    return Scorer(clip, dino, segmenter=BorderColourSegmenter())
+
+
+def by_label(scores):
+    return {s.label: s.value for s in scores}
+
+
+def test_identical_images_score_one(scorer):
+    image, _ = scene(background=(240, 240, 240))
+    (scores,) = scorer.score([image], [image], ["a mug"], ["mug"])
+    values = by_label(scores)
+    assert set(values) == {"clip-i", "clip-t", "dino", "mclip-i", "mdino"}
+    for label in ("clip-i", "dino", "mclip-i", "mdino"):
+        assert values[label] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= values["clip-t"] <= 1.0
+
+
+def test_a_changed_background_lowers_only_the_unmasked_scores(scorer):
+    studio, _ = scene(background=(245, 245, 245))
+    beach, _ = scene(background=(230, 200, 120))
+    (scores,) = scorer.score([beach], [studio], ["a mug on a beach"], ["mug"])
+    values = by_label(scores)
+    assert values["mdino"] == pytest.approx(1.0, abs=2e-3) and values["mclip-i"] == pytest.approx(1.0, abs=2e-3)
+    assert values["dino"] < values["mdino"] - 0.01 and values["clip-i"] < values["mclip-i"] - 0.01
+
+
+def test_scores_carry_the_scorer_model(scorer):
+    image, _ = scene()
+    (scores,) = scorer.score([image], [image], ["a mug"])
+    assert {s.scorer_model_id.rsplit("/", 1)[-1] for s in scores} == {"clip", "dino"}
+
+
+def test_an_unsegmentable_shot_gets_no_masked_score(scorer, caplog):
+    product, _ = scene()
+    blank = Image.new("RGB", product.size, (128, 128, 128))
+    with caplog.at_level(logging.WARNING):
+        (scores,) = scorer.score([blank], [product], ["a mug"], ["mug"], names=["MUG-1 seed 3"])
+    assert set(by_label(scores)) == {"clip-i", "clip-t", "dino"}
+    assert "MUG-1 seed 3 (generated): mask is blank" in caplog.text
+
+
+def test_without_models_nothing_is_recorded(caplog):
+    with caplog.at_level(logging.WARNING):
+        scorer = Scorer()
+    image, _ = scene()
+    assert not scorer.available
+    assert scorer.score([image], [image], ["a mug"]) == [[]]
+    assert "no CLIP (DREAMCACHE_CLIP_MODEL) or DINO (DREAMCACHE_DINO_MODEL) model configured" in caplog.text
+
+
+def test_batches_give_the_same_scores(tmp_path):
+    clip, dino = save_tiny_scorers(tmp_path)
+    images = [scene(background=(240, 240, 240 - 20 * i))[0] for i in range(5)]
+    refs = [scene()[0]] * 5
+    whole = Scorer(clip, dino, batch_size=8).score(images, refs, ["a mug"] * 5)
+    pieces = Scorer(clip, dino, batch_size=2).score(images, refs, ["a mug"] * 5)
+    for a, b in zip(whole, pieces):
+        assert [s.label for s in a] == [s.label for s in b]
+        assert [s.value for s in a] == pytest.approx([s.value for s in b], abs=1e-5)
+
+
+def test_the_bundled_model_scores_with_the_world_clip_in_float32(monkeypatch):
+    import torch
+
+    from dreamcache.app.config import BUNDLED_DIR, Settings
+    from dreamcache.app.loading import load_scorer
+    from dreamcache.world import scene as world
+
+    for name in ("DREAMCACHE_CONFIG", "DREAMCACHE_BASE_MODEL", "DREAMCACHE_CLIP_MODEL", "DREAMCACHE_DINO_MODEL",
+                 "DREAMCACHE_SAM_CHECKPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    scorer = load_scorer(Settings(device="cpu"))
+    assert scorer.clip.model_id == str(BUNDLED_DIR / "clip") and scorer.dino is None
+    assert scorer.clip.model.dtype == torch.float32  # saved in float16
+    item = world.held_out_products(1)[0]
+    # City scenes: dark and even, where the default (border-colour) segmenter finds the product.
+    shot, _ = world.scene_image(item, "city", 128, seed=0)
+    (scores,) = scorer.score([shot], [world.reference_image(item, 128, seed=0)], [world.caption(item.family, "city")],
+                             [item.family])
+    values = by_label(scores)
+    assert set(values) == {"clip-i", "clip-t", "mclip-i"}
+    assert all(-1.0 <= v <= 1.0 for v in values.values())
