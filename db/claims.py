@@ -38,16 +38,20 @@ def claim(
     lease: timedelta,
     where: Sequence = (),
     now: datetime | None = None,
+    dead_owners: Sequence[str] = (),
 ) -> list[int]:
-    """Claim up to `limit` items of `model` matching `where`; returns their ids, oldest first."""
+    """Claim up to `limit` items of `model` matching `where`; returns their ids, oldest first.
+
+    Claimable: pending items, running items whose lease expired, and running items of `dead_owners`
+    (workers known to be dead, whose leases need not be waited out)."""
     now = now or utcnow()
+    taken_over = (model.status == WorkStatus.running) & (model.lease_expires_at < now)
+    if dead_owners:
+        taken_over = taken_over | ((model.status == WorkStatus.running) & model.claimed_by.in_(list(dead_owners)))
     claimable = (
         select(model.id)
         .where(
-            or_(
-                model.status == WorkStatus.pending,
-                (model.status == WorkStatus.running) & (model.lease_expires_at < now),
-            ),
+            or_(model.status == WorkStatus.pending, taken_over),
             *where,
         )
         .order_by(model.id)
@@ -96,6 +100,37 @@ def heartbeat(session: Session, model: type[Item], ids: Sequence[int], worker: s
         .execution_options(synchronize_session=False)
     )
     return result.rowcount
+
+
+def renew_all(session: Session, model: type[Item], worker: str, lease: timedelta) -> int:
+    """Extend the lease of every item `worker` holds (its heartbeat); returns how many it holds."""
+    result = session.execute(
+        update(model)
+        .where(model.status == WorkStatus.running, model.claimed_by == worker)
+        .values(lease_expires_at=utcnow() + lease)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
+def release_all(session: Session, model: type[Item], worker: str, ids: Sequence[int] | None = None) -> int:
+    """Give back the items `worker` holds (all, or those of `ids`): pending again, the attempt not counted.
+    For a worker that stops, or a step that ends without finishing what it claimed."""
+    where = [model.status == WorkStatus.running, model.claimed_by == worker]
+    if ids is not None:
+        where.append(model.id.in_(list(ids)))
+    result = session.execute(
+        update(model).where(*where)
+        .values(status=WorkStatus.pending, claimed_by=None, lease_expires_at=None, attempts=model.attempts - 1)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
+def holders(session: Session, model: type[Item], where: Sequence = ()) -> list[str]:
+    """The workers holding running items of `model` matching `where`."""
+    return sorted(session.scalars(select(model.claimed_by).where(model.status == WorkStatus.running, *where)
+                                  .distinct()))
 
 
 def retry_failed(session: Session, model: type[Item], where: Sequence = ()) -> int:

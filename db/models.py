@@ -132,9 +132,11 @@ class Prompt(Timestamped, Base):
 class RunStatus(str, enum.Enum):
     pending = "pending"
     running = "running"
-    completed = "completed"
-    failed = "failed"
-    cancelled = "cancelled"
+    completed = "completed"  # everything it planned is done, or failed with a reason
+    incomplete = "incomplete"  # it ended with planned work still open (held by other workers)
+    failed = "failed"  # it stopped on an error (recorded in `error`)
+    cancelled = "cancelled"  # stopped by SIGTERM or SIGINT; its claims were given back
+    crashed = "crashed"  # its process died (found by a later run: no heartbeat, or the process gone)
 
 
 class Run(Timestamped, Base):
@@ -152,6 +154,8 @@ class Run(Timestamped, Base):
     finished_at: Mapped[datetime | None]
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text)
+    owner: Mapped[str | None]  # the process running it, "host:pid" (as claims name their worker)
+    heartbeat_at: Mapped[datetime | None]  # renewed while the owner lives
 
 
 class Generation(WorkItem, Base):

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ MULTIPART_THRESHOLD = 16 * 1024 * 1024
 # minute per attempt). Read when a store is opened, so tests and operators can tune them.
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 30
+# Temporary files and multipart uploads older than this were left by a writer that died (a write
+# in flight takes seconds): cleaned up at the start of each run.
+STALE_AFTER_S = 3600
 MAX_ATTEMPTS = 8  # per request, first attempt included: the standard mode's backoff caps each wait at 20 s
 
 
@@ -77,6 +81,7 @@ class ObjectStore(Protocol):
     def uri(self, key: str) -> str: ...
     def key_of(self, uri: str) -> str: ...
     def public_url(self, key: str, expires_s: int = 3600) -> str: ...
+    def remove_stale_temporaries(self, older_than_s: float = STALE_AFTER_S) -> int: ...
 
 
 def _verify(uri: str, data: bytes, expected: str | None) -> bytes:
@@ -87,6 +92,9 @@ def _verify(uri: str, data: bytes, expected: str | None) -> bytes:
 
 class LocalStore:
     """A directory: writes are atomic (temporary file, then rename)."""
+
+    # A write in flight is a dot-file beside its target: `.<name>.<random>`.
+    _TEMPORARY = re.compile(r"^\.[^/]+\.[A-Za-z0-9_]{8}$")
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
@@ -133,6 +141,16 @@ class LocalStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self, older_than_s: float = STALE_AFTER_S) -> int:
+        """Delete what writes killed mid-way left behind (their temporary files), not writes in flight;
+        returns how many."""
+        cutoff, removed = time.time() - older_than_s, 0
+        for path in self.root.rglob(".*"):
+            if path.is_file() and self._TEMPORARY.match(path.name) and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def list(self, prefix: str = "") -> Iterator[str]:
         folder = prefix.rpartition("/")[0]
@@ -241,6 +259,20 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def remove_stale_temporaries(self, older_than_s: float = STALE_AFTER_S) -> int:
+        """Abort multipart uploads under the prefix that a killed writer left open (their parts cost
+        storage until aborted); returns how many."""
+        from datetime import datetime, timezone
+
+        cutoff, removed = datetime.now(timezone.utc).timestamp() - older_than_s, 0
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else ""):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() < cutoff:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    removed += 1
+        return removed
 
     def list(self, prefix: str = "") -> Iterator[str]:
         root = f"{self.prefix}/" if self.prefix else ""

@@ -25,6 +25,7 @@ from db.session import transaction
 from flows.sources import SourceItem, list_source
 from flows.steps import caches, generate, ingest, plan, runs, segment, sheets
 from flows.steps.shared import chunks
+from flows import liveness
 from flows.params import CatalogueRunParams
 from flows.platform import get_platform
 
@@ -65,8 +66,8 @@ def generate_task(generation_ids: list[int], output_prefix: str, batch_size: int
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def contact_sheets_task(run_id: int, subject_ids: list[int], output_prefix: str) -> dict[str, str]:
-    return sheets.contact_sheets(get_platform(), run_id, subject_ids, output_prefix)
+def contact_sheets_task(subject_ids: list[int], output_prefix: str) -> dict[str, str]:
+    return sheets.contact_sheets(get_platform(), subject_ids, output_prefix)
 
 
 class Runner:
@@ -126,9 +127,16 @@ class PrefectRunner(Runner):
         create_table_artifact(key="catalogue-run-products", table=summary.get("products", []) or [{}],
                               description="Products of this run with their best scores")
         sheets = summary.get("contact_sheets", {})
-        lines = [f"# Catalogue run {summary.get('run_id')}", "",
+        lines = [f"# Catalogue run {summary.get('run_id')}: {summary.get('status')}", "",
                  f"{summary['images_generated']} images generated, {summary['images_failed']} failed, "
-                 f"{summary['rejected']} inputs rejected; output `{summary['output']}`.", "", "## Contact sheets", ""]
+                 f"{summary['rejected']} inputs rejected; output `{summary['output']}`.", ""]
+        if summary.get("status") == "incomplete":
+            lines += [f"**Incomplete**: {summary['images_open']} images and {summary['caches_open']} product caches "
+                      "are still open; run again once they are free.", "", "| generation | held by | free at |",
+                      "|---|---|---|"]
+            lines += [f"| {h['generation_id']} | {h['held_by']} | {h['free_at']} |" for h in summary["held"]]
+            lines += [""]
+        lines += ["## Contact sheets", ""]
         lines += [f"- **{sku}**: [{uri}]({_public(uri)})" for sku, uri in sheets.items()] or ["(none)"]
         if summary.get("rejections"):
             lines += ["", "## Rejected inputs", "", "| stage | item | reason |", "|---|---|---|"]
@@ -205,6 +213,9 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         return runs.dry_run(platform, params)
     platform.migrate()
     run_id = runs.start_run(platform, params, flow_run_id, name)
+    removed = platform.objects.remove_stale_temporaries()
+    if removed:
+        logger.info("removed %d temporary objects left by writers that died", removed)
     try:
         on_stage("listing products")
         listing = list_source(params.source)
@@ -226,13 +237,21 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         on_stage("contact sheets")
         sheet_uris = {}
         for part in runner.map(contact_sheets_task,
-                               [(run_id, g, params.output_prefix) for g in chunks(usable, INGEST_BATCH)]):
+                               [(g, params.output_prefix) for g in chunks(usable, INGEST_BATCH)]):
             sheet_uris.update(part)
+        with transaction(platform.sessions) as session:
+            caches_open = caches.open_caches(session, platform, usable)
         summary = runs.summarise(platform, run_id, len(listing.items), subject_ids, cache_ids, len(todo), sheet_uris,
-                                  params.output_prefix)
+                                  params.output_prefix, caches_open)
         summary["run_id"] = run_id
         with transaction(platform.sessions) as session:
             summary["products"] = queries.best_scores(session, run_id)
+    except KeyboardInterrupt:
+        runs.cancel_run(platform, run_id, "interrupted (SIGINT)")
+        raise
+    except liveness.Cancelled as exc:
+        runs.cancel_run(platform, run_id, f"stopped ({exc})")
+        raise
     except Exception as exc:
         runs.finish_run(platform, run_id, {}, error=f"{type(exc).__name__}: {exc}")
         raise
@@ -246,7 +265,19 @@ def catalogue_run(params: CatalogueRunParams) -> dict:
     """Personalised product shots for a catalogue: ingest, segment, cache once, generate, score, write back."""
     from prefect.runtime import flow_run
 
-    return orchestrate(params, PrefectRunner(), flow_run_id=str(flow_run.id), name=flow_run.name)
+    summary = orchestrate(params, PrefectRunner(), flow_run_id=str(flow_run.id), name=flow_run.name)
+    if summary.get("status") == "incomplete":  # the flow run fails, so that schedulers and the UI see it
+        raise RunIncomplete(summary)
+    return summary
+
+
+class RunIncomplete(RuntimeError):
+    """A run that ended with planned work still open (held by other workers); carries its summary."""
+
+    def __init__(self, summary: dict):
+        super().__init__(f"incomplete: {summary['images_open']} images and {summary['caches_open']} product caches are "
+                         "still open (held by other workers); run again once they are free")
+        self.summary = summary
 
 
 def run_embedded(params: CatalogueRunParams, progress: bool = True) -> dict:

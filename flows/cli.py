@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -98,6 +99,13 @@ def run(
         use_prefect = bool(os.environ.get("PREFECT_API_URL"))
     typer.echo(f"model {settings.base_model} on {settings.torch_device}; database {_safe(settings.resolved_database_url)}; "
                f"objects {settings.resolved_objects_url}; {'Prefect' if use_prefect else 'embedded'} run")
+    from flows.catalogue import RunIncomplete
+    from flows.liveness import Cancelled
+
+    def stop(signum, frame):  # SIGTERM (Kubernetes, systemd, kill): stop as cleanly as on Ctrl-C
+        raise Cancelled(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         if use_prefect:
             from flows.catalogue import catalogue_run
@@ -107,9 +115,27 @@ def run(
             from flows.catalogue import run_embedded
 
             summary = run_embedded(params)
+    except KeyboardInterrupt:
+        typer.secho("\ninterrupted: the run is cancelled and what it held is free for the next run", err=True,
+                    fg=typer.colors.YELLOW)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Cancelled as exc:
+        typer.secho(f"\nstopped by {exc}: the run is cancelled and what it held is free for the next run", err=True,
+                    fg=typer.colors.YELLOW)
+        raise typer.Exit(EXIT_TERMINATED) from None
+    except RunIncomplete as exc:  # on Prefect, the flow run fails; the summary says what is open
+        summary = exc.summary
     except Exception as exc:
         library_cli.fail(f"the run could not complete: {type(exc).__name__}: {exc}")
     _print_summary(summary, settings)
+    if summary.get("status") == "incomplete":
+        raise typer.Exit(EXIT_INCOMPLETE)
+
+
+# Exit codes of `dreamcache run` (documented in docs/catalogue-runs.md, for schedulers): 0 completed, 1 failed
+# (or bad input before any work), 3 incomplete (work still held by other workers: run again later),
+# 130 interrupted (SIGINT), 143 stopped (SIGTERM).
+EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED = 3, 130, 143
 
 
 def _print_summary(summary: dict, settings: Settings) -> None:
@@ -127,6 +153,14 @@ def _print_summary(summary: dict, settings: Settings) -> None:
         f"({summary['images_planned']} to do this run)")
     for r in summary["rejections"]:
         typer.secho(f"  rejected at {r['stage']}: {r['item']}: {r['reason']}", fg=typer.colors.YELLOW)
+    if summary.get("status") == "incomplete":
+        typer.secho(f"incomplete: {summary['images_open']} images and {summary['caches_open']} product caches are still "
+                    "open", fg=typer.colors.YELLOW)
+        for held in summary["held"]:
+            typer.secho(f"  generation {held['generation_id']} held by {held['held_by']} until {held['free_at']}",
+                        fg=typer.colors.YELLOW)
+        typer.secho("  run again once they are free (a live worker finishes them; a dead one's are taken over at once)",
+                    fg=typer.colors.YELLOW)
     typer.echo(f"images and sidecars: {summary['output']}")
     for sku, uri in summary["contact_sheets"].items():
         typer.echo(f"contact sheet {sku}: {uri}")

@@ -25,10 +25,18 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+_ESCAPED = re.compile(r"-[0-9a-f]{8}$")  # the suffix an escaped part ends with
+
+
 def safe_key_part(text: str, limit: int = 80) -> str:
-    """A SKU or name made safe for object keys and file names; distinct inputs stay distinct."""
+    """A SKU or name made safe for object keys and file names; distinct inputs stay distinct.
+
+    A text that changes when cleaned gets a hash of the original appended. So does a text that
+    already ends the way an escaped one does (`a_b-1f2e3d4c`): otherwise the SKU "a b" and the SKU
+    that is literally its escaped form would share a folder.
+    """
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")[:limit] or "_"
-    if cleaned != text:
+    if cleaned != text or _ESCAPED.search(text):
         cleaned += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
     return cleaned
 
@@ -93,6 +101,15 @@ class Platform:
 
             self._models["scorer"] = load_scorer(self.settings, self.segmenter)
         return self._models["scorer"]
+
+    @cached_property
+    def heartbeat(self):
+        """This process's heartbeat (started on first use): its leases and runs renewed while it lives."""
+        from flows.liveness import Heartbeat
+
+        beat = Heartbeat(self.sessions, worker_id(), self.lease)
+        beat.start()
+        return beat
 
     def load(self, *names: str) -> None:
         """Load these models (pipeline, segmenter, scorer) now rather than on first use: before a

@@ -62,7 +62,8 @@ class Settings(BaseSettings):
         "S3 endpoint and credentials come from the standard AWS environment and config.",
     )
     lease_seconds: int = Field(
-        default=600, ge=5, description="How long a worker holds a claimed item without renewing; then others may take it."
+        default=60, ge=5, description="How long a claimed item and a run stay a worker's without a heartbeat (renewed "
+        "every quarter of it while the worker lives); then others may take the items, and the run counts as crashed.",
     )
     base_model: str = Field(
         default=BUNDLED_MODEL,

@@ -75,17 +75,27 @@ class FeatureCache:
         return self._hash
 
     def to_bytes(self) -> bytes:
+        """The cache as safetensors bytes; the same cache gives the same bytes in any process.
+
+        safetensors keeps its metadata in a map whose order varies between processes, so everything
+        goes in one entry (canonical JSON): a cache recomputed elsewhere is stored once, not twice.
+        """
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors.items()}
-        header = {"dreamcache": self.metadata.to_json(), "content_sha256": self.content_hash}
-        return save_safetensors_bytes(tensors, metadata=header)
+        header = json.dumps({"metadata": json.loads(self.metadata.to_json()), "content_sha256": self.content_hash},
+                            sort_keys=True, separators=(",", ":"))
+        return save_safetensors_bytes(tensors, metadata={"dreamcache": header})
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "FeatureCache":
         try:
             tensors = load_safetensors_bytes(data)
             header = _safetensors_header(data)
-            metadata = CacheMetadata.from_json(header["dreamcache"])
-            stored_hash = header["content_sha256"]
+            if "content_sha256" in header:  # the first layout: two entries
+                metadata, stored_hash = CacheMetadata.from_json(header["dreamcache"]), header["content_sha256"]
+            else:
+                packed = json.loads(header["dreamcache"])
+                metadata = CacheMetadata.from_json(json.dumps(packed["metadata"]))
+                stored_hash = packed["content_sha256"]
         except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             raise CacheError(f"feature cache {source} is unreadable or not a DreamCache cache ({exc})") from exc
         if metadata.format != FORMAT:

@@ -15,25 +15,43 @@ from db.session import transaction
 from db.tensors import requeue_cache
 from dreamcache.core.cache import FeatureCache
 from dreamcache.core.errors import DreamCacheError
+from flows import liveness
 from flows.platform import Platform, worker_id
-from flows.steps.shared import chunks, reference
+from flows.steps.shared import chunks, giving_back, reference
 
 logger = logging.getLogger(__name__)
 
 
+def cache_key(platform: Platform) -> dict:
+    """The model configuration a cache is made for (the columns of its identity besides the subject)."""
+    ident = platform.identity
+    return dict(base_model_id=ident.base_model_id, base_model_revision=ident.base_model_revision,
+                adapter_id=ident.adapter_id, layer_preset=ident.layer_preset, resolution=platform.pipeline.resolution,
+                timestep=1)
+
+
+def open_caches(session, platform: Platform, subject_ids: Sequence[int]) -> int:
+    """Caches of these products for the loaded model that are not finished (pending, or held)."""
+    key = cache_key(platform)
+    return len(session.scalars(select(SubjectCache.id).where(
+        SubjectCache.subject_id.in_(list(subject_ids)), SubjectCache.status.in_([WorkStatus.pending, WorkStatus.running]),
+        *[getattr(SubjectCache, k) == v for k, v in key.items()])).all())
+
+
 def cache(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list[int]:
     """Cache each product's features once per model configuration; returns the ready cache ids."""
-    ident, pipe = platform.identity, platform.pipeline
-    key = dict(base_model_id=ident.base_model_id, base_model_revision=ident.base_model_revision,
-               adapter_id=ident.adapter_id, layer_preset=ident.layer_preset, resolution=pipe.resolution, timestep=1)
+    ident, key = platform.identity, cache_key(platform)
     with transaction(platform.sessions) as s:
         insert_missing(s, SubjectCache, [dict(key, subject_id=i, dtype=ident.dtype) for i in subject_ids])
         mine = s.scalars(select(SubjectCache.id).where(
             SubjectCache.subject_id.in_(subject_ids), *[getattr(SubjectCache, k) == v for k, v in key.items()])).all()
         claims.retry_failed(s, SubjectCache, [SubjectCache.id.in_(mine)])
-        claimed = claims.claim(s, SubjectCache, worker_id(), len(mine) or 1, platform.lease, [SubjectCache.id.in_(mine)])
-    for batch in chunks(claimed, 32):
-        _compute_caches(platform, batch)
+        platform.heartbeat.start()  # what this process claims stays claimed only while it lives
+        claimed = claims.claim(s, SubjectCache, worker_id(), len(mine) or 1, platform.lease, [SubjectCache.id.in_(mine)],
+                               dead_owners=liveness.dead_owners(s, SubjectCache))
+    with giving_back(platform, SubjectCache, claimed):
+        for batch in chunks(claimed, 32):
+            _compute_caches(platform, batch)
     with transaction(platform.sessions) as s:
         return sorted(s.scalars(select(SubjectCache.id).where(SubjectCache.id.in_(mine),
                                                               SubjectCache.status == WorkStatus.done)))

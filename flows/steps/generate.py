@@ -14,9 +14,10 @@ from db import claims
 from db.models import Generation, Prompt, Score, Subject, SubjectCache
 from db.repository import insert_missing
 from db.session import transaction
+from flows import liveness
 from flows.platform import Platform, safe_key_part, worker_id
 from flows.steps.caches import load_cache
-from flows.steps.shared import png, reference, sha256
+from flows.steps.shared import giving_back, png, reference, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,20 @@ def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: s
     stored beside it. The twin is no part of the generation's identity: asking for it regenerates nothing.
     """
     me = worker_id()
+    platform.heartbeat.start()  # what this process claims stays claimed only while it lives
     with transaction(platform.sessions) as s:
         claimed = claims.claim(s, Generation, me, len(generation_ids), platform.lease,
-                               [Generation.id.in_(list(generation_ids))])
+                               [Generation.id.in_(list(generation_ids))], dead_owners=liveness.dead_owners(s, Generation))
     result = BatchResult(skipped=sorted(set(generation_ids) - set(claimed)))
-    if not claimed:
-        return result
+    if claimed:
+        with giving_back(platform, Generation, claimed):
+            _generate_claimed(platform, claimed, output_prefix, batch_size, compare_text_only, result)
+    return result
+
+
+def _generate_claimed(platform: Platform, claimed: list[int], output_prefix: str, batch_size: int,
+                      compare_text_only: bool, result: BatchResult) -> None:
+    me = worker_id()
     with transaction(platform.sessions) as s:
         rows = s.execute(
             select(Generation, Prompt.text, Subject).join(Prompt, Prompt.id == Generation.prompt_id)
@@ -98,7 +107,6 @@ def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: s
                                                        f"(generation {gen.id}): {exc.__cause__}")
             result.failed.append(gen.id)
         rows = rows[len(part):]
-    return result
 
 
 class GpuOutOfMemory(RuntimeError):

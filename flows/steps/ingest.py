@@ -12,11 +12,16 @@ from dreamcache.core.images import decode_image
 from flows.platform import Platform
 from flows.sources import SourceItem, read_uri
 from flows.steps.runs import reject
-from flows.steps.shared import sha256
+from flows.steps.shared import product_key, sha256
 
 
 def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem]) -> list[int]:
-    """Read and validate each image, record each product once per (SKU, content); bad images are rejected."""
+    """Read and validate each image, keep a copy of it in the object store, record each product once per
+    (SKU, content); bad images are rejected.
+
+    Every later step reads the copy, never the source again: a source file changed or deleted during
+    the run cannot give a product another image than the one its content hash names.
+    """
     rows, rejected = [], []
     for item in items:
         try:
@@ -28,7 +33,10 @@ def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem]) -> list
         except Exception as exc:  # unreachable URI, permissions, ...: this item only
             rejected.append((item.uri, f"cannot be read: {exc}"))
             continue
-        rows.append(dict(sku=item.sku, category=item.category, source_uri=item.uri, content_sha256=sha256(data),
+        digest = sha256(data)
+        if not platform.objects.exists(product_key(digest)):
+            platform.objects.put(product_key(digest), data)  # the copy first, then the row that names it
+        rows.append(dict(sku=item.sku, category=item.category, source_uri=item.uri, content_sha256=digest,
                          attributes=item.attributes))
     reject(platform, run_id, "ingest", rejected)
     with transaction(platform.sessions) as s:

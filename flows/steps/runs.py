@@ -7,11 +7,13 @@ from typing import Iterable
 
 from sqlalchemy import func, select
 
+from db import claims
 from db.models import Generation, RejectedItem, Run, RunStatus, WorkStatus, utcnow
 from db.session import transaction
 from dreamcache.core.images import decode_image
+from flows import liveness
 from flows.params import CatalogueRunParams
-from flows.platform import Platform
+from flows.platform import Platform, worker_id
 from flows.sources import list_source, read_uri
 from flows.steps.prompts import load_prompts
 
@@ -20,24 +22,49 @@ logger = logging.getLogger(__name__)
 
 def start_run(platform: Platform, params: CatalogueRunParams, flow_run_id: str | None = None,
               name: str | None = None) -> int:
+    """The run's record, owned by this process and kept alive by its heartbeat; runs whose owner died
+    are marked `crashed` first (their claims are free to take: see `liveness`)."""
+    me, now = worker_id(), utcnow()
     with transaction(platform.sessions) as s:
-        if flow_run_id:  # a retried flow run continues its own record
-            existing = s.scalar(select(Run).where(Run.flow_run_id == flow_run_id))
-            if existing:
-                existing.status, existing.finished_at, existing.error = RunStatus.running, None, None
-                return existing.id
-        run = Run(flow_run_id=flow_run_id, name=name, parameters=params.model_dump(mode="json"),
-                  status=RunStatus.running, started_at=utcnow())
-        s.add(run)
-        s.flush()
-        return run.id
+        liveness.mark_dead_runs(s, platform.lease)
+        run = s.scalar(select(Run).where(Run.flow_run_id == flow_run_id)) if flow_run_id else None
+        if run:  # a retried flow run continues its own record
+            run.status, run.finished_at, run.error = RunStatus.running, None, None
+            run.owner, run.heartbeat_at = me, now
+        else:
+            run = Run(flow_run_id=flow_run_id, name=name, parameters=params.model_dump(mode="json"),
+                      status=RunStatus.running, started_at=now, owner=me, heartbeat_at=now)
+            s.add(run)
+            s.flush()
+        run_id = run.id
+    platform.heartbeat.own(run_id)
+    return run_id
 
 
-def finish_run(platform: Platform, run_id: int, summary: dict, error: str | None = None) -> None:
+def finish_run(platform: Platform, run_id: int, summary: dict, error: str | None = None,
+               status: RunStatus | None = None) -> RunStatus:
+    """Record how the run ended: `failed` with an error, else `completed` when nothing it planned is open
+    (done, or failed with a reason) and `incomplete` when something is, or the `status` given."""
     with transaction(platform.sessions) as s:
         run = s.get(Run, run_id)
-        run.status = RunStatus.failed if error else RunStatus.completed
-        run.finished_at, run.summary, run.error = utcnow(), summary, error
+        if status is None:
+            open_work = summary.get("images_open", 0) + summary.get("caches_open", 0)
+            status = RunStatus.failed if error else RunStatus.incomplete if open_work else RunStatus.completed
+        summary["status"] = status.value
+        run.status, run.finished_at, run.summary, run.error = status, utcnow(), summary, error
+    platform.heartbeat.disown(run_id)
+    return status
+
+
+def cancel_run(platform: Platform, run_id: int, reason: str) -> int:
+    """A run stopped by a signal: every item this process holds given back, the run `cancelled`;
+    returns how many items were given back."""
+    me = worker_id()
+    with transaction(platform.sessions) as s:
+        released = sum(claims.release_all(s, model, me) for model in liveness.WORK_ITEMS)
+    finish_run(platform, run_id, {"cancelled": reason, "released": released}, error=reason, status=RunStatus.cancelled)
+    logger.warning("run %d cancelled (%s): %d claimed items given back", run_id, reason, released)
+    return released
 
 
 def reject(platform: Platform, run_id: int, stage: str, rejected: Iterable[tuple[str, str]]) -> None:
@@ -50,10 +77,11 @@ def reject(platform: Platform, run_id: int, stage: str, rejected: Iterable[tuple
 
 
 def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_ids, planned: int,
-              sheets: dict[str, str], output_prefix: str) -> dict:
+              sheets: dict[str, str], output_prefix: str, caches_open: int = 0) -> dict:
     with transaction(platform.sessions) as s:
         counts = dict(s.execute(select(Generation.status, func.count()).where(Generation.run_id == run_id)
                                 .group_by(Generation.status)).all())
+        still_open = liveness.open_items(s, run_id)
         rejected = [dict(stage=r.stage, item=r.item, reason=r.reason)
                     for r in s.scalars(select(RejectedItem).where(RejectedItem.run_id == run_id).order_by(RejectedItem.id))]
     return dict(
@@ -61,6 +89,7 @@ def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_i
         rejected=len(rejected), rejections=rejected[:100], images_planned=planned,
         images_generated=counts.get(WorkStatus.done, 0), images_failed=counts.get(WorkStatus.failed, 0),
         images_open=counts.get(WorkStatus.pending, 0) + counts.get(WorkStatus.running, 0),
+        caches_open=caches_open, held=still_open["held"],
         contact_sheets=sheets, output=platform.objects.uri(output_prefix),
     )
 

@@ -14,9 +14,8 @@ from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.images import decode_image
 from dreamcache.perception.segmentation import SegmentationError
 from flows.platform import Platform, safe_key_part
-from flows.sources import read_uri
 from flows.steps.runs import reject
-from flows.steps.shared import png
+from flows.steps.shared import SourceChanged, png, product_image
 
 
 def segment(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list[int]:
@@ -35,9 +34,9 @@ def segment(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list
                 usable.append(subject.id)
             continue
         try:
-            image = decode_image(read_uri(subject.source_uri), subject.source_uri)
+            image = decode_image(product_image(platform, subject), subject.source_uri)
             cut = platform.segmenter.segment(image, subject.category, name=f"{subject.sku} ({subject.source_uri})")
-        except (SegmentationError, DreamCacheError) as exc:
+        except (SegmentationError, DreamCacheError, SourceChanged) as exc:
             rejected.append((subject.sku, str(exc)))
             # Every row names every column: one multi-row INSERT needs the same keys in each row.
             rows.append(dict(subject_id=subject.id, method=method, mask_uri=None, reference_uri=None,

@@ -13,21 +13,28 @@ from db.session import transaction
 from dreamcache.perception.contact_sheet import contact_sheet
 from flows.platform import Platform, safe_key_part
 from flows.steps.generate import sidecar_key
-from flows.steps.shared import png, read_image, reference
+from flows.steps.shared import png, read_image, reference, sha256
 
 
-def contact_sheets(platform: Platform, run_id: int, subject_ids: Sequence[int], output_prefix: str,
+def contact_sheets(platform: Platform, subject_ids: Sequence[int], output_prefix: str,
                    per_sheet: int = 12) -> dict[str, str]:
-    """One contact sheet per product: reference, then its best shots of this run with their scores (each beside
-    its text-only twin where the sidecar names one)."""
+    """One contact sheet per product: reference, then its best shots under `output_prefix` with their scores
+    (each beside its text-only twin where the sidecar names one).
+
+    A sheet shows every done shot of the product under the prefix, whichever run made it: a product
+    whose shots were finished by another run (after a crash, say) still gets its whole sheet. The sheet
+    is written only when it differs from the one stored.
+    """
     sheets = {}
+    under_prefix = platform.objects.uri(output_prefix) + "/"
     with transaction(platform.sessions) as s:
         for subject in s.scalars(select(Subject).where(Subject.id.in_(subject_ids))):
             gens = s.execute(
                 select(Generation, Prompt.text).join(Prompt, Prompt.id == Generation.prompt_id)
                 .join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
-                .where(SubjectCache.subject_id == subject.id, Generation.run_id == run_id,
-                       Generation.status == WorkStatus.done).order_by(Generation.id)).all()
+                .where(SubjectCache.subject_id == subject.id, Generation.status == WorkStatus.done,
+                       Generation.output_uri.startswith(under_prefix, autoescape=True))
+                .order_by(Generation.id)).all()
             if not gens:
                 continue
             scores = queries.scores_by_generation(s, [g.id for g, _ in gens])
@@ -44,5 +51,9 @@ def contact_sheets(platform: Platform, run_id: int, subject_ids: Sequence[int], 
             sheet = contact_sheet(product, shots, title=f"{subject.sku} ({subject.category or 'product'})",
                                   text_only=twins)
             key = f"{output_prefix}/{safe_key_part(subject.sku)}/contact_sheet.png"
-            sheets[subject.sku] = platform.objects.put(key, png(sheet), "image/png").uri
+            data = png(sheet)
+            if platform.objects.exists(key) and sha256(platform.objects.get(key)) == sha256(data):
+                sheets[subject.sku] = platform.objects.uri(key)
+            else:
+                sheets[subject.sku] = platform.objects.put(key, data, "image/png").uri
     return sheets

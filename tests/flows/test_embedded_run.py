@@ -269,3 +269,19 @@ def test_a_default_run_scores_with_the_bundled_clip_and_records_no_dino(platform
         [("clip_i", False), ("clip_t", False), ("clip_i", True)] * 3)
     assert {model for *_, model in scores} == {str(BUNDLED_DIR / "clip")}
     assert all(r.dino is None and r.mdino is None and None not in (r.clip_i, r.clip_t, r.mclip_i) for r in history)
+
+
+def test_a_sheet_shows_every_done_shot_under_its_prefix_whichever_run_made_it(platform_env, catalogue, tmp_path):
+    from dreamcache.perception.contact_sheet import TILE
+
+    first = run_embedded(params(catalogue).model_copy(update={"prompts": PROMPTS[:1]}), progress=False)
+    sheet = Path(first["contact_sheets"]["MUG-1"].removeprefix("file://"))
+    assert Image.open(sheet).width == 3 * TILE  # the reference and this run's 2 shots
+    second = run_embedded(params(catalogue), progress=False)  # the other prompt's 2 shots
+    assert second["images_generated"] == 3 * 2
+    assert Image.open(sheet).width == 5 * TILE  # the reference and all 4 shots, from both runs
+    with database(tmp_path / "home").connect() as db:
+        assert db.scalar(text("SELECT COUNT(DISTINCT run_id) FROM generation_history WHERE sku = 'MUG-1'")) == 2
+    written = sheet.stat().st_mtime_ns
+    run_embedded(params(catalogue), progress=False)
+    assert sheet.stat().st_mtime_ns == written  # nothing new: the same sheet is not written again

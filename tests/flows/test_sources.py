@@ -56,6 +56,14 @@ def test_skus_become_safe_distinct_key_parts(sku):
     assert safe_key_part(sku) == part and safe_key_part(sku + "!") != part
 
 
+def test_a_sku_written_like_an_escaped_one_gets_a_folder_of_its_own():
+    escaped = safe_key_part("a b")
+    assert escaped.startswith("a_b-") and safe_key_part(escaped) != escaped
+    skus = ["a b", escaped, "a_b", "a?b", safe_key_part("a?b"), "A-1", "A-12345678"]
+    assert len({safe_key_part(sku) for sku in skus}) == len(skus)
+    assert safe_key_part("MUG-RED-1") == "MUG-RED-1"  # plain SKUs keep their name
+
+
 def test_parameters_are_validated():
     with pytest.raises(ValidationError, match="give prompts, a prompt_file, or both"):
         CatalogueRunParams(source="s3://b/")

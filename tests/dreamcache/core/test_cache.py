@@ -118,3 +118,28 @@ def test_fingerprint_is_dtype_stable_and_tells_models_apart():
     a, b = make_tiny_pipeline(seed=0), make_tiny_pipeline(seed=1)
     assert model_fingerprint(a.unet) == model_fingerprint(a.unet.to(torch.float16))
     assert model_fingerprint(a.unet) != model_fingerprint(b.unet)
+
+
+def test_a_cache_has_the_same_bytes_in_every_process(tiny_pipe, tmp_path):
+    # safetensors orders its metadata map differently per process: one process's bytes against another's.
+    import subprocess
+    import sys
+
+    cache = tiny_pipe.cache_subject(product_image())
+    cache.save(tmp_path / "here.safetensors")
+    code = ("import sys; from dreamcache.core.cache import FeatureCache; "
+            "FeatureCache.load(sys.argv[1]).save(sys.argv[2])")
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "here.safetensors"),
+                        str(tmp_path / f"{name}.safetensors")], check=True)
+    written = {(tmp_path / f"{name}.safetensors").read_bytes() for name in ("here", "a", "b", "c")}
+    assert len(written) == 1
+
+
+def test_caches_of_the_first_layout_still_load(tiny_pipe):
+    from safetensors.torch import save
+
+    cache = tiny_pipe.cache_subject(product_image())
+    old = save({k: v.contiguous() for k, v in cache.tensors.items()},
+               metadata={"dreamcache": cache.metadata.to_json(), "content_sha256": cache.content_hash})
+    assert FeatureCache.from_bytes(old).content_hash == cache.content_hash

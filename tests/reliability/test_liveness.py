@@ -1,0 +1,147 @@
+"""Runs that tell the truth after a crash: signals end a run cleanly, dead owners are found at once, and a
+run says `completed` only when nothing it planned is open (docs/reliability.md, "Liveness").
+
+The runs are real `dreamcache run` processes or in-process runs on SQLite and a local object store; the
+other workers are real processes too (a sleeping one is alive, an exited one is dead).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select, update
+from typer.testing import CliRunner
+
+from db.models import Generation, Run, SubjectCache, WorkStatus, utcnow
+from flows.catalogue import run_embedded
+from flows.cli import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED, app
+from flows.params import CatalogueRunParams
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
+PLANNED = 3 * len(PROMPTS) * 2  # 3 products x 2 prompts x 2 images
+
+
+def params(catalogue) -> CatalogueRunParams:
+    return CatalogueRunParams(source=str(catalogue), prompts=PROMPTS, images_per_prompt=2, steps=2, batch_size=2)
+
+
+def cli_args(catalogue) -> list[str]:
+    return ["run", "--embedded", "--source", str(catalogue), "--images-per-prompt", "2", "--steps", "2",
+            "--batch-size", "2"] + [arg for p in PROMPTS for arg in ("-p", p)]
+
+
+@pytest.fixture
+def engine(platform_env, tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    yield engine
+    engine.dispose()
+
+
+def counts(engine, model=Generation) -> dict[str, int]:
+    with engine.connect() as db:
+        return dict(db.execute(select(model.status, func.count()).group_by(model.status)).all())
+
+
+def runs(engine) -> list:
+    with engine.connect() as db:
+        return db.execute(select(Run.id, Run.status, Run.error, Run.owner).order_by(Run.id)).all()
+
+
+def dead_worker() -> str:
+    """The name of a worker whose process has exited (on this host)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return f"{socket.gethostname()}:{gone.pid}"
+
+
+def stop_mid_generation(catalogue, engine, signum) -> subprocess.CompletedProcess:
+    """A `dreamcache run` in its own process, sent `signum` once it has finished some images and holds others."""
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", *cli_args(catalogue)], cwd=ROOT, env=dict(os.environ),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+        try:
+            now = counts(engine)
+        except Exception:
+            continue  # the schema may not exist yet
+        if now.get("done", 0) >= 2 and now.get("running", 0) >= 1:
+            run.send_signal(signum)
+            break
+    output, _ = run.communicate(timeout=60)
+    return subprocess.CompletedProcess(run.args, run.returncode, output.decode())
+
+
+@pytest.mark.parametrize("signum, code, reason", [(signal.SIGTERM, EXIT_TERMINATED, "SIGTERM"),
+                                                   (signal.SIGINT, EXIT_INTERRUPTED, "SIGINT")])
+def test_a_signal_cancels_the_run_gives_its_claims_back_and_exits_with_its_code(catalogue, engine, signum, code, reason):
+    stopped = stop_mid_generation(catalogue, engine, signum)
+    assert stopped.returncode == code, stopped.stdout
+    assert "the run is cancelled" in stopped.stdout
+    (run,) = runs(engine)
+    assert run.status == "cancelled" and reason in run.error
+    left = counts(engine)
+    assert "running" not in left and 2 <= left["done"] < PLANNED  # nothing held by the stopped process
+    summary = run_embedded(params(catalogue), progress=False)  # at once: no lease to wait out
+    assert summary["status"] == "completed" and summary["images_generated"] == PLANNED - left["done"]
+    assert counts(engine) == {"done": PLANNED}
+
+
+def test_a_killed_run_is_marked_crashed_and_a_rerun_takes_its_items_at_once(catalogue, engine):
+    killed = stop_mid_generation(catalogue, engine, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout
+    (run,) = runs(engine)
+    assert run.status == "running"  # nobody has looked yet
+    held = counts(engine)["running"]
+    assert held >= 1
+    started = time.monotonic()
+    summary = run_embedded(params(catalogue), progress=False)
+    assert time.monotonic() - started < 50  # well within the 60 s lease: the dead worker's items were taken at once
+    assert summary["status"] == "completed" and counts(engine) == {"done": PLANNED}
+    dead, rerun = runs(engine)
+    assert dead.status == "crashed" and f"its process {dead.owner} is gone" in dead.error
+    assert rerun.status == "completed"
+
+
+def test_caches_a_dead_process_held_are_computed_by_the_next_run(catalogue, engine):
+    # The state a run killed while caching leaves: its caches claimed, with a lease that has not run out.
+    first = run_embedded(params(catalogue).model_copy(update={"prompts": PROMPTS[:1]}), progress=False)
+    assert first["status"] == "completed"
+    with engine.begin() as db:
+        db.execute(update(SubjectCache).values(status=WorkStatus.running, claimed_by=dead_worker(), tensor_uri=None,
+                                               sha256=None, lease_expires_at=utcnow() + timedelta(minutes=10)))
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["status"] == "completed" and summary["products_cached"] == 3
+    assert counts(engine, SubjectCache) == {"done": 3} and counts(engine) == {"done": PLANNED}
+
+
+def test_work_a_live_worker_holds_makes_the_run_incomplete_and_says_who_holds_it(catalogue, engine):
+    assert run_embedded(params(catalogue), progress=False)["status"] == "completed"
+    # Another worker, alive, holds two of the images (as if it had claimed them, mid-way through a batch).
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    holder = f"{socket.gethostname()}:{alive.pid}"
+    try:
+        with engine.begin() as db:
+            ids = db.scalars(select(Generation.id).order_by(Generation.id.desc()).limit(2)).all()
+            db.execute(update(Generation).where(Generation.id.in_(ids)).values(
+                status=WorkStatus.running, claimed_by=holder, output_uri=None,
+                lease_expires_at=utcnow() + timedelta(minutes=10)))
+        result = CliRunner().invoke(app, cli_args(catalogue))
+        assert result.exit_code == EXIT_INCOMPLETE, result.output
+        assert "incomplete: 2 images and 0 product caches are still open" in result.output
+        assert all(f"generation {i} held by {holder} until" in result.output for i in ids)
+        assert runs(engine)[-1].status == "incomplete"
+    finally:
+        alive.kill()
+        alive.wait()
+    # The holder is gone now: the next run takes its two images over at once and completes.
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["status"] == "completed" and summary["images_generated"] == 2
+    assert counts(engine) == {"done": PLANNED}

@@ -1,0 +1,60 @@
+"""A product image that changes or vanishes during a run: every step after ingest reads ingest's copy,
+checked against the content hash the product is recorded under (docs/reliability.md)."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from db.models import Segmentation, Subject
+from db.session import transaction
+from flows.params import CatalogueRunParams
+from flows.platform import get_platform
+from flows.sources import list_source
+from flows.steps import ingest, runs, segment
+from flows.steps.shared import product_key
+from tests.flows.conftest import PRODUCTS
+from tests.helpers import scene
+
+
+def reference_colour(platform, subject_id: int) -> tuple[int, int, int]:
+    with transaction(platform.sessions) as s:
+        uri = s.query(Segmentation.reference_uri).filter(Segmentation.subject_id == subject_id).scalar()
+    pixels = np.asarray(Image.open(io.BytesIO(platform.objects.get(platform.objects.key_of(uri)))).convert("RGB"))
+    product = pixels[(pixels < 230).any(axis=2)]  # not the white background
+    return tuple(int(v) for v in np.median(product, axis=0))
+
+
+def test_a_file_swapped_between_ingest_and_segmentation_does_not_reach_the_product(platform_env, catalogue):
+    platform = get_platform()
+    platform.migrate()
+    params = CatalogueRunParams(source=str(catalogue), prompts=["a {category}"])
+    run_id = runs.start_run(platform, params)
+    items = [i for i in list_source(str(catalogue)).items if i.sku == "MUG-1"]
+    (subject_id,) = ingest.ingest(platform, run_id, items)
+    swapped = scene(product_color=(20, 200, 20), background=(250, 250, 250), size=(96, 96), box=(20, 16, 76, 80))[0]
+    swapped.save(catalogue / "mug" / "MUG-1.png")  # another product under the same name, mid-run
+    assert segment.segment(platform, run_id, [subject_id]) == [subject_id]
+    red, green, blue = reference_colour(platform, subject_id)
+    assert (red, green, blue) != (20, 200, 20) and abs(red - PRODUCTS["mug/MUG-1"][0]) < 30  # the ingested red mug
+
+
+def test_a_lost_copy_comes_back_from_an_unchanged_source_and_a_changed_one_is_named(platform_env, catalogue):
+    platform = get_platform()
+    platform.migrate()
+    params = CatalogueRunParams(source=str(catalogue), prompts=["a {category}"])
+    run_id = runs.start_run(platform, params)
+    items = {i.sku: i for i in list_source(str(catalogue)).items}
+    subjects = ingest.ingest(platform, run_id, [items["MUG-1"], items["LAMP-1"]])
+    with transaction(platform.sessions) as s:
+        by_sku = {sub.sku: (sub.id, sub.content_sha256) for sub in s.query(Subject).filter(Subject.id.in_(subjects))}
+    for sku in ("MUG-1", "LAMP-1"):  # both copies lost
+        platform.objects.delete(product_key(by_sku[sku][1]))
+    swapped = scene(product_color=(20, 200, 20), background=(250, 250, 250), size=(96, 96), box=(20, 16, 76, 80))[0]
+    swapped.save(catalogue / "lamp" / "LAMP-1.png")  # and one source changed
+    usable = segment.segment(platform, run_id, sorted(subjects))
+    assert usable == [by_sku["MUG-1"][0]]
+    assert platform.objects.exists(product_key(by_sku["MUG-1"][1]))  # restored from the unchanged source
+    summary = runs.summarise(platform, run_id, 2, subjects, [], 0, {}, "shots")
+    (rejection,) = summary["rejections"]
+    assert rejection["item"] == "LAMP-1" and "has changed since it was ingested" in rejection["reason"]
