@@ -93,6 +93,8 @@ class Segmentation(Timestamped, Base):
     touches_border: Mapped[bool | None]
     quality: Mapped[str] = mapped_column(String(16), default="ok")  # "ok", "warning", "rejected"
     message: Mapped[str | None] = mapped_column(Text)
+    mask_sha256: Mapped[str | None] = mapped_column(String(64))
+    reference_sha256: Mapped[str | None] = mapped_column(String(64))
 
     subject: Mapped[Subject] = relationship(lazy="raise")
 
@@ -181,6 +183,10 @@ class Generation(WorkItem, Base):
     base_model_id: Mapped[str]
     adapter_id: Mapped[str]
     output_uri: Mapped[str | None] = mapped_column(String(1024))
+    # The image as written (its sidecar is derived from the row and its scores): checked by every re-run
+    # (size) and by `dreamcache verify` (sha256).
+    output_sha256: Mapped[str | None] = mapped_column(String(64))
+    output_bytes: Mapped[int | None] = mapped_column(BigInteger)
     duration_s: Mapped[float | None]
 
     subject_cache: Mapped[SubjectCache] = relationship(lazy="raise")

@@ -78,6 +78,7 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str = "") -> Iterator[str]: ...
+    def sizes(self, prefix: str = "") -> dict[str, int]: ...
     def uri(self, key: str) -> str: ...
     def key_of(self, uri: str) -> str: ...
     def public_url(self, key: str, expires_s: int = 3600) -> str: ...
@@ -153,13 +154,19 @@ class LocalStore:
         return removed
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        yield from self.sizes(prefix)
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Key -> size in bytes of every object under `prefix` (one walk: what a re-run checks its shots by)."""
         folder = prefix.rpartition("/")[0]
         start = self._path(folder) if folder else self.root
+        found = {}
         for path in sorted(start.rglob("*")):
             if path.is_file() and not path.name.startswith("."):  # dot-files are in-flight writes
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    yield key
+                    found[key] = path.stat().st_size
+        return found
 
 
 class S3Store:
@@ -275,11 +282,14 @@ class S3Store:
         return removed
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        yield from self.sizes(prefix)
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Key -> size in bytes of every object under `prefix` (a listing: a thousand objects a request)."""
         root = f"{self.prefix}/" if self.prefix else ""
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
-            for item in page.get("Contents", []):
-                yield item["Key"][len(root):]
+        return {item["Key"][len(root):]: item["Size"] for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix)
+                for item in page.get("Contents", [])}
 
 
 def open_store(url: str) -> ObjectStore:

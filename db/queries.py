@@ -18,6 +18,15 @@ def scores_by_generation(session: Session, generation_ids: Sequence[int]) -> dic
     return out
 
 
+def score_rows(session: Session, generation_ids: Sequence[int]) -> dict[int, list[dict]]:
+    """generation id -> its scores as rows (metric, masked, value, scorer_model_id)."""
+    out: dict[int, list[dict]] = {}
+    for score in session.scalars(select(Score).where(Score.generation_id.in_(list(generation_ids)))):
+        out.setdefault(score.generation_id, []).append(dict(metric=score.metric, masked=score.masked, value=score.value,
+                                                            scorer_model_id=score.scorer_model_id))
+    return out
+
+
 def done_caches_by_content(session: Session, rows: Sequence[SubjectCache], contents: Sequence[str]) -> dict[str, dict]:
     """Finished caches of the same model configuration as rows[0] for the same image contents, by content
     hash: products whose image is identical (another SKU, the same photo) share one cache."""

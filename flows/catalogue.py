@@ -54,7 +54,7 @@ def cache_task(run_id: int, subject_ids: list[int]) -> list[int]:
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def plan_task(run_id: int, cache_ids: list[int], params: CatalogueRunParams) -> list[int]:
+def plan_task(run_id: int, cache_ids: list[int], params: CatalogueRunParams) -> dict:
     return plan.plan(get_platform(), run_id, cache_ids, params)
 
 
@@ -229,7 +229,8 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         on_stage("caching")
         cache_ids = [i for ids in runner.map(cache_task, [(run_id, g) for g in chunks(usable, INGEST_BATCH)])
                      for i in ids]
-        todo = runner.map(plan_task, [(run_id, cache_ids, params)])[0]
+        planned = runner.map(plan_task, [(run_id, cache_ids, params)])[0]
+        todo = planned["todo"]
         if todo:
             platform.load("scorer")
         on_stage(f"generating {len(todo)} images")
@@ -243,7 +244,7 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
             caches_open = caches.open_caches(session, platform, usable)
         summary = runs.summarise(platform, run_id, len(listing.items), subject_ids, cache_ids, len(todo), sheet_uris,
                                   params.output_prefix, caches_open)
-        summary["run_id"] = run_id
+        summary["run_id"], summary["shots_repaired"] = run_id, planned["repaired"]
         with transaction(platform.sessions) as session:
             summary["products"] = queries.best_scores(session, run_id)
     except KeyboardInterrupt:

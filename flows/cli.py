@@ -150,7 +150,9 @@ def _print_summary(summary: dict, settings: Settings) -> None:
         f"\nrun {summary['run_id']}: {summary['products_listed']} products listed, {summary['products_ingested']} ingested, "
         f"{summary['rejected']} rejected, {summary['products_cached']} cached; "
         f"{summary['images_generated']} images generated, {summary['images_failed']} failed "
-        f"({summary['images_planned']} to do this run)")
+        f"({summary['images_planned']} to do this run"
+        + (f", {summary['shots_repaired']} of them found missing or damaged" if summary.get("shots_repaired") else "")
+        + ")")
     for r in summary["rejections"]:
         typer.secho(f"  rejected at {r['stage']}: {r['item']}: {r['reason']}", fg=typer.colors.YELLOW)
     if summary.get("status") == "incomplete":
@@ -168,6 +170,35 @@ def _print_summary(summary: dict, settings: Settings) -> None:
     typer.echo(f"database: {_safe(url)}")
     typer.echo("try: dreamcache history   (or in SQL: SELECT sku, prompt, seed, mdino, output_uri FROM generation_history "
                "ORDER BY generation_id DESC LIMIT 10;)")
+
+
+@app.command()
+def verify(
+    repair: bool = typer.Option(False, "--repair", help="Make damaged objects whole: sidecars written again from the "
+                                "database, damaged shots, caches and cut-outs made pending so the next run makes them."),
+) -> None:
+    """Check every recorded shot, sidecar, cache, mask and reference by sha256 (exit 1 when something is wrong
+    and not repaired)."""
+    from flows.platform import get_platform
+    from flows.verify import verify as run_verify
+
+    settings = Settings()
+    platform = get_platform(settings)
+    platform.migrate()
+    report = run_verify(platform, repair=repair)
+    checked = ", ".join(f"{n} {kind}s" for kind, n in sorted(report.checked.items()))
+    typer.echo(f"checked {checked or 'nothing'} in {settings.resolved_objects_url}")
+    for p in report.problems:
+        typer.secho(f"  {p['kind']} {p['item']}: {p['uri']} is {p['problem']}", fg=typer.colors.YELLOW)
+    if not report.problems:
+        typer.echo("all whole")
+    elif repair:
+        repaired = ", ".join(f"{n} {kind}s" for kind, n in sorted(report.repaired.items()))
+        typer.echo(f"repaired: {repaired}; shots, caches and cut-outs made pending are made again by the next run "
+                   "over their catalogue")
+    else:
+        typer.echo(f"{len(report.problems)} problems: run `dreamcache verify --repair`")
+        raise typer.Exit(1)
 
 
 @app.command()

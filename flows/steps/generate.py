@@ -37,6 +37,20 @@ def sidecar_key(shot_key: str) -> str:
     return shot_key.removesuffix(".png") + ".json"
 
 
+def sidecar(gen: Generation, subject: Subject, prompt: str, scores: Sequence[dict], text_only_uri: str | None) -> bytes:
+    """A shot's JSON sidecar: what the database says of it, so that it can be written again from there.
+
+    `scores` are score rows (metric, masked, value, scorer_model_id)."""
+    document = dict(generation_id=gen.id, sku=subject.sku, category=subject.category, prompt=prompt, seed=gen.seed,
+                    parameters=gen.parameters,
+                    scores=dict(sorted((("m" if sc["masked"] else "") + sc["metric"].replace("_", "-"), sc["value"])
+                                       for sc in scores)),
+                    scorer_models=sorted({sc["scorer_model_id"] for sc in scores}))
+    if text_only_uri:
+        document["text_only_uri"] = text_only_uri
+    return json.dumps(document, indent=2).encode()
+
+
 def text_only_key(shot_key: str) -> str:
     """Where a shot's text-only twin (same prompt and seed, no cache) is stored: beside the shot."""
     return shot_key.removesuffix(".png") + ".text-only.png"
@@ -157,18 +171,18 @@ def _generate_part(platform, part, caches, references, output_prefix, compare_te
     for (gen, text, subject), image, twin, image_scores in zip(part, images, twins, scores):
         identity = sha256(f"{subject.content_sha256}|{sha256(text)}|{gen.seed}|{gen.params_sha256}")
         key = output_key(output_prefix, subject.sku, identity)
-        sidecar = dict(generation_id=gen.id, sku=subject.sku, category=subject.category, prompt=text, seed=gen.seed,
-                       parameters=gen.parameters, scores={s.label: s.value for s in image_scores},
-                       scorer_models=sorted({s.scorer_model_id for s in image_scores}))
+        score_rows = [dict(generation_id=gen.id, metric=sc.metric, masked=sc.masked, value=sc.value,
+                           scorer_model_id=sc.scorer_model_id) for sc in image_scores]
         try:
+            twin_uri = None
             if twin is not None:  # written first: the sidecar that names it must not point to nothing
-                sidecar["text_only_uri"] = platform.objects.put(text_only_key(key), png(twin), "image/png").uri
+                twin_uri = platform.objects.put(text_only_key(key), png(twin), "image/png").uri
             stored = platform.objects.put(key, png(image), "image/png")
-            platform.objects.put(sidecar_key(key), json.dumps(sidecar, indent=2).encode(), "application/json")
+            platform.objects.put(sidecar_key(key), sidecar(gen, subject, text, score_rows, twin_uri), "application/json")
             with transaction(platform.sessions) as s:
-                insert_missing(s, Score, [dict(generation_id=gen.id, metric=sc.metric, masked=sc.masked, value=sc.value,
-                                               scorer_model_id=sc.scorer_model_id) for sc in image_scores])
-                claims.complete(s, Generation, gen.id, me, output_uri=stored.uri, duration_s=seconds)
+                insert_missing(s, Score, score_rows)
+                claims.complete(s, Generation, gen.id, me, output_uri=stored.uri, output_sha256=stored.sha256,
+                                output_bytes=stored.size, duration_s=seconds)
             result.done.append(gen.id)
         except claims.LostClaimError:
             result.skipped.append(gen.id)  # our lease ran out and another worker took it over

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Sequence
 
 from sqlalchemy import select, update
@@ -14,9 +15,12 @@ from db.session import transaction
 from dreamcache.core.guidance import uses_image_scale
 from flows.params import CatalogueRunParams
 from flows.platform import Platform
+from flows.steps.generate import sidecar_key
 from flows.steps.prompts import load_prompts, render_prompt
 from flows.steps.runs import reject
 from flows.steps.shared import chunks, sha256
+
+logger = logging.getLogger(__name__)
 
 
 def generation_parameters(platform: Platform, params: CatalogueRunParams) -> dict:
@@ -29,8 +33,9 @@ def generation_parameters(platform: Platform, params: CatalogueRunParams) -> dic
                 base_model_revision=ident.base_model_revision)
 
 
-def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: CatalogueRunParams) -> list[int]:
-    """Record every (cache, prompt, seed) of the run once; returns the generations still to do."""
+def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: CatalogueRunParams) -> dict:
+    """Record every (cache, prompt, seed) of the run once; returns the generations still to do (`todo`) and how
+    many done ones were found broken and made pending again (`repaired`)."""
     templates = load_prompts(params)
     gen_params = generation_parameters(platform, params)
     params_hash = sha256(json.dumps(gen_params, sort_keys=True))
@@ -61,6 +66,7 @@ def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: Cata
             insert_missing(s, Generation, part)
         keys = [(r["subject_cache_id"], r["prompt_id"], r["seed"], params_hash) for r in generation_rows]
         ids = ids_by_key(s, Generation, ["subject_cache_id", "prompt_id", "seed", "params_sha256"], keys)
+        repaired = check_done_shots(platform, s, list(ids.values()), params.output_prefix)
         todo = sorted(s.scalars(select(Generation.id).where(Generation.id.in_(list(ids.values())),
                                                             Generation.status != WorkStatus.done))) if ids else []
         if todo:
@@ -69,4 +75,43 @@ def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: Cata
             s.execute(update(Generation).where(Generation.id.in_(todo)).values(run_id=run_id)
                       .execution_options(synchronize_session=False))
     reject(platform, run_id, "plan", rejected)
-    return todo
+    return dict(todo=todo, repaired=repaired)
+
+
+class OutputsElsewhere(RuntimeError):
+    """Shots of the plan already exist under another output prefix."""
+
+
+def check_done_shots(platform: Platform, s, generation_ids: Sequence[int], output_prefix: str) -> int:
+    """The cheap check of every re-run: each done shot of the plan is there, at its recorded size, with its
+    sidecar (one listing of the prefix, no downloads). Those that are not go back to pending, to be made
+    again; returns how many. (`dreamcache verify` checks the sha256 of everything.)
+
+    A plan whose shots were made under another prefix is refused: each shot is written once."""
+    done = s.execute(select(Generation.id, Generation.output_uri, Generation.output_bytes)
+                     .where(Generation.id.in_(list(generation_ids)), Generation.status == WorkStatus.done)).all()
+    under = platform.objects.uri(output_prefix) + "/"
+    elsewhere = [uri for _, uri, _ in done if not uri.startswith(under)]
+    if elsewhere:
+        raise OutputsElsewhere(
+            f"{len(elsewhere)} of the {len(generation_ids)} shots this run plans were made already, under another "
+            f"output prefix (e.g. {elsewhere[0]}); each shot is written once: run with that output prefix, or copy "
+            f"its folder to {under}")
+    if not done:
+        return 0
+    sizes = platform.objects.sizes(output_prefix + "/")
+    broken = {}
+    for generation_id, uri, size in done:
+        key = platform.objects.key_of(uri)
+        if key not in sizes:
+            broken[generation_id] = f"its image {uri} is missing"
+        elif size is not None and sizes[key] != size:
+            broken[generation_id] = f"its image {uri} has {sizes[key]} bytes, not the {size} written"
+        elif sidecar_key(key) not in sizes:
+            broken[generation_id] = f"the sidecar of {uri} is missing"
+    for generation_id, reason in broken.items():
+        logger.warning("generation %d is made again: %s", generation_id, reason)
+        s.execute(update(Generation).where(Generation.id == generation_id)
+                  .values(status=WorkStatus.pending, output_uri=None, output_sha256=None, output_bytes=None,
+                          error=f"made again: {reason}").execution_options(synchronize_session=False))
+    return len(broken)

@@ -40,15 +40,15 @@ def segment(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list
             rejected.append((subject.sku, str(exc)))
             # Every row names every column: one multi-row INSERT needs the same keys in each row.
             rows.append(dict(subject_id=subject.id, method=method, mask_uri=None, reference_uri=None,
-                             area_fraction=None, largest_component_share=None, touches_border=None,
-                             quality="rejected", message=str(exc)))
+                             mask_sha256=None, reference_sha256=None, area_fraction=None,
+                             largest_component_share=None, touches_border=None, quality="rejected", message=str(exc)))
             continue
         folder = f"subjects/{subject.content_sha256}/{safe_key_part(cut.method)}"
         mask = platform.objects.put(f"{folder}/mask.png", png(Image.fromarray(cut.mask)), "image/png")
         reference = platform.objects.put(f"{folder}/reference-{resolution}.png",
                                          png(cut.subject_on_white(image, resolution)), "image/png")
         rows.append(dict(subject_id=subject.id, method=cut.method, mask_uri=mask.uri, reference_uri=reference.uri,
-                         area_fraction=cut.area_fraction, largest_component_share=cut.largest_component_share,
+                         mask_sha256=mask.sha256, reference_sha256=reference.sha256, area_fraction=cut.area_fraction, largest_component_share=cut.largest_component_share,
                          touches_border=cut.touches_border, quality=cut.quality, message="; ".join(cut.warnings) or None))
         usable.append(subject.id)
     reject(platform, run_id, "segment", rejected)

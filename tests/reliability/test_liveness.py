@@ -65,14 +65,17 @@ def stop_mid_generation(catalogue, engine, signum) -> subprocess.CompletedProces
     """A `dreamcache run` in its own process, sent `signum` once it has finished some images and holds others."""
     run = subprocess.Popen([sys.executable, "-m", "flows.cli", *cli_args(catalogue)], cwd=ROOT, env=dict(os.environ),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    me = f"{socket.gethostname()}:{run.pid}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.05)
         try:
-            now = counts(engine)
+            with engine.connect() as db:
+                done = db.scalar(select(func.count()).where(Generation.status == "done"))
+                mine = db.scalar(select(func.count()).where(Generation.status == "running", Generation.claimed_by == me))
         except Exception:
             continue  # the schema may not exist yet
-        if now.get("done", 0) >= 2 and now.get("running", 0) >= 1:
+        if done >= 2 and mine >= 1:  # images finished, and a batch of this process's in hand
             run.send_signal(signum)
             break
     output, _ = run.communicate(timeout=60)
@@ -145,3 +148,16 @@ def test_work_a_live_worker_holds_makes_the_run_incomplete_and_says_who_holds_it
     summary = run_embedded(params(catalogue), progress=False)
     assert summary["status"] == "completed" and summary["images_generated"] == 2
     assert counts(engine) == {"done": PLANNED}
+
+
+def test_a_rerun_killed_too_leaves_nothing_the_third_run_cannot_finish(catalogue, engine):
+    for _ in range(2):  # the run, and its re-run, each killed mid-generation
+        killed = stop_mid_generation(catalogue, engine, signal.SIGKILL)
+        assert killed.returncode == -signal.SIGKILL, killed.stdout
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["status"] == "completed" and counts(engine) == {"done": PLANNED}
+    first, second, third = runs(engine)
+    assert (first.status, second.status, third.status) == ("crashed", "crashed", "completed")
+    with engine.connect() as db:
+        outputs = db.scalars(select(Generation.output_uri)).all()
+    assert len(set(outputs)) == PLANNED  # each image once

@@ -1,0 +1,129 @@
+"""Done rows checked against storage: the cheap check of every re-run, and `dreamcache verify [--repair]`
+(docs/reliability.md). Local store here; S3 is the same code through the ObjectStore protocol, and
+`test_verify_finds_damage_on_s3` runs the thorough check there."""
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, select
+from typer.testing import CliRunner
+
+from db.models import Generation, Segmentation, SubjectCache
+from flows.catalogue import run_embedded
+from flows.cli import app
+from flows.params import CatalogueRunParams
+from flows.steps.plan import OutputsElsewhere
+
+PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
+PLANNED = 3 * 2 * 2
+
+
+def params(catalogue, **changes) -> CatalogueRunParams:
+    return CatalogueRunParams(source=str(catalogue), prompts=PROMPTS, images_per_prompt=2, steps=2, batch_size=4,
+                              **changes)
+
+
+@pytest.fixture
+def made(platform_env, catalogue, tmp_path):
+    """A finished run: its database and the paths of its shots, by generation id."""
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["status"] == "completed" and summary["images_generated"] == PLANNED
+    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    with engine.connect() as db:
+        shots = {i: Path(uri.removeprefix("file://")) for i, uri in db.execute(select(Generation.id, Generation.output_uri))}
+    yield engine, shots
+    engine.dispose()
+
+
+def test_a_rerun_makes_again_the_shots_that_are_missing_or_truncated(made, catalogue):
+    engine, shots = made
+    (deleted, truncated, *_) = sorted(shots)
+    shots[deleted].unlink()
+    shots[truncated].write_bytes(shots[truncated].read_bytes()[:100])
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["shots_repaired"] == 2 and summary["images_generated"] == 2 and summary["status"] == "completed"
+    assert shots[deleted].is_file() and len(shots[truncated].read_bytes()) > 100
+    again = run_embedded(params(catalogue), progress=False)
+    assert again["shots_repaired"] == 0 and again["images_generated"] == 0
+
+
+def test_verify_finds_every_kind_of_damage_and_repair_makes_it_whole(made, catalogue):
+    engine, shots = made
+    first, second, *_ = sorted(shots)
+    shots[first].write_bytes(shots[first].read_bytes()[:-10] + b"0123456789")  # same size, other bytes
+    sidecar = shots[second].with_suffix(".json")
+    edited = json.loads(sidecar.read_text())
+    edited["prompt"] = "a tampered prompt"
+    sidecar.write_text(json.dumps(edited))
+    with engine.connect() as db:
+        cache_uri = db.scalar(select(SubjectCache.tensor_uri).order_by(SubjectCache.id))
+        mask_uri = db.scalar(select(Segmentation.mask_uri).order_by(Segmentation.id))
+    Path(cache_uri.removeprefix("file://")).write_bytes(b"not a cache")
+    Path(mask_uri.removeprefix("file://")).unlink()
+
+    found = CliRunner().invoke(app, ["verify"])
+    assert found.exit_code == 1, found.output
+    assert f"shot {first}: " in found.output and "damaged (sha256 differs)" in found.output
+    assert f"sidecar {second}: " in found.output and "differs from the database" in found.output
+    assert "cache 1: " in found.output and "mask 1: " in found.output and "is missing" in found.output
+    assert "4 problems" in found.output
+
+    repaired = CliRunner().invoke(app, ["verify", "--repair"])
+    assert repaired.exit_code == 0 and "repaired:" in repaired.output
+    assert json.loads(sidecar.read_text())["prompt"] != "a tampered prompt"  # written again from the database
+    summary = run_embedded(params(catalogue), progress=False)  # makes again what repair made pending
+    assert summary["status"] == "completed" and summary["images_generated"] == 1
+    clean = CliRunner().invoke(app, ["verify"])
+    assert clean.exit_code == 0 and "all whole" in clean.output, clean.output
+
+
+def test_a_new_output_prefix_is_refused_when_its_shots_exist_under_another(made, catalogue):
+    with pytest.raises(OutputsElsewhere, match="12 of the 12 shots this run plans were made already, under another"):
+        run_embedded(params(catalogue, output_prefix="exports/2026"), progress=False)
+
+
+def test_verify_finds_damage_on_s3(platform_env, catalogue, s3_bucket):
+    import boto3
+
+    platform_env.setenv("DREAMCACHE_OBJECTS_URL", f"s3://{s3_bucket}/platform")
+    run_embedded(params(catalogue), progress=False)
+    client = boto3.client("s3")
+    key = next(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="platform/shots/")["Contents"]
+               if o["Key"].endswith(".png") and not o["Key"].endswith("contact_sheet.png"))
+    client.delete_object(Bucket=s3_bucket, Key=key)
+    found = CliRunner().invoke(app, ["verify"])
+    assert found.exit_code == 1 and f"s3://{s3_bucket}/{key} is missing" in found.output
+
+
+def test_a_lost_sidecar_and_a_half_written_sheet_are_made_whole_by_the_next_run(made, catalogue, tmp_path):
+    # What a kill between an image and its sidecar, or while a sheet was written, leaves.
+    engine, shots = made
+    first = sorted(shots)[0]
+    shots[first].with_suffix(".json").unlink()
+    sheet = tmp_path / "home" / "objects" / "shots" / "MUG-1" / "contact_sheet.png"
+    whole = sheet.read_bytes()
+    sheet.write_bytes(whole[: len(whole) // 3])
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["shots_repaired"] == 1 and summary["images_generated"] == 1
+    assert shots[first].with_suffix(".json").is_file()
+    assert sheet.read_bytes() == whole  # every shot of the product, as before the damage
+
+
+def test_skus_that_escape_alike_get_their_own_folders_end_to_end(platform_env, catalogue, tmp_path):
+    from flows.platform import safe_key_part
+
+    image = catalogue / "mug" / "MUG-1.png"
+    lookalike = safe_key_part("a b")  # the SKU "a b" escaped, written out as a SKU of its own
+    manifest = tmp_path / "products.csv"
+    manifest.write_text(f"sku,category,image_uri\na b,mug,{image}\n{lookalike},mug,{image}\n")
+    summary = run_embedded(CatalogueRunParams(source=str(manifest), prompts=["a {category}"], images_per_prompt=2,
+                                              steps=2), progress=False)
+    assert summary["images_generated"] == 4 and len(summary["contact_sheets"]) == 2
+    folders = {Path(uri.removeprefix("file://")).parent for uri in summary["contact_sheets"].values()}
+    assert len(folders) == 2
+    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    with engine.connect() as db:
+        outputs = db.scalars(select(Generation.output_uri)).all()
+    engine.dispose()
+    assert len(set(outputs)) == 4 and all(Path(o.removeprefix("file://")).is_file() for o in outputs)
