@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 
-from db.models import Segmentation, Subject
+from db.models import Segmentation, Subject, SubjectCache
 from db.repository import insert_missing
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
@@ -17,15 +18,27 @@ from flows.platform import Platform, safe_key_part
 from flows.steps.runs import reject
 from flows.steps.shared import SourceChanged, png, product_image
 
+logger = logging.getLogger(__name__)
+
 
 def segment(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list[int]:
-    """Cut each product out once per method; returns the subjects with a usable cut-out."""
+    """Cut each product out once per method; returns the subjects with a usable cut-out.
+
+    A cut-out whose mask or reference has gone from the store since (a product at a time: one existence
+    check each) is forgotten and made again; `dreamcache verify` checks their bytes."""
     method = platform.segmenter.method
     resolution = platform.pipeline.resolution
     with transaction(platform.sessions) as s:
         done = {row.subject_id: row for row in s.scalars(
             select(Segmentation).where(Segmentation.subject_id.in_(subject_ids),
                                        Segmentation.method.like(method + "%")))}
+        lost = [row for row in done.values() if row.quality != "rejected" and not all(
+            platform.objects.exists(platform.objects.key_of(uri)) for uri in (row.mask_uri, row.reference_uri))]
+        for row in lost:
+            logger.warning("the cut-out of subject %d is cut again: its mask or reference is missing", row.subject_id)
+            s.execute(update(SubjectCache).where(SubjectCache.segmentation_id == row.id).values(segmentation_id=None))
+            s.execute(delete(Segmentation).where(Segmentation.id == row.id))
+            del done[row.subject_id]
         subjects = s.scalars(select(Subject).where(Subject.id.in_(subject_ids))).all()
     usable, rejected, rows = [], [], []
     for subject in subjects:

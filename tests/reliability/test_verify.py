@@ -127,3 +127,13 @@ def test_skus_that_escape_alike_get_their_own_folders_end_to_end(platform_env, c
         outputs = db.scalars(select(Generation.output_uri)).all()
     engine.dispose()
     assert len(set(outputs)) == 4 and all(Path(o.removeprefix("file://")).is_file() for o in outputs)
+
+
+def test_a_lost_cut_out_is_cut_again_by_the_next_run(made, catalogue):
+    engine, _ = made
+    with engine.connect() as db:
+        reference = db.scalar(select(Segmentation.reference_uri).order_by(Segmentation.id))
+    Path(reference.removeprefix("file://")).unlink()
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["status"] == "completed" and Path(reference.removeprefix("file://")).is_file()
+    assert CliRunner().invoke(app, ["verify"]).exit_code == 0
