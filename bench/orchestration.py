@@ -83,7 +83,7 @@ def run_once(images: int) -> dict:
         tmp = Path(tmp)
         make_catalogue(tmp / "catalogue")
         os.environ["DREAMCACHE_HOME"] = str(tmp / "home")
-        platform_module._platforms.clear()
+        platform_module.close_platforms()
         plat = platform_module.get_platform(Settings())
         plat._models.update(pipeline=InstantGenerator(), scorer=Scorer())
         prompts, per_prompt = shape(images)

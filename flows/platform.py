@@ -134,6 +134,14 @@ class Platform:
 _platforms: dict[str, Platform] = {}
 
 
+def close_platforms() -> None:
+    """Stop every platform's heartbeat and forget them (tests do between settings; a process that exits need not)."""
+    for platform in _platforms.values():
+        if "heartbeat" in platform.__dict__:  # started
+            platform.heartbeat.stop()
+    _platforms.clear()
+
+
 def get_platform(settings: Settings | None = None) -> Platform:
     """The process's platform for these settings (so models load once per worker process)."""
     settings = settings or Settings()

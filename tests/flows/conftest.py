@@ -29,9 +29,9 @@ def platform_env(tmp_path, monkeypatch, tiny_model):
     for name in ("DREAMCACHE_DATABASE_URL", "DREAMCACHE_OBJECTS_URL", "DREAMCACHE_CLIP_MODEL", "DREAMCACHE_DINO_MODEL",
                  "DREAMCACHE_SAM_CHECKPOINT", "DREAMCACHE_CONFIG", "PREFECT_API_URL"):
         monkeypatch.delenv(name, raising=False)
-    platform_module._platforms.clear()
+    platform_module.close_platforms()
     yield monkeypatch
-    platform_module._platforms.clear()
+    platform_module.close_platforms()
 
 
 PRODUCTS = {"mug/MUG-1": (200, 30, 40), "mug/MUG-2": (30, 60, 200), "lamp/LAMP-1": (240, 200, 60)}

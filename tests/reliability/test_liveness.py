@@ -161,3 +161,23 @@ def test_a_rerun_killed_too_leaves_nothing_the_third_run_cannot_finish(catalogue
     with engine.connect() as db:
         outputs = db.scalars(select(Generation.output_uri)).all()
     assert len(set(outputs)) == PLANNED  # each image once
+
+
+def test_a_heartbeat_renews_what_its_worker_holds_and_its_runs(catalogue, engine):
+    from flows.platform import get_platform, worker_id
+
+    summary = run_embedded(params(catalogue), progress=False)
+    platform = get_platform()
+    with engine.begin() as db:  # as if this process held two images and its run were still going
+        ids = db.scalars(select(Generation.id).order_by(Generation.id).limit(2)).all()
+        db.execute(update(Generation).where(Generation.id.in_(ids)).values(
+            status=WorkStatus.running, claimed_by=worker_id(), lease_expires_at=utcnow()))
+        db.execute(update(Run).values(status="running", heartbeat_at=utcnow() - timedelta(minutes=5)))
+    platform.heartbeat.own(summary["run_id"])
+    platform.heartbeat.beat()
+    with engine.connect() as db:
+        leases = db.scalars(select(Generation.lease_expires_at).where(Generation.id.in_(ids))).all()
+        heartbeat = db.scalar(select(Run.heartbeat_at))
+    soon = utcnow() + platform.lease - timedelta(seconds=5)
+    assert all(lease.replace(tzinfo=soon.tzinfo) > soon for lease in leases)
+    assert heartbeat.replace(tzinfo=soon.tzinfo) > utcnow() - timedelta(seconds=5)
