@@ -3,9 +3,10 @@
     python3 bench/ddp.py                                   # CPU: 1 vs 2 processes over gloo, one core each, tiny model
     python3 bench/ddp.py --gpus 2 --model sd15 --global-batch 64 --precision bf16   # 1 GPU vs 2 GPUs over NCCL
 
-Each configuration is a real `accelerate launch ... -m flows.training config.toml`, the command
-docs/training.md gives users, on the procedural product world (world://), so every process count draws
-the same samples. N processes take global-batch/N samples each. The figures: samples/s over the steps
+Each configuration is a real `accelerate launch ... -m dreamcache.app.training config.toml`, the library's
+form of the command docs/training.md gives users (`-m flows.training` adds the platform's S3 loader and
+needs Prefect, which the GPU machines lack), on the procedural product world (world://), so every
+process count draws the same samples. N processes take global-batch/N samples each. The figures: samples/s over the steps
 after warm-up (from the training log's elapsed times), the speed-up over one process, and the largest
 relative difference between the loss curves and between the final adapter weights.
 """
@@ -64,7 +65,7 @@ def launch(processes: int, args, base: Path, folder: Path) -> dict:
         # behind --multi_gpu with ACCELERATE_USE_CPU gives N processes over gloo.
         topology += ["--num_cpu_threads_per_process", "1"]
         env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    command = [sys.executable, "-m", "accelerate.commands.launch", *topology, "-m", "flows.training", str(path)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *topology, "-m", "dreamcache.app.training", str(path)]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{processes} process(es) failed:\n{proc.stderr[-4000:]}")

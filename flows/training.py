@@ -2,8 +2,8 @@
 
 Single process: the flow runs the trainer in its own process. Several GPUs (or nodes): the flow
 starts `accelerate launch -m flows.training CONFIG`, whose processes each run `main` below; the
-platform's loader lets manifests and images live on S3 as well as on local disk. The manifest
-`world://` trains on the procedural product world instead, rendered per sample (benchmarks use it).
+platform's loader lets manifests and images live on S3 as well as on local disk. (The manifest
+`world://` trains on the procedural product world: `dreamcache.app.training`.)
 """
 
 import subprocess
@@ -12,24 +12,20 @@ from pathlib import Path
 
 from prefect import flow
 
-from dreamcache.training import trainer as training
-from dreamcache.world.pool import WORLD_MANIFEST, WorldTriplets
+from dreamcache.app import training as app_training
+from dreamcache.training.trainer import TrainConfig
 from flows.sources import read_uri
 
 
-def trainer_for(config: training.TrainConfig) -> training.Trainer:
-    """The trainer of a config: its manifest read through the platform's loader, or the product world."""
-    if config.manifest != WORLD_MANIFEST:
-        return training.Trainer(config, loader=read_uri)
-    if config.resolution is None:
-        raise ValueError(f"manifest {WORLD_MANIFEST} needs `resolution` in the config: the world renders at any size")
-    return training.Trainer(config, dataset=WorldTriplets(config.resolution))
+def trainer_for(config: TrainConfig):
+    """The trainer of a config, its manifest and images read through the platform's loader (S3 too)."""
+    return app_training.trainer_for(config, loader=read_uri)
 
 
 @flow(name="train-adapters", persist_result=False)
 def train_adapters(config: str, processes: int = 1, resume: str | None = None) -> str:
     """Train DreamCache adapters from a TOML config; returns the directory of the final adapter."""
-    settings = training.TrainConfig.from_file(config)
+    settings = TrainConfig.from_file(config)
     if processes == 1:
         return str(trainer_for(settings).train(resume=resume))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
@@ -39,16 +35,7 @@ def train_adapters(config: str, processes: int = 1, resume: str | None = None) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import logging
-
-    parser = argparse.ArgumentParser(description="Train DreamCache adapters (see docs/training.md).")
-    parser.add_argument("config", help="TOML training config")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    final = trainer_for(training.TrainConfig.from_file(args.config)).train(resume=args.resume)
-    print(f"adapters written to {final}")
+    app_training.main(argv, loader=read_uri)
 
 
 if __name__ == "__main__":
