@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -41,3 +43,23 @@ def current_revision(url: str) -> str | None:
 
 def head_revision(url: str) -> str | None:
     return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+@contextmanager
+def views_set_aside():
+    """Inside a migration: the views dropped around a change to the tables they read, then made again.
+
+    SQLite changes a table by rebuilding it, which a view reading it refuses. The views are made again
+    as the initial migration defines them: one definition, not a copy per migration.
+    """
+    from alembic import op
+
+    op.execute("DROP VIEW run_summary")
+    op.execute("DROP VIEW generation_history")
+    yield
+    path = ROOT / "alembic" / "versions" / "20261123_1748_initial_schema.py"
+    spec = importlib.util.spec_from_file_location("initial_schema", path)
+    initial = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(initial)
+    op.execute(initial.GENERATION_HISTORY)
+    op.execute(initial.RUN_SUMMARY)

@@ -120,12 +120,11 @@ class Heartbeat:
                 logger.warning("heartbeat of %s failed: %s", self.worker, exc)
 
 
-def open_items(session, run_id: int, limit: int = 20) -> dict:
-    """What a run planned that is not finished: counts, and who holds what until when."""
+def held_items(session, run_id: int, limit: int = 20) -> list[dict]:
+    """What of a run's plan other workers hold: each image, its holder, and when its lease ends."""
     rows = session.execute(
-        select(Generation.id, Generation.status, Generation.claimed_by, Generation.lease_expires_at)
-        .where(Generation.run_id == run_id, Generation.status.in_([WorkStatus.pending, WorkStatus.running]))
-        .order_by(Generation.id)).all()
-    held = [dict(generation_id=i, held_by=worker, free_at=expiry.isoformat(timespec="seconds") if expiry else None)
-            for i, status, worker, expiry in rows if status == WorkStatus.running]
-    return dict(open=len(rows), held=held[:limit], pending=sum(status == WorkStatus.pending for _, status, _, _ in rows))
+        select(Generation.id, Generation.claimed_by, Generation.lease_expires_at)
+        .where(Generation.run_id == run_id, Generation.status == WorkStatus.running)
+        .order_by(Generation.id).limit(limit)).all()
+    return [dict(generation_id=i, held_by=worker, free_at=expiry.isoformat(timespec="seconds") if expiry else None)
+            for i, worker, expiry in rows]

@@ -10,12 +10,12 @@ Revises: 0002
 Create Date: 2026-11-30 06:00:00
 """
 
-import importlib.util
-from pathlib import Path
 from typing import Sequence, Union
 
 import sqlalchemy as sa
 from alembic import op
+
+from db.migrate import views_set_aside
 
 revision: str = '0003'
 down_revision: Union[str, None] = '0002'
@@ -25,15 +25,6 @@ depends_on: Union[str, Sequence[str], None] = None
 ID = sa.BigInteger().with_variant(sa.Integer(), 'sqlite')
 
 
-def _views():
-    """The views as the initial migration defines them (one definition, not a copy)."""
-    path = Path(__file__).with_name("20261123_1748_initial_schema.py")
-    spec = importlib.util.spec_from_file_location("initial_schema", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.GENERATION_HISTORY, module.RUN_SUMMARY
-
-
 def _timestamps():
     return [sa.Column('id', ID, nullable=False),
             sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
@@ -41,46 +32,40 @@ def _timestamps():
 
 
 def upgrade() -> None:
-    op.execute("DROP VIEW run_summary")
-    op.execute("DROP VIEW generation_history")
-    with op.batch_alter_table('subjects', schema=None) as batch_op:
-        batch_op.drop_constraint('fk_subjects_source_id_catalogue_sources', type_='foreignkey')
-        batch_op.drop_column('source_id')
-    op.drop_table('prompt_list_entries')
-    op.drop_table('prompt_lists')
-    op.drop_table('catalogue_sources')
-    for view in _views():
-        op.execute(view)
+    with views_set_aside():
+        with op.batch_alter_table('subjects', schema=None) as batch_op:
+            batch_op.drop_constraint('fk_subjects_source_id_catalogue_sources', type_='foreignkey')
+            batch_op.drop_column('source_id')
+        op.drop_table('prompt_list_entries')
+        op.drop_table('prompt_lists')
+        op.drop_table('catalogue_sources')
 
 
 def downgrade() -> None:
-    op.execute("DROP VIEW run_summary")
-    op.execute("DROP VIEW generation_history")
-    op.create_table('catalogue_sources',
-    sa.Column('uri', sa.String(length=1024), nullable=False),
-    sa.Column('kind', sa.String(length=16), nullable=False),
-    sa.Column('name', sa.String(length=255), nullable=True),
-    *_timestamps(),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_catalogue_sources')),
-    sa.UniqueConstraint('uri', name=op.f('uq_catalogue_sources_uri'))
-    )
-    op.create_table('prompt_lists',
-    sa.Column('name', sa.String(length=255), nullable=False),
-    sa.Column('content_sha256', sa.String(length=64), nullable=False),
-    *_timestamps(),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_prompt_lists')),
-    sa.UniqueConstraint('content_sha256', name=op.f('uq_prompt_lists_content_sha256'))
-    )
-    op.create_table('prompt_list_entries',
-    sa.Column('prompt_list_id', ID, nullable=False),
-    sa.Column('position', sa.Integer(), nullable=False),
-    sa.Column('template', sa.Text(), nullable=False),
-    sa.ForeignKeyConstraint(['prompt_list_id'], ['prompt_lists.id'], name=op.f('fk_prompt_list_entries_prompt_list_id_prompt_lists'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('prompt_list_id', 'position', name=op.f('pk_prompt_list_entries'))
-    )
-    with op.batch_alter_table('subjects', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('source_id', ID, nullable=True))
-        batch_op.create_foreign_key('fk_subjects_source_id_catalogue_sources', 'catalogue_sources', ['source_id'], ['id'],
-                                    ondelete='SET NULL')
-    for view in _views():
-        op.execute(view)
+    with views_set_aside():
+        op.create_table('catalogue_sources',
+        sa.Column('uri', sa.String(length=1024), nullable=False),
+        sa.Column('kind', sa.String(length=16), nullable=False),
+        sa.Column('name', sa.String(length=255), nullable=True),
+        *_timestamps(),
+        sa.PrimaryKeyConstraint('id', name=op.f('pk_catalogue_sources')),
+        sa.UniqueConstraint('uri', name=op.f('uq_catalogue_sources_uri'))
+        )
+        op.create_table('prompt_lists',
+        sa.Column('name', sa.String(length=255), nullable=False),
+        sa.Column('content_sha256', sa.String(length=64), nullable=False),
+        *_timestamps(),
+        sa.PrimaryKeyConstraint('id', name=op.f('pk_prompt_lists')),
+        sa.UniqueConstraint('content_sha256', name=op.f('uq_prompt_lists_content_sha256'))
+        )
+        op.create_table('prompt_list_entries',
+        sa.Column('prompt_list_id', ID, nullable=False),
+        sa.Column('position', sa.Integer(), nullable=False),
+        sa.Column('template', sa.Text(), nullable=False),
+        sa.ForeignKeyConstraint(['prompt_list_id'], ['prompt_lists.id'], name=op.f('fk_prompt_list_entries_prompt_list_id_prompt_lists'), ondelete='CASCADE'),
+        sa.PrimaryKeyConstraint('prompt_list_id', 'position', name=op.f('pk_prompt_list_entries'))
+        )
+        with op.batch_alter_table('subjects', schema=None) as batch_op:
+            batch_op.add_column(sa.Column('source_id', ID, nullable=True))
+            batch_op.create_foreign_key('fk_subjects_source_id_catalogue_sources', 'catalogue_sources', ['source_id'], ['id'],
+                                        ondelete='SET NULL')

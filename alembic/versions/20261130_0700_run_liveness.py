@@ -10,12 +10,12 @@ Revises: 0003
 Create Date: 2026-11-30 07:00:00
 """
 
-import importlib.util
-from pathlib import Path
 from typing import Sequence, Union
 
 import sqlalchemy as sa
 from alembic import op
+
+from db.migrate import views_set_aside
 
 revision: str = '0004'
 down_revision: Union[str, None] = '0003'
@@ -31,19 +31,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # SQLite drops a column by rebuilding the table, which the views that read `runs` would refuse.
-    op.execute("DROP VIEW run_summary")
-    op.execute("DROP VIEW generation_history")
-    with op.batch_alter_table('runs', schema=None) as batch_op:
-        batch_op.drop_column('heartbeat_at')
-        batch_op.drop_column('owner')
-    for view in _views():
-        op.execute(view)
+    with views_set_aside():
+        with op.batch_alter_table('runs', schema=None) as batch_op:
+            batch_op.drop_column('heartbeat_at')
+            batch_op.drop_column('owner')
 
-
-def _views():
-    """The views as the initial migration defines them (one definition, not a copy)."""
-    path = Path(__file__).with_name("20261123_1748_initial_schema.py")
-    spec = importlib.util.spec_from_file_location("initial_schema", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.GENERATION_HISTORY, module.RUN_SUMMARY

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from dreamcache.training import trainer
 from dreamcache.training.data import Loader, read_bytes
 from dreamcache.training.trainer import TrainConfig, Trainer
 from dreamcache.world.pool import WORLD_MANIFEST, WorldTriplets
@@ -26,16 +27,7 @@ def trainer_for(config: TrainConfig, loader: Loader = read_bytes) -> Trainer:
 
 
 def main(argv: list[str] | None = None, loader: Loader = read_bytes) -> None:
-    import argparse
-    import logging
-
-    parser = argparse.ArgumentParser(description="Train DreamCache adapters (see docs/training.md).")
-    parser.add_argument("config", help="TOML training config")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    final = trainer_for(TrainConfig.from_file(args.config), loader).train(resume=args.resume)
-    print(f"adapters written to {final}")
+    trainer.main(argv, loader, trainer_for)
 
 
 if __name__ == "__main__":

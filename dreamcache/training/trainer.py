@@ -25,7 +25,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -466,7 +466,11 @@ class Trainer:
         return bool(self.accelerator.reduce(late, reduction="sum").item() > 0)
 
 
-def main(argv: list[str] | None = None, loader: Loader = read_bytes) -> None:
+def main(argv: list[str] | None = None, loader: Loader = read_bytes,
+         trainer_for: Callable[[TrainConfig, Loader], Trainer] = lambda config, loader: Trainer(config, loader=loader),
+         ) -> None:
+    """The command line over a TOML config; `trainer_for` builds the trainer (callers above this package
+    hand in their datasets this way)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Train DreamCache adapters (see docs/training.md).")
@@ -474,7 +478,7 @@ def main(argv: list[str] | None = None, loader: Loader = read_bytes) -> None:
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    final = Trainer(TrainConfig.from_file(args.config), loader=loader).train(resume=args.resume)
+    final = trainer_for(TrainConfig.from_file(args.config), loader).train(resume=args.resume)
     print(f"adapters written to {final}")
 
 

@@ -81,7 +81,7 @@ def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_i
     with transaction(platform.sessions) as s:
         counts = dict(s.execute(select(Generation.status, func.count()).where(Generation.run_id == run_id)
                                 .group_by(Generation.status)).all())
-        still_open = liveness.open_items(s, run_id)
+        held = liveness.held_items(s, run_id)
         rejected = [dict(stage=r.stage, item=r.item, reason=r.reason)
                     for r in s.scalars(select(RejectedItem).where(RejectedItem.run_id == run_id).order_by(RejectedItem.id))]
     return dict(
@@ -89,7 +89,7 @@ def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_i
         rejected=len(rejected), rejections=rejected[:100], images_planned=planned,
         images_generated=counts.get(WorkStatus.done, 0), images_failed=counts.get(WorkStatus.failed, 0),
         images_open=counts.get(WorkStatus.pending, 0) + counts.get(WorkStatus.running, 0),
-        caches_open=caches_open, held=still_open["held"],
+        caches_open=caches_open, held=held,
         contact_sheets=sheets, output=platform.objects.uri(output_prefix),
     )
 
