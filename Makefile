@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install postgres chromium clean
 
-# Image scale 5: the bundled product-world model's working point (docs/toy-world.md).
+# The bundled model's recommended settings apply: 20 steps, one shot per prompt, image scale 5 (docs/models.md).
 demo: $(VENV)/.installed
-	$(BIN)/dreamcache run --steps 20 --images-per-prompt 1 --image-scale 5 --compare-text-only
+	$(BIN)/dreamcache run --compare-text-only
 
 test: $(VENV)/.installed postgres chromium
 	$(BIN)/pytest

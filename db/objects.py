@@ -18,6 +18,7 @@ import random
 import re
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -46,6 +47,90 @@ class ObjectNotFound(ObjectStoreError, KeyError):
 
 class CorruptObject(ObjectStoreError):
     pass
+
+
+# S3 error codes that no retry can fix (the bucket, key, name or credentials are wrong): such a request fails
+# at once, and the run's tasks do not retry it (flows/failures.py). Throttling, 5xx and dropped connections
+# are retried, by botocore and then by the tasks.
+PERMANENT_S3_CODES = frozenset({
+    "NoSuchKey", "NoSuchBucket", "NoSuchUpload", "AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden",
+    "403", "404", "NotFound", "InvalidBucketName", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidObjectState",
+    "InvalidArgument", "InvalidRequest", "InvalidRange", "KeyTooLongError", "MethodNotAllowed", "NoCredentials",
+})
+# What each kind of request needs in an IAM policy, and how a message names it.
+_S3_PERMISSION = {"read": "s3:GetObject", "write": "s3:PutObject", "list": "s3:ListBucket", "delete": "s3:DeleteObject"}
+_S3_DOING = {"read": "download of", "write": "upload of", "list": "listing of", "delete": "deletion of"}
+
+
+class S3Error(ObjectStoreError):
+    """An S3 request that failed: the message names s3://bucket/key, S3's error code and what to do;
+    `permanent` says whether a retry could help."""
+
+    def __init__(self, message: str, uri: str, code: str, permanent: bool):
+        super().__init__(message)
+        self.uri, self.code, self.permanent = uri, code, permanent
+
+    def __reduce__(self):  # picklable (a Prefect task's failure travels between processes)
+        return type(self), (self.args[0], self.uri, self.code, self.permanent)
+
+
+class S3ObjectMissing(S3Error, ObjectNotFound):
+    """NoSuchKey: the object does not exist (still an ObjectNotFound for the code that handles those)."""
+
+    def __str__(self) -> str:  # not KeyError's quoted form
+        return self.args[0]
+
+
+def _s3_code(exc: BaseException) -> str:
+    """S3's error code of a botocore/boto3 error (or one it caused), or '' for a connection-level failure."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+    found = re.search(r"An error occurred \((\w+)\)", str(exc))  # boto3's upload errors keep only the text
+    if found:
+        return found[1]
+    return "NoCredentials" if type(exc).__name__ == "NoCredentialsError" else ""
+
+
+def s3_error(exc: BaseException, bucket: str, key: str = "", action: str = "read") -> S3Error:
+    """A botocore/boto3 error as an S3Error naming s3://bucket/key, the error code and what to do.
+
+    `action` is the kind of request: read, write, list (key: the prefix) or delete."""
+    uri = f"s3://{bucket}/{key}"
+    code = _s3_code(exc)
+    doing = f"{_S3_DOING.get(action, action)} {uri} failed"
+    permanent = code in PERMANENT_S3_CODES
+    if code in ("NoSuchKey", "404", "NotFound") and action in ("read", "delete"):
+        return S3ObjectMissing(f"{uri} does not exist ({code})", uri, code, True)
+    if code == "NoSuchBucket" or (code in ("404", "NotFound") and action == "list"):
+        message = f"{doing}: bucket {bucket!r} does not exist ({code}); check the bucket name"
+    elif code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+        resource = f"arn:aws:s3:::{bucket}" if action == "list" else f"arn:aws:s3:::{bucket}/{key}"
+        message = (f"{doing}: access denied ({code}); the worker's credentials lack "
+                   f"{_S3_PERMISSION.get(action, 's3:*')} on {resource}")
+    elif code == "InvalidBucketName":
+        message = f"{doing}: {bucket!r} is not a valid bucket name ({code}); check the URL"
+    elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "NoCredentials"):
+        message = (f"{doing}: the credentials were refused or are missing ({code}); check AWS_ACCESS_KEY_ID and "
+                   "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) of the worker")
+    else:
+        response = getattr(exc, "response", None) or {}
+        detail = response.get("Error", {}).get("Message") or str(exc)
+        message = f"{doing}: " + (f"{code}: {detail}" if code and code not in detail else detail)
+    return S3Error(" ".join(message.split()), uri, code, permanent)
+
+
+@contextmanager
+def s3_errors(bucket: str, key: str = "", action: str = "read"):
+    """Inside: botocore and boto3 errors become S3Errors naming s3://bucket/key (see `s3_error`)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError, Boto3Error) as exc:
+        raise s3_error(exc, bucket, key, action) from exc
 
 
 @dataclass(frozen=True)
@@ -209,9 +294,10 @@ class S3Store:
         return clean_key(uri[len(prefix):])
 
     def public_url(self, key: str, expires_s: int = 3600) -> str:
-        return self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
-        )
+        with s3_errors(self.bucket, self._key(key), "read"):
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
+            )
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         from boto3.s3.transfer import TransferConfig
@@ -225,7 +311,7 @@ class S3Store:
                 Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD),
             )
         except Exception as exc:
-            raise ObjectStoreError(f"upload of s3://{self.bucket}/{full_key} failed: {exc}") from exc
+            raise s3_error(exc, self.bucket, full_key, "write") from exc
         return StoredObject(clean_key(key), f"s3://{self.bucket}/{full_key}", len(data), digest)
 
     def get(self, key: str, expected_sha256: str | None = None) -> bytes:
@@ -236,10 +322,8 @@ class S3Store:
         for attempt in range(1, attempts + 1):
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            except self.client.exceptions.NoSuchKey:
-                raise ObjectNotFound(f"{uri} does not exist") from None
-            except (BotoCoreError, ClientError) as exc:  # botocore retried it already
-                raise ObjectStoreError(f"download of {uri} failed: {exc}") from exc
+            except (BotoCoreError, ClientError) as exc:  # botocore retried what a retry can fix already
+                raise s3_error(exc, self.bucket, self._key(key), "read") from exc
             try:
                 data = response["Body"].read()
                 break
@@ -247,7 +331,8 @@ class S3Store:
                 # The answer began but its body broke off (dropped connection, stalled stream,
                 # fewer bytes than announced): botocore retries requests, not bodies, so do it here.
                 if attempt == attempts:
-                    raise ObjectStoreError(f"download of {uri} failed after {attempts} attempts: {exc}") from exc
+                    raise S3Error(f"download of {uri} failed after {attempts} attempts: {exc}", uri, "",
+                                  False) from exc
                 time.sleep(random.random() * min(0.05 * 2**attempt, 5))
         recorded = response.get("Metadata", {}).get(SHA256_METADATA)
         _verify(uri, data, recorded)
@@ -262,10 +347,11 @@ class S3Store:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise
+            raise s3_error(exc, self.bucket, self._key(key), "read") from exc
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        with s3_errors(self.bucket, self._key(key), "delete"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def remove_stale_temporaries(self, older_than_s: float = STALE_AFTER_S) -> int:
         """Abort multipart uploads under the prefix that a killed writer left open (their parts cost
@@ -274,11 +360,13 @@ class S3Store:
 
         cutoff, removed = datetime.now(timezone.utc).timestamp() - older_than_s, 0
         paginator = self.client.get_paginator("list_multipart_uploads")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else ""):
-            for upload in page.get("Uploads", []):
-                if upload["Initiated"].timestamp() < cutoff:
-                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-                    removed += 1
+        with s3_errors(self.bucket, f"{self.prefix}/" if self.prefix else "", "list"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else ""):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"].timestamp() < cutoff:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                           UploadId=upload["UploadId"])
+                        removed += 1
         return removed
 
     def list(self, prefix: str = "") -> Iterator[str]:
@@ -288,8 +376,10 @@ class S3Store:
         """Key -> size in bytes of every object under `prefix` (a listing: a thousand objects a request)."""
         root = f"{self.prefix}/" if self.prefix else ""
         paginator = self.client.get_paginator("list_objects_v2")
-        return {item["Key"][len(root):]: item["Size"] for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix)
-                for item in page.get("Contents", [])}
+        with s3_errors(self.bucket, root + prefix, "list"):
+            return {item["Key"][len(root):]: item["Size"]
+                    for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix)
+                    for item in page.get("Contents", [])}
 
 
 def open_store(url: str) -> ObjectStore:

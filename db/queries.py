@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Generation, Score, Subject, SubjectCache, WorkStatus
@@ -58,3 +58,12 @@ def best_scores(session: Session, run_id: int) -> list[dict]:
         for metric, value in scores.get(generation_id, {}).items():
             row[f"best_{metric}"] = round(max(value, row.get(f"best_{metric}", -1.0)), 4)
     return sorted(rows.values(), key=lambda r: r["sku"])
+
+
+def failures_by_sku(session: Session, run_id: int) -> dict[str, int]:
+    """Per product of the run: how many of its images failed (each keeps its reason in `generations.error`)."""
+    failed = session.execute(
+        select(Subject.sku, func.count(Generation.id)).join(SubjectCache, SubjectCache.subject_id == Subject.id)
+        .join(Generation, Generation.subject_cache_id == SubjectCache.id)
+        .where(Generation.run_id == run_id, Generation.status == WorkStatus.failed).group_by(Subject.sku)).all()
+    return dict(failed)

@@ -11,8 +11,9 @@ Tasks take and return keys (ids, URIs), never images or tensors.
 
 
 import logging
+import re
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 from uuid import UUID
 
 from prefect import flow, task
@@ -22,14 +23,19 @@ from tqdm.auto import tqdm
 
 from db import queries
 from db.session import transaction
-from flows.sources import SourceItem, list_source
+from flows.places import InvalidInputs, Places
+from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
+from flows.steps.prompts import Prompts, load_prompts
 from flows.steps import caches, generate, ingest, plan, runs, segment, sheets
 from flows.steps.shared import chunks
 from flows import liveness
+from flows.failures import is_expected, one_line, retry_unless_permanent
 from flows.params import CatalogueRunParams
 from flows.platform import get_platform
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: a worker runs this file as the script `catalogue`, and only the platform's loggers
+# (PLATFORM_LOGGERS) reach the flow run's logs.
+logger = logging.getLogger("flows.catalogue")
 
 # Products per ingest/segment/cache/contact-sheet task: 10,000 products make ~630 task runs.
 INGEST_BATCH = 64
@@ -38,34 +44,34 @@ INGEST_BATCH = 64
 # Tasks: each reads its inputs from the database and object store by key, so a retry is safe.
 # NO_CACHE: whether work is done is the database's answer, never a cached task result.
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def ingest_task(run_id: int, items: list[SourceItem]) -> list[int]:
-    return ingest.ingest(get_platform(), run_id, items)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+def ingest_task(run_id: int, items: list[SourceItem], places: Places) -> list[int]:
+    return ingest.ingest(get_platform(), run_id, items, places)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 def segment_task(run_id: int, subject_ids: list[int]) -> list[int]:
     return segment.segment(get_platform(), run_id, subject_ids)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 def cache_task(run_id: int, subject_ids: list[int]) -> list[int]:
     return caches.cache(get_platform(), run_id, subject_ids)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def plan_task(run_id: int, cache_ids: list[int], params: CatalogueRunParams) -> dict:
-    return plan.plan(get_platform(), run_id, cache_ids, params)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+def plan_task(run_id: int, cache_ids: list[int], params: CatalogueRunParams, templates: list[str]) -> dict:
+    return plan.plan(get_platform(), run_id, cache_ids, params, templates)
 
 
-@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 def generate_task(generation_ids: list[int], output_prefix: str, batch_size: int,
                   compare_text_only: bool) -> dict:
     result = generate.generate(get_platform(), generation_ids, output_prefix, batch_size, compare_text_only)
     return dict(done=len(result.done), failed=len(result.failed), skipped=len(result.skipped))
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 def contact_sheets_task(subject_ids: list[int], output_prefix: str) -> dict[str, str]:
     return sheets.contact_sheets(get_platform(), subject_ids, output_prefix)
 
@@ -124,9 +130,12 @@ class PrefectRunner(Runner):
     def report(self, summary):
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-        create_table_artifact(key="catalogue-run-products", table=summary.get("products", []) or [{}],
-                              description="Products of this run with their best scores")
         sheets = summary.get("contact_sheets", {})
+        with transaction(get_platform().sessions) as session:
+            failed = queries.failures_by_sku(session, summary["run_id"])
+        create_table_artifact(key="catalogue-run-products", table=product_rows(summary.get("products", []), failed,
+                                                                                sheets) or [{}],
+                              description="Products of this run: images made and failed, best scores, contact sheet")
         lines = [f"# Catalogue run {summary.get('run_id')}: {summary.get('status')}", "",
                  f"{summary['images_generated']} images generated, {summary['images_failed']} failed, "
                  f"{summary['rejected']} inputs rejected; output `{summary['output']}`.", ""]
@@ -137,11 +146,52 @@ class PrefectRunner(Runner):
             lines += [f"| {h['generation_id']} | {h['held_by']} | {h['free_at']} |" for h in summary["held"]]
             lines += [""]
         lines += ["## Contact sheets", ""]
-        lines += [f"- **{sku}**: [{uri}]({_public(uri)})" for sku, uri in sheets.items()] or ["(none)"]
+        lines += sheet_lines(sheets) or ["(none)"]
         if summary.get("rejections"):
             lines += ["", "## Rejected inputs", "", "| stage | item | reason |", "|---|---|---|"]
-            lines += [f"| {r['stage']} | {r['item']} | {r['reason']} |" for r in summary["rejections"]]
-        create_markdown_artifact(key="catalogue-run-summary", markdown="\n".join(lines))
+            lines += [f"| {r['stage']} | {_md(r['item'])} | {_md(r['reason'])} |" for r in summary["rejections"]]
+        create_markdown_artifact(key="catalogue-run-summary", markdown="\n".join(lines),
+                                 description="The run's outcome, each product's contact sheet, the rejected inputs")
+        logger.info("run %s %s: %s products listed, %s ingested, %s cached, %s inputs rejected; %s images generated, "
+                    "%s failed; output %s", summary.get("run_id"), summary.get("status"), summary.get("products_listed"),
+                    summary.get("products_ingested"), summary.get("products_cached"), summary.get("rejected"),
+                    summary.get("images_generated"), summary.get("images_failed"), summary.get("output"))
+
+
+# Masked scores first: they judge the product, not the scene around it.
+SCORE_ORDER = ("mdino", "mclip_i", "clip_t", "dino", "clip_i")
+# Contact sheets shown as pictures in a run's summary artifact; the others are listed as links.
+MAX_PICTURES = 24
+# A local store's sheet is embedded in the artifact, shrunk to this many pixels on its longer side.
+PICTURE_SIDE = 1024
+
+
+def product_rows(products: list[dict], failed: dict[str, int], sheets: dict[str, str]) -> list[dict]:
+    """The products table: one row per product of the run, each with the same columns (the UI takes its columns
+    from the first row): images made and failed, the best score of each metric recorded, its contact sheet."""
+    best = {row["sku"]: row for row in products}
+    recorded = {key.removeprefix("best_") for row in products for key in row if key.startswith("best_")}
+    metrics = [m for m in SCORE_ORDER if m in recorded] + sorted(recorded - set(SCORE_ORDER))
+    rows = []
+    for sku in sorted(set(best) | set(failed) | set(sheets)):
+        row = dict(sku=_md(sku), images=best.get(sku, {}).get("images", 0), failed=failed.get(sku, 0))
+        row.update({f"best_{m}": best.get(sku, {}).get(f"best_{m}") for m in metrics})
+        # Table cells that are text are rendered as markdown by the UI: a link is clickable.
+        row["contact_sheet"] = f"[contact sheet](<{_public(sheets[sku])}>)" if sku in sheets else ""
+        rows.append(row)
+    return rows
+
+
+def sheet_lines(sheets: dict[str, str]) -> list[str]:
+    """Markdown of the contact sheets: a heading, the picture (the first MAX_PICTURES) and a link per product."""
+    lines = []
+    for index, (sku, uri) in enumerate(sorted(sheets.items())):
+        url = _public(uri)
+        picture = _picture(uri, url) if index < MAX_PICTURES else None
+        lines += [f"### {_md(sku)}", ""]
+        lines += [f"![contact sheet of {_plain(sku)}](<{picture}>)", ""] if picture else []
+        lines += [f"[{_plain(uri)}](<{url}>)", ""]
+    return lines
 
 
 def _public(uri: str) -> str:
@@ -151,6 +201,77 @@ def _public(uri: str) -> str:
         return objects.public_url(objects.key_of(uri), expires_s=7 * 24 * 3600)
     except ValueError:
         return uri
+
+
+def _picture(uri: str, url: str) -> str | None:
+    """What the browser showing the UI can load as the picture of a contact sheet: its presigned URL; for a local
+    store (file://, which a web page may not load) the sheet itself, shrunk, as a data: URL; None if unreadable
+    (the link is still listed, and a report never fails a run that is done)."""
+    if not url.startswith("file:"):
+        return url
+    import base64
+    import io
+
+    from PIL import Image
+
+    objects = get_platform().objects
+    try:
+        image = Image.open(io.BytesIO(objects.get(objects.key_of(uri))))
+        image.thumbnail((PICTURE_SIDE, PICTURE_SIDE))
+        data = io.BytesIO()
+        image.convert("RGB").save(data, "JPEG", quality=80)
+    except Exception as exc:  # the report is the run's last word, not a reason to fail it
+        logger.warning("contact sheet %s is not shown in the run's artifact: %s", uri, exc)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(data.getvalue()).decode()
+
+
+def _md(text: str) -> str:
+    """Text (a SKU, a URI, a reason) shown as itself in markdown: no emphasis, link, HTML or table cell break."""
+    return re.sub(r"([\\`*_{}\[\]<>()#+!|~])", r"\\\1", " ".join(str(text).split()))
+
+
+def _plain(text: str) -> str:
+    """Text for a link's or picture's label, where the UI shows escapes as typed: only what would end it removed."""
+    return re.sub(r"[\\\[\]<>]", "", " ".join(str(text).split()))
+
+
+# The platform's own loggers: their lines go to the console as ever and, when made inside a Prefect flow or task
+# run, to that run's logs in the UI as well.
+PLATFORM_LOGGERS = ("flows", "db", "dreamcache")
+_RUN_LOGS = "dreamcache-run-logs"  # the handler's name: attached once, however often this file is loaded
+
+
+def send_platform_logs_to_prefect() -> None:
+    """Send the platform's log lines made inside a Prefect flow or task run to that run's logs, in whichever
+    process runs it: a worker's flow run, a served deployment, `dreamcache run --prefect`, a task worker.
+
+    Done here, on import, rather than with PREFECT_LOGGING_EXTRA_LOGGERS: that setting must reach every
+    process's environment, and it attaches the handler without a level, so the loggers would keep the root's
+    WARNING and drop the INFO lines (the run's summary). Lines made outside any run (embedded runs, a
+    heartbeat thread) have no run to go to and stay on the console only.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    for name in PLATFORM_LOGGERS:
+        platform_logger = logging.getLogger(name)
+        if any(handler.get_name() == _RUN_LOGS for handler in platform_logger.handlers):
+            continue
+        handler = APILogHandler()
+        handler.set_name(_RUN_LOGS)
+        handler.addFilter(_in_a_prefect_run)
+        platform_logger.addHandler(handler)
+        if platform_logger.level == logging.NOTSET:  # a level the operator set stays
+            platform_logger.setLevel(logging.INFO)
+
+
+def _in_a_prefect_run(record: logging.LogRecord) -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+send_platform_logs_to_prefect()
 
 
 class Progress(BaseModel):
@@ -194,10 +315,13 @@ def generate_batches(todo: list[int], params: CatalogueRunParams, progress: Prog
         for batch, future in zip(batches, futures):
             wait_for_deferred(future)
             progress.advance(len(batch))
+            logger.info("batch of %d images finished (%d of %d)", len(batch), progress.done, progress.total)
     else:
         for batch in batches:  # one at a time: one job per GPU
-            generate_task(batch, params.output_prefix, params.batch_size, params.compare_text_only)
+            result = generate_task(batch, params.output_prefix, params.batch_size, params.compare_text_only)
             progress.advance(len(batch))
+            logger.info("batch of %d images: %d done, %d failed, %d already made (%d of %d)", len(batch),
+                        result["done"], result["failed"], result["skipped"], progress.done, progress.total)
 
 
 @flow(name="catalogue-shard", persist_result=False)
@@ -209,28 +333,37 @@ def generate_shard(generation_ids: list[int], params: CatalogueRunParams, progre
 def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | None = None,
                 name: str | None = None, on_stage: Callable[[str], None] = lambda stage: None) -> dict:
     platform = get_platform()
+    params = params.with_recommended(platform.settings.recommended)
+    on_stage("checking inputs")
+    inputs = prepare(params, Places.for_run(params.source, platform.settings.allowed_sources))
     if params.dry_run:
-        return runs.dry_run(platform, params)
+        return runs.dry_run(params, inputs)
     platform.migrate()
     run_id = runs.start_run(platform, params, flow_run_id, name)
     removed = platform.objects.remove_stale_temporaries()
     if removed:
         logger.info("removed %d temporary objects left by writers that died", removed)
     try:
-        on_stage("listing products")
-        listing = list_source(params.source)
+        listing, prompts, places = inputs
         runs.reject(platform, run_id, "ingest", listing.rejected)
+        runs.reject(platform, run_id, "prompts", prompts.rejected)
+        logger.info("run %d: %d products listed from %s (%d rejected), %d prompts", run_id, len(listing.items),
+                    params.source, len(listing.rejected), len(prompts.templates))
         batches = chunks(listing.items, INGEST_BATCH)
         on_stage(f"ingesting {len(listing.items)} products")
-        subject_ids = sorted({i for ids in runner.map(ingest_task, [(run_id, b) for b in batches]) for i in ids})
+        subject_ids = sorted({i for ids in runner.map(ingest_task, [(run_id, b, places) for b in batches])
+                              for i in ids})
+        logger.info("run %d: %d products ingested", run_id, len(subject_ids))
         on_stage("segmenting")
         groups = chunks(subject_ids, INGEST_BATCH)
         usable = [i for ids in runner.map(segment_task, [(run_id, g) for g in groups]) for i in ids]
         on_stage("caching")
         cache_ids = [i for ids in runner.map(cache_task, [(run_id, g) for g in chunks(usable, INGEST_BATCH)])
                      for i in ids]
-        planned = runner.map(plan_task, [(run_id, cache_ids, params)])[0]
+        planned = runner.map(plan_task, [(run_id, cache_ids, params, prompts.templates)])[0]
         todo = planned["todo"]
+        logger.info("run %d: %d products cached; %d images to generate in batches of %d (%s)", run_id, len(cache_ids),
+                    len(todo), params.batch_size, params.execution)
         if todo:
             platform.load("scorer")
         on_stage(f"generating {len(todo)} images")
@@ -261,14 +394,47 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
     return summary
 
 
+class Inputs(NamedTuple):
+    listing: Listing
+    prompts: Prompts
+    places: Places
+
+
+def prepare(params: CatalogueRunParams, places: Places) -> Inputs:
+    """Everything a run reads before it works, checked: the source lies in the run's places and lists at
+    least one usable product; the prompt file exists, is text and holds prompts. A problem here stops
+    the run before anything is written (InvalidInputs); a bad product or prompt line is only rejected."""
+    listing = list_source(params.source, places)
+    prompts = load_prompts(params, places)
+    if not listing.items:
+        if not listing.rejected:
+            raise InvalidInputs(f"source {params.source} holds no product images "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))}); check the folder or prefix")
+        item, reason = listing.rejected[0]
+        raise InvalidInputs(f"source {params.source}: none of its {len(listing.rejected)} products can be used "
+                            f"(the first, {item}: {reason})")
+    return Inputs(listing, prompts, places)
+
+
 @flow(name="catalogue-run", flow_run_name="catalogue-{params.output_prefix}", persist_result=False)
 def catalogue_run(params: CatalogueRunParams) -> dict:
     """Personalised product shots for a catalogue: ingest, segment, cache once, generate, score, write back."""
+    from prefect import get_run_logger
     from prefect.runtime import flow_run
+    from prefect.states import Failed
 
-    summary = orchestrate(params, PrefectRunner(), flow_run_id=str(flow_run.id), name=flow_run.name)
+    try:
+        summary = orchestrate(params, PrefectRunner(), flow_run_id=str(flow_run.id), name=flow_run.name)
+    except Exception as exc:
+        # The run's state says why in one line, the line `dreamcache run` prints after "error:"; calling the
+        # flow raises `exc` itself. A failure named on purpose (a bad input, S3's NoSuchBucket) needs no
+        # traceback; anything else (a bug) gets its traceback in the run's log.
+        if not is_expected(exc):
+            get_run_logger().error("the run failed: %s", one_line(exc), exc_info=exc)
+        return Failed(message=one_line(exc), data=exc)
     if summary.get("status") == "incomplete":  # the flow run fails, so that schedulers and the UI see it
-        raise RunIncomplete(summary)
+        incomplete = RunIncomplete(summary)
+        return Failed(message=str(incomplete), data=incomplete)
     return summary
 
 

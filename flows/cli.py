@@ -30,11 +30,13 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     """Apply the migrations (creates the schema on an empty database)."""
     from db import migrate
 
-    url = Settings().resolved_database_url
+    url = library_cli.settings_or_fail().resolved_database_url
     try:
         migrate.upgrade(url, revision)
     except Exception as exc:  # connection refused, permissions, ...: say which database and why
-        library_cli.fail(f"could not migrate {_safe(url)}: {exc}")
+        from flows.failures import database_problem
+
+        library_cli.fail("could not migrate " + database_problem(url, exc).removeprefix("database "))
     typer.echo(f"{_safe(url)} is at revision {migrate.current_revision(url)}")
 
 
@@ -43,8 +45,14 @@ def db_current() -> None:
     """Show the database's revision and the code's head revision."""
     from db import migrate
 
-    url = Settings().resolved_database_url
-    typer.echo(f"{_safe(url)}: revision {migrate.current_revision(url)} (head: {migrate.head_revision(url)})")
+    from flows.failures import database_problem
+
+    url = library_cli.settings_or_fail().resolved_database_url
+    try:
+        current = migrate.current_revision(url)
+    except Exception as exc:  # not a database, refused, unknown: one line naming it, no traceback
+        library_cli.fail(database_problem(url, exc))
+    typer.echo(f"{_safe(url)}: revision {current} (head: {migrate.head_revision(url)})")
 
 
 def _default(name: str):
@@ -60,7 +68,7 @@ def _help(name: str) -> str:
 def run(
     source: Optional[str] = typer.Option(None, help="S3 prefix, local folder or manifest; default: the bundled example catalogue."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt template (repeatable)."),
-    prompt_file: Optional[str] = typer.Option(None, help=_help("prompt_file")),
+    prompt_file: str = typer.Option("", help=_help("prompt_file")),
     images_per_prompt: int = typer.Option(_default("images_per_prompt"), help=_help("images_per_prompt")),
     seed: int = typer.Option(_default("seed"), help=_help("seed")),
     seed_policy: str = typer.Option(_default("seed_policy"), help=_help("seed_policy")),
@@ -68,7 +76,7 @@ def run(
     text_scale: float = typer.Option(_default("text_scale"), help=_help("text_scale")),
     image_scale: float = typer.Option(_default("image_scale"), help=_help("image_scale")),
     steps: int = typer.Option(_default("steps"), help=_help("steps")),
-    resolution: Optional[int] = typer.Option(None, help=_help("resolution")),
+    resolution: int = typer.Option(_default("resolution"), help=_help("resolution")),
     output_prefix: str = typer.Option(_default("output_prefix"), help=_help("output_prefix")),
     batch_size: int = typer.Option(_default("batch_size"), help=_help("batch_size")),
     execution: str = typer.Option(_default("execution"), help=_help("execution")),
@@ -94,7 +102,7 @@ def run(
     except ValidationError as exc:
         library_cli.fail("invalid run parameters:\n" + "\n".join(
             f"  {'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}" for e in exc.errors()))
-    settings = Settings()
+    settings = library_cli.settings_or_fail()
     if use_prefect is None:
         use_prefect = bool(os.environ.get("PREFECT_API_URL"))
     typer.echo(f"model {settings.base_model} on {settings.torch_device}; database {_safe(settings.resolved_database_url)}; "
@@ -125,8 +133,10 @@ def run(
         raise typer.Exit(EXIT_TERMINATED) from None
     except RunIncomplete as exc:  # on Prefect, the flow run fails; the summary says what is open
         summary = exc.summary
-    except Exception as exc:
-        library_cli.fail(f"the run could not complete: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # the same one line as the Prefect run's state message (flows/failures.py)
+        from flows.failures import one_line
+
+        library_cli.fail(one_line(exc))
     _print_summary(summary, settings)
     if summary.get("status") == "incomplete":
         raise typer.Exit(EXIT_INCOMPLETE)
@@ -182,7 +192,7 @@ def verify(
     from flows.platform import get_platform
     from flows.verify import verify as run_verify
 
-    settings = Settings()
+    settings = library_cli.settings_or_fail()
     platform = get_platform(settings)
     platform.migrate()
     report = run_verify(platform, repair=repair)
@@ -213,16 +223,23 @@ def history(
     from db import migrate
     from db.session import make_engine
 
-    url = Settings().resolved_database_url
-    migrate.upgrade(url)
+    from flows.failures import database_problem
+
+    url = library_cli.settings_or_fail().resolved_database_url
     # Typed NULL checks: PostgreSQL cannot infer a bare parameter's type in `:x IS NULL`.
     query = "SELECT generation_id, run_id, sku, prompt, seed, status, mdino, clip_t, output_uri, error " \
             "FROM generation_history WHERE (CAST(:sku AS VARCHAR) IS NULL OR sku = :sku) " \
             "AND (CAST(:run AS INTEGER) IS NULL OR run_id = :run) ORDER BY generation_id DESC LIMIT :limit"
-    engine = make_engine(url)
-    with engine.connect() as connection:
-        rows = connection.execute(text(query), dict(sku=sku, run=run_id, limit=limit)).all()
-    engine.dispose()
+    try:
+        migrate.upgrade(url)
+        engine = make_engine(url)
+        try:
+            with engine.connect() as connection:
+                rows = connection.execute(text(query), dict(sku=sku, run=run_id, limit=limit)).all()
+        finally:
+            engine.dispose()
+    except Exception as exc:  # not a database, damaged, refused: one line naming it, no traceback
+        library_cli.fail(database_problem(url, exc))
     if not rows:
         typer.echo("no generations yet: try `dreamcache run`")
         return
@@ -280,15 +297,29 @@ def synthesize(
 def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GPU).")) -> None:
     """A long-lived GPU worker for `execution=task-workers` runs: loads the model once, serves batches.
 
-    Start one per GPU, e.g. `CUDA_VISIBLE_DEVICES=0 dreamcache worker`, with PREFECT_API_URL set.
+    Start one per GPU, e.g. `CUDA_VISIBLE_DEVICES=0 dreamcache worker`, with PREFECT_API_URL set. SIGTERM
+    (Kubernetes, systemd) or Ctrl-C: it takes no more work, finishes the batches it holds, and exits 143 or 130.
     """
-    from prefect.task_worker import serve
+    from flows.liveness import Cancelled
 
-    from flows.catalogue import generate_task
-    from flows.platform import get_platform
+    def stop(signum, frame):  # while starting and loading the model: nothing is held yet, stop at once
+        raise Cancelled(signal.Signals(signum).name)
 
-    get_platform().pipeline  # load the model before taking work
-    serve(generate_task, limit=limit)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        from flows.catalogue import generate_task
+        from flows.platform import get_platform
+        from flows.worker import serve_until_stopped
+
+        get_platform(library_cli.settings_or_fail()).pipeline  # load the model before taking work
+        stopped_by = serve_until_stopped(generate_task, limit=limit)
+    except (Cancelled, KeyboardInterrupt) as exc:
+        stopped_by, held = str(exc) or "SIGINT", " before taking any work"
+    else:
+        held = ": took no more work and finished the batches it held"
+    if stopped_by:
+        typer.secho(f"worker stopped by {stopped_by}{held}", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(EXIT_TERMINATED if stopped_by == "SIGTERM" else EXIT_INTERRUPTED)
 
 
 def main() -> None:

@@ -6,57 +6,71 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from dreamcache.core.weights import Recommended
 from dreamcache.core.guidance import (
-    COMBINED, DEFAULT_GUIDANCE, DEFAULT_IMAGE_SCALE, DEFAULT_TEXT_SCALE, JOINT, MAX_IMAGE_SCALE, MAX_TEXT_SCALE, Guidance,
+    COMBINED, DEFAULT_GUIDANCE, DEFAULT_TEXT_SCALE, JOINT, MAX_IMAGE_SCALE, MAX_TEXT_SCALE, Guidance,
 )
 
 MAX_PROMPT_CHARS = 1000
 
 
 class CatalogueRunParams(BaseModel):
-    """A catalogue run: which products, which prompts, how many shots, with which sampler settings."""
+    """A catalogue run: which products, which prompts, how many shots, with which sampler settings.
 
+    The fields are in the order a person fills the Prefect form: what, how many, how, where. A 0 in
+    steps, images per prompt, image scale or resolution means "the model's": the model records what it
+    is meant to be sampled with (its adapter config's `recommended`; docs/models.md), and the run takes it.
+    """
+
+    # What
     source: str = Field(
         description="Products: an S3 prefix (s3://bucket/catalogue/), a local folder (category sub-folders "
-        "optional; the file name is the SKU), or a manifest (.csv or .jsonl with sku, category, image_uri).",
+        "optional; the file name is the SKU), or a manifest (.csv or .jsonl with sku, category, image_uri). "
+        "It must lie in a place the operator allows (DREAMCACHE_ALLOWED_SOURCES).",
         min_length=1,
     )
     prompts: list[str] = Field(
         default_factory=list,
         description="Prompt templates; {category}, {sku} and manifest fields are filled in per product.",
     )
-    prompt_file: str | None = Field(
-        default=None, description="A file or URI with one prompt template per line, used after `prompts`."
+    prompt_file: str = Field(
+        default="", description="A text file or URI with one prompt template per line, used after `prompts` "
+        "(in an allowed place, at most 1 MB)."
     )
-    images_per_prompt: int = Field(default=2, ge=1, le=64, description="Shots per product and prompt.")
+    # How many
+    images_per_prompt: int = Field(default=0, ge=0, le=64, description="Shots per product and prompt; 0: the model's.")
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="First seed.")
     seed_policy: Literal["fixed", "per-product"] = Field(
         default="fixed",
         description="fixed: every product uses seeds seed, seed+1, ...; per-product: offset by a hash of the SKU.",
     )
+    # How
     guidance: Guidance = Field(
         default=DEFAULT_GUIDANCE,
         description=f"{COMBINED}: 3 UNet passes a step, separate image and text scales; {JOINT}: 2, one scale.",
     )
     text_scale: float = Field(default=DEFAULT_TEXT_SCALE, ge=0.0, le=MAX_TEXT_SCALE, description="Text guidance scale.")
-    image_scale: float = Field(default=DEFAULT_IMAGE_SCALE, ge=0.0, le=MAX_IMAGE_SCALE,
-                               description=f"Image guidance scale ({COMBINED} only): higher keeps more of the product.")
-    steps: int = Field(default=50, ge=1, le=500, description="Denoising steps per image.")
-    resolution: int | None = Field(
-        default=None, ge=64, le=2048, multiple_of=8, description="Image side in pixels; default: the model's."
+    image_scale: float = Field(
+        default=0.0, ge=0.0, le=MAX_IMAGE_SCALE,
+        description=f"Image guidance scale ({COMBINED} only): higher keeps more of the product; 0: the model's "
+        "working point (the authors' 0.35 on Stable Diffusion, 5 for the bundled model).")
+    steps: int = Field(default=0, ge=0, le=500, description="Denoising steps per image; 0: the model's.")
+    resolution: int = Field(
+        default=0, ge=0, le=2048, multiple_of=8, description="Image side in pixels (at least 64); 0: the model's native."
     )
+    # Where
     output_prefix: str = Field(
         default="shots", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,200}$",
         description="Key prefix of the images, sidecars and contact sheets in the object store.",
-    )
-    batch_size: int = Field(default=16, ge=1, le=64, description="Images per generation task.")
-    shard_size: int = Field(
-        default=2048, ge=1, le=100_000, description="Images per child run; larger catalogues are sharded."
     )
     execution: Literal["in-process", "task-workers"] = Field(
         default="in-process",
         description="in-process: this flow run generates; task-workers: batches go to long-lived GPU workers "
         "(`dreamcache worker`), one per GPU, each loading the model once.",
+    )
+    batch_size: int = Field(default=16, ge=1, le=64, description="Images per generation task.")
+    shard_size: int = Field(
+        default=2048, ge=1, le=100_000, description="Images per child run; larger catalogues are sharded."
     )
     compare_text_only: bool = Field(
         default=False,
@@ -65,6 +79,19 @@ class CatalogueRunParams(BaseModel):
         "and shots made without it stay without.",
     )
     dry_run: bool = Field(default=False, description="List and validate inputs and plan the work; write nothing.")
+
+    def with_recommended(self, recommended: Recommended) -> "CatalogueRunParams":
+        """These parameters with every 0 that means "the model's" replaced by the model's value (resolution
+        stays 0 until the model is loaded: its native size is the pipeline's)."""
+        return self.model_copy(update=dict(
+            steps=self.steps or recommended.steps,
+            images_per_prompt=self.images_per_prompt or recommended.images_per_prompt,
+            image_scale=self.image_scale or recommended.image_scale))
+
+    @field_validator("prompt_file", mode="before")
+    @classmethod
+    def _no_prompt_file(cls, value):
+        return "" if value is None else value  # runs recorded before 0.2 wrote None
 
     @field_validator("prompts")
     @classmethod
@@ -77,6 +104,13 @@ class CatalogueRunParams(BaseModel):
         if any(part in ("", ".", "..") for part in prefix.split("/")):
             raise ValueError(f"output_prefix {prefix!r} must not have empty, '.' or '..' parts")
         return prefix
+
+    @field_validator("resolution")
+    @classmethod
+    def _usable_resolution(cls, resolution: int) -> int:
+        if 0 < resolution < 64:
+            raise ValueError(f"resolution {resolution} is below 64 pixels; give 64 or more, or 0 for the model's")
+        return resolution
 
     @model_validator(mode="after")
     def _some_prompts(self) -> "CatalogueRunParams":

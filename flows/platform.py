@@ -18,7 +18,7 @@ from db.objects import ObjectStore, open_store
 from db.session import make_engine, session_factory
 from db.tensors import TensorStore
 from dreamcache.core.cache import model_fingerprint
-from dreamcache.app.config import BUNDLED_MODEL, Settings
+from dreamcache.app.config import BUNDLED_MODEL, Settings, load_settings
 
 
 def worker_id() -> str:
@@ -143,8 +143,9 @@ def close_platforms() -> None:
 
 
 def get_platform(settings: Settings | None = None) -> Platform:
-    """The process's platform for these settings (so models load once per worker process)."""
-    settings = settings or Settings()
+    """The process's platform for these settings (so models load once per worker process); without them, the
+    settings are loaded (a bad one: SettingsError, one line naming the variable or the config file and line)."""
+    settings = settings or load_settings()
     key = settings.model_dump_json()
     if key not in _platforms:
         _platforms[key] = Platform(settings)

@@ -9,10 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from flows.places import MANIFEST_SUFFIXES, InvalidInputs, MissingInput, OutsidePlaces, Places, locate, read_s3
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-MANIFEST_SUFFIXES = {".csv", ".jsonl"}
 REQUIRED_COLUMNS = ("sku", "image_uri")
-URI_SCHEMES = ("s3://", "file://")
+# A manifest is read whole; 100 MB holds about a million rows.
+MAX_MANIFEST_BYTES = 100_000_000
+# Far above any catalogue photo (a 100-megapixel PNG is ~300 MB raw, far less compressed); a larger file
+# is refused before it is read whole.
+MAX_IMAGE_BYTES = 200_000_000
 # The database's column sizes (db/models.py): longer values would fail a whole batch's insert.
 MAX_SKU_CHARS, MAX_CATEGORY_CHARS, MAX_URI_CHARS = 255, 255, 1024
 
@@ -32,30 +37,38 @@ class Listing:
 
 
 def read_uri(uri: str) -> bytes:
-    """Bytes of an s3:// URI, a file:// URI or a local path."""
-    scheme = urlparse(uri).scheme
-    if len(scheme) > 1 and not uri.startswith(URI_SCHEMES):  # (one letter: a Windows drive, a path)
-        raise ValueError(f"{uri}: unsupported URI scheme {scheme}://; use s3://, file:// or a local path")
-    if uri.startswith("s3://"):
-        import boto3
-
-        parsed = urlparse(uri)
-        return boto3.client("s3").get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
-    path = Path(urlparse(uri).path if uri.startswith("file://") else uri)
-    return path.read_bytes()
+    """Bytes of an s3:// URI, a file:// URI or a local path, unconfined: for what the operator names (a
+    training config's data, a product's recorded source). What a run's parameters name goes through
+    `Places.read` instead."""
+    location = locate(uri)
+    if location.is_s3:
+        return read_s3(location.bucket, location.key)
+    return Path(urlparse(uri).path if uri.startswith("file://") else uri).read_bytes()
 
 
-def list_source(source: str) -> Listing:
-    """Every product of a source; manifest rows that cannot be used are rejected with their reason."""
+def list_source(source: str, places: Places | None = None) -> Listing:
+    """Every product of a source; items that cannot be used (or lie outside the run's places) are rejected
+    with their reason. Without `places`, the source's own folder or prefix is the only place."""
+    places = places or Places.for_run(source, [])
+    places.check(source, f"source {source}")
     if Path(urlparse(source).path).suffix.lower() in MANIFEST_SUFFIXES:
-        return _manifest(source)
+        return _manifest(source, places)
     if source.startswith("s3://"):
         return _unique(_s3_images(source))
-    folder = Path(urlparse(source).path if source.startswith("file://") else source).expanduser()
+    folder = Path(urlparse(source).path if source.startswith("file://") else source).expanduser().absolute()
     if not folder.is_dir():
-        raise FileNotFoundError(f"source {source} is neither a folder, an s3:// prefix nor a .csv/.jsonl manifest")
-    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return _unique([_item(p.relative_to(folder).as_posix(), str(p.resolve())) for p in images])
+        raise MissingInput(f"source {source} is neither a folder, an s3:// prefix nor a .csv/.jsonl manifest")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    outside = []
+    for p in list(images):
+        try:
+            places.check(str(p), f"{p.relative_to(folder).as_posix()} (a link)")
+        except OutsidePlaces as exc:  # a symlink out of the catalogue: refused, and not followed
+            outside.append((p.relative_to(folder).as_posix(), str(exc)))
+            images.remove(p)
+    listing = _unique([_item(p.relative_to(folder).as_posix(), str(p)) for p in images])
+    listing.rejected[:0] = outside
+    return listing
 
 
 def _problem(sku: str, uri: str, category: str | None) -> str | None:
@@ -98,15 +111,24 @@ def _s3_images(source: str) -> list[SourceItem]:
     parsed = urlparse(source)
     prefix = parsed.path.lstrip("/")
     items = []
-    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=parsed.netloc, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if Path(obj["Key"]).suffix.lower() in IMAGE_SUFFIXES:
-                items.append(_item(obj["Key"][len(prefix):].lstrip("/"), f"s3://{parsed.netloc}/{obj['Key']}"))
+    from db.objects import s3_errors  # S3's errors as one line naming the bucket, prefix, code and what to do
+
+    with s3_errors(parsed.netloc, prefix, "list"):
+        for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=parsed.netloc, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                if Path(obj["Key"]).suffix.lower() in IMAGE_SUFFIXES:
+                    items.append(_item(obj["Key"][len(prefix):].lstrip("/"), f"s3://{parsed.netloc}/{obj['Key']}"))
     return sorted(items, key=lambda i: i.uri)
 
 
-def _manifest(source: str) -> Listing:
-    text = read_uri(source).decode("utf-8-sig")
+def _manifest(source: str, places: Places) -> Listing:
+    try:
+        text = places.read(source, f"manifest {source}", limit=MAX_MANIFEST_BYTES).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise MissingInput(f"manifest {source} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInputs(f"manifest {source} is not UTF-8 text (byte {exc.start}): save it as UTF-8 CSV or JSON "
+                         "lines") from None
     if source.lower().endswith(".jsonl"):
         rows = []
         for n, line in enumerate(text.splitlines(), start=1):
@@ -122,7 +144,7 @@ def _manifest(source: str) -> Listing:
         rows = list(enumerate(reader, start=2))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
-        raise ValueError(f"manifest {source} lacks the column(s) {', '.join(missing)} (it has: {sorted(columns)})")
+        raise InvalidInputs(f"manifest {source} lacks the column(s) {', '.join(missing)} (it has: {sorted(columns)})")
     base = source.rsplit("/", 1)[0] if "/" in source else "."
     items, rejected, skus = [], [], {}  # sku -> (line, image URI) of its first row
     for line, row in rows:
@@ -136,6 +158,11 @@ def _manifest(source: str) -> Listing:
             continue
         if "://" not in uri and not uri.startswith("/"):
             uri = f"{base}/{uri}"  # relative to the manifest (other schemes are refused when read)
+        try:
+            places.check(uri, "its image_uri")
+        except (OutsidePlaces, ValueError) as exc:
+            rejected.append((label, str(exc)))
+            continue
         if skus.get(sku, (None, None))[1] == uri:
             rejected.append((label, f"duplicate of line {skus[sku][0]} (same SKU and image)"))
             continue

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from dreamcache.training import synthetic
-from dreamcache.app.config import Settings
+from dreamcache.app.config import load_settings
 
 
 class SyntheticParams(BaseModel):
@@ -38,7 +38,7 @@ def _text_to_image(params: SyntheticParams):
 
         from dreamcache.app.loading import load_pipeline
 
-        settings = Settings()
+        settings = load_settings()
         if params.text_to_image:
             pipe = DiffusionPipeline.from_pretrained(params.text_to_image, dtype=settings.torch_dtype)
             pipe = pipe.to(settings.torch_device)
@@ -53,7 +53,7 @@ def _segmenter():
     if "segmenter" not in _models:
         from dreamcache.app.loading import load_segmenter
 
-        _models["segmenter"] = load_segmenter(Settings())
+        _models["segmenter"] = load_segmenter(load_settings())
     return _models["segmenter"]
 
 

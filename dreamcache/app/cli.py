@@ -35,6 +35,10 @@ app = typer.Typer(
 def _quiet_third_parties() -> None:
     """Personalised product shots from cached reference features."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The platform's loggers run at INFO so that their lines reach Prefect's run logs; the console keeps to
+    # warnings (the command prints its own progress and summary).
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
     # Loading bars and notices from diffusers/transformers drown the command's own output. The
     # variables take effect when those libraries are imported (commands import them lazily, so
     # `dreamcache db ...` never pays for torch); already imported ones are told directly.
@@ -53,6 +57,16 @@ def fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+def settings_or_fail(**overrides):
+    """The settings; a bad one is `error: <one line naming the variable, or the config file and line>`, exit 1."""
+    from dreamcache.app.config import SettingsError, load_settings
+
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        fail(str(exc))
+
+
 @app.command()
 def demo(
     output: Optional[Path] = typer.Option(None, help="Where to write the shots (default: $DREAMCACHE_HOME/outputs/demo)."),
@@ -62,10 +76,9 @@ def demo(
                                       "the bundled model's working point; the authors use 0.35 on Stable Diffusion."),
 ) -> None:
     """Cache the bundled example product; generate a few shots with its cache and the same without."""
-    from dreamcache.app.config import Settings
     from dreamcache.app.demo import run_demo
 
-    settings = Settings()
+    settings = settings_or_fail()
     typer.echo(f"model: {settings.base_model}  device: {settings.torch_device}  home: {settings.home}")
     try:
         result = run_demo(settings, output_dir=output, steps=steps, seed=seed, image_scale=image_scale)
@@ -127,11 +140,10 @@ def segment(
     """Cut products out: mask, quality figures and the subject on white (bad items are reported, not fatal)."""
     from PIL import Image
 
-    from dreamcache.app.config import Settings
     from dreamcache.core.images import open_image
     from dreamcache.app.loading import load_segmenter
 
-    segmenter = load_segmenter(Settings())
+    segmenter = load_segmenter(settings_or_fail())
     output.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in images:
@@ -161,11 +173,10 @@ def score(
     """DINO, CLIP-I, CLIP-T and the masked MDINO, MCLIP-I of one image (models from the settings)."""
     import json
 
-    from dreamcache.app.config import Settings
     from dreamcache.core.images import open_image
     from dreamcache.app.loading import load_scorer
 
-    scorer = load_scorer(Settings())
+    scorer = load_scorer(settings_or_fail())
     if not scorer.available:
         fail("no scorer models configured: set DREAMCACHE_CLIP_MODEL and/or DREAMCACHE_DINO_MODEL (see docs/models.md)")
     try:
@@ -193,11 +204,10 @@ def evaluate(
     batch_size: int = typer.Option(8, min=1, help="Images per generation batch."),
 ) -> None:
     """Generate and score DreamBench: writes Table 2 (DINO, CLIP-I, CLIP-T) and the masked table."""
-    from dreamcache.app.config import Settings
     from dreamcache.perception.evaluation import EvalSettings, run_eval
     from dreamcache.app.loading import load_pipeline, load_scorer, load_segmenter
 
-    settings = Settings()
+    settings = settings_or_fail()
     segmenter = load_segmenter(settings)
     scorer = load_scorer(settings, segmenter)
     if not scorer.available:
@@ -213,5 +223,14 @@ def evaluate(
     typer.echo(f"written to {result.output_dir}")
 
 
+def one_line(message: str) -> str:
+    """A message on one line: its lines joined with '; ' (a traceback or a multi-line error never reaches users)."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except DreamCacheError as exc:  # raised on purpose, its message names the thing: no traceback
+        typer.secho(f"error: {one_line(exc.args[0] if len(exc.args) == 1 else exc)}", fg=typer.colors.RED, err=True)
+        sys.exit(1)

@@ -7,15 +7,22 @@ The CLI, the flows and the tests all build their settings here.
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
+import re
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource,
+)
 
 from dreamcache.core.errors import DreamCacheError
+from dreamcache.core.weights import Recommended, read_adapter_config
 
 BUNDLED_MODEL = "bundled:product-world"
 # The project's own model of the procedural product world (docs/toy-world.md), shipped in the package
@@ -26,6 +33,15 @@ BUNDLED_DIR = Path(__file__).resolve().parents[1] / "assets" / "product-world"
 BUNDLED_IMAGE_SCALE = 5.0
 # Each part of the bundled model and the file that shows it is there.
 BUNDLED_PARTS = {"base": "model_index.json", "adapter": "adapter_config.json", "clip": "config.json"}
+
+
+class SettingsError(DreamCacheError, ValueError):
+    """A setting or the config file is wrong: one line naming the variable (or the file and line) and the problem."""
+
+
+def _looks_local(value: str) -> bool:
+    """Whether a model setting names a local path rather than a hub id ("org/name"): absolute, ./, ../ or ~."""
+    return value.startswith(("/", "./", "../", "~")) or value in (".", "..")
 
 
 class BundledModelMissing(DreamCacheError, FileNotFoundError):
@@ -65,6 +81,12 @@ class Settings(BaseSettings):
         default=60, ge=5, description="How long a claimed item and a run stay a worker's without a heartbeat (renewed "
         "every quarter of it while the worker lives); then others may take the items, and the run counts as crashed.",
     )
+    allowed_sources: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Where runs may read products, manifests and prompt files: local folders and s3://bucket/prefix "
+        "places, comma-separated (or a JSON list). Unset: each run only its own catalogue's folder or prefix and "
+        "the project's examples. Set it wherever people you do not fully trust start runs (the Prefect UI).",
+    )
     base_model: str = Field(
         default=BUNDLED_MODEL,
         description="Base Stable Diffusion pipeline: a local diffusers directory, a hub id, or the bundled model "
@@ -100,10 +122,37 @@ class Settings(BaseSettings):
         "the product world's CLIP.")
     dino_model: str | None = Field(default=None, description="DINO ViT-S/16 scorer: local directory or hub id.")
 
+    @field_validator("allowed_sources", mode="before")
+    @classmethod
+    def _split_places(cls, value):
+        if isinstance(value, str):  # from the environment: a JSON list or comma-separated
+            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        return [place.strip() for place in value if place.strip()]
+
     @field_validator("home", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("base_model", "adapter", "clip_model", "dino_model", "detector_model", mode="after")
+    @classmethod
+    def _local_folders_exist(cls, value: str | None) -> str | None:
+        # A hub id ("org/name") is looked up when loaded; a local path is checked now, so that a typo is
+        # named here rather than as the hub's complaint about an invalid repo id.
+        if value and _looks_local(value):
+            folder = Path(value).expanduser()
+            if not folder.exists():
+                raise ValueError(f"folder {value} does not exist")
+            if not folder.is_dir():
+                raise ValueError(f"{value} is a file; give the model's folder")
+        return value
+
+    @field_validator("sam_checkpoint", mode="after")
+    @classmethod
+    def _checkpoint_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -160,5 +209,86 @@ class Settings(BaseSettings):
         return str(bundled_part("clip"))
 
     @property
+    def recommended(self) -> Recommended:
+        """The model's recommended sampling settings (from its adapter config), read without loading the model."""
+        adapter = self.resolved_adapter
+        return read_adapter_config(adapter).recommended if adapter and Path(adapter).is_dir() else Recommended()
+
+    @property
     def outputs_dir(self) -> Path:
         return self.home / "outputs"
+
+
+def load_settings(**overrides) -> Settings:
+    """The settings (`overrides`, then the environment, then the config file, then the defaults), or a
+    SettingsError whose message is one line naming the variable, or the config file and line, at fault."""
+    config_file = os.environ.get("DREAMCACHE_CONFIG") or None
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, overrides, config_file)) from None
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        found = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+        where = f" line {found[1]}" if found else ""
+        if found:
+            message = f"{message[:found.start()]} (column {found[2]})"
+        raise SettingsError(f"config file {config_file}{where}: {message[:1].lower()}{message[1:]}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"config file {config_file}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:  # DREAMCACHE_CONFIG names no file, or one that cannot be read
+        if config_file and not Path(config_file).is_file():
+            raise SettingsError(f"DREAMCACHE_CONFIG: {config_file} is not a file") from None
+        raise SettingsError(f"config file {config_file}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _describe(exc: ValidationError, overrides: dict, config_file: str | None) -> str:
+    """A ValidationError of Settings in one line: each problem with where its value came from."""
+    environment = {name.upper(): name for name in os.environ}
+    file_text = _read_text(config_file)
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        variable = f"DREAMCACHE_{field.upper()}"
+        message = error["msg"].removeprefix("Value error, ")
+        message = message[:1].lower() + message[1:]
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(field, Settings.model_fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(Settings.model_fields)})"
+            if field in overrides or not config_file:
+                problems.append(f"unknown setting {field!r}{hint}")
+            else:
+                problems.append(f"config file {config_file}{_line_of(file_text, field) or ''}: unknown setting "
+                                f"{field!r}{hint}")
+            continue
+        value = error.get("input")
+        if not isinstance(value, (dict, list)) and str(value) not in message:
+            message += f" (got {value!r})"
+        if field in overrides:
+            where = field
+        elif variable in environment:
+            where = variable
+        elif config_file and _line_of(file_text, field) is not None:
+            where = f"config file {config_file}{_line_of(file_text, field)}: {field}"
+        else:
+            where = variable
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
+
+
+def _read_text(path: str | None) -> str:
+    try:
+        return Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        return ""
+
+
+def _line_of(text: str, key: str) -> str | None:
+    """' line N' where the TOML text sets `key` at the top level, or None."""
+    pattern = re.compile(rf"""^\s*["']?{re.escape(key)}["']?\s*=""")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.lstrip().startswith("["):
+            break  # a table: the keys below are not settings
+        if pattern.match(line):
+            return f" line {number}"
+    return None

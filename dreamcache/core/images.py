@@ -111,9 +111,19 @@ def fit_on_white(image: Image.Image, resolution: int) -> Image.Image:
     return canvas
 
 
-def load_reference(source: ImageInput, resolution: int, max_pixels: int = MAX_PIXELS) -> Image.Image:
+# How a reference is brought to the model's square: letterboxed on white keeping its shape (the default,
+# for products), or stretched to the square with bilinear resampling (the authors' released inference).
+REFERENCE_MODES = ("letterbox", "stretch")
+
+
+def load_reference(source: ImageInput, resolution: int, max_pixels: int = MAX_PIXELS,
+                   mode: str = "letterbox") -> Image.Image:
     """A reference ready to cache: decoded, on white, with a foreground, at the model's resolution."""
     name = "<in-memory image>" if isinstance(source, Image.Image) else str(source)
     image = open_image(source, max_pixels=max_pixels)
     foreground_box(image, name)
+    if mode == "stretch":
+        return image.resize((resolution, resolution), Image.Resampling.BILINEAR)
+    if mode != "letterbox":
+        raise ValueError(f"unknown reference mode {mode!r}; choose one of {', '.join(REFERENCE_MODES)}")
     return fit_on_white(image, resolution)

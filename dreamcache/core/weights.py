@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from diffusers import UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,6 +22,8 @@ from dreamcache import __version__
 from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.architectures import build_unet, unet_config
 from dreamcache.core.errors import AdapterWeightsError
+from dreamcache.core.images import REFERENCE_MODES
+from dreamcache.core.schedulers import SAMPLERS, check_eta
 from dreamcache.core.layers import PRESETS, Layer, resolve_preset
 
 CONFIG_NAME = "adapter_config.json"
@@ -43,15 +46,73 @@ class LayerSpec:
             raise ValueError(f"layer {self.name!r}: channels, inner_dim and heads must be positive integers")
 
 
+# The text of the unconditional passes and of the cache pass in the authors' released sampling scripts.
+AUTHORS_NEGATIVE_PROMPT = "Open mouth, tongue out, teeth visible, bad photo, low quality, blurred, deformed"
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """The settings a model is meant to be sampled with, which a run takes when it does not set them.
+
+    The defaults are the method's (empty text for the unconditional passes and the cache, the reference
+    letterboxed on white, the latent's mode) with the authors' steps and scales for Stable Diffusion (50
+    steps, text scale 7.5, image scale 0.3 to 0.4), on the base model's own scheduler. A model of one's
+    own records its working point here (the bundled product-world model: docs/toy-world.md);
+    `AUTHORS_INFERENCE` is the authors' released inference, which a converted checkpoint records.
+    """
+
+    steps: int = 50
+    images_per_prompt: int = 2
+    image_scale: float = 0.35
+    text_scale: float = 7.5
+    sampler: str = "model"
+    eta: float = 0.0
+    negative_prompt: str = ""
+    reference_mode: str = "letterbox"
+    latent: str = "mode"
+
+    def __post_init__(self):
+        if not (isinstance(self.steps, int) and self.steps >= 1 and isinstance(self.images_per_prompt, int)
+                and self.images_per_prompt >= 1 and isinstance(self.image_scale, (int, float)) and self.image_scale > 0
+                and isinstance(self.text_scale, (int, float)) and self.text_scale >= 0):
+            raise ValueError(f"recommended settings {self} must be positive (steps and images_per_prompt integers)")
+        if self.sampler not in SAMPLERS or self.reference_mode not in REFERENCE_MODES or self.latent not in ("mode",
+                                                                                                           "sample"):
+            raise ValueError(f"recommended settings {self}: sampler one of {SAMPLERS}, reference_mode one of "
+                             f"{REFERENCE_MODES}, latent 'mode' or 'sample'")
+        check_eta(self.sampler, self.eta)
+
+    def sampling(self) -> dict:
+        """Keyword arguments of `DreamCachePipeline.__call__` for these settings."""
+        return dict(num_inference_steps=self.steps, guidance_scale=self.text_scale,
+                    image_guidance_scale=self.image_scale, sampler=self.sampler, eta=self.eta,
+                    negative_prompt=self.negative_prompt)
+
+    def caching(self) -> dict:
+        """Keyword arguments of `DreamCachePipeline.cache_subjects` for these settings."""
+        return dict(text=self.negative_prompt, reference_mode=self.reference_mode, latent=self.latent)
+
+
+# The authors' released inference (their sampling scripts; docs/models.md lists where the default differs):
+# DDIM, 50 steps, eta 0, text scale 7.5, image scale 0.35 (their scripts use 0.3 to 0.4), four shots per
+# prompt as in their evaluation, their negative prompt for both unconditional passes and for the cache,
+# the reference stretched to the square (bilinear) and the VAE posterior sampled.
+AUTHORS_INFERENCE = Recommended(steps=50, images_per_prompt=4, image_scale=0.35, text_scale=7.5, sampler="ddim",
+                                eta=0.0, negative_prompt=AUTHORS_NEGATIVE_PROMPT, reference_mode="stretch",
+                                latent="sample")
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
-    """What the weights are for: the preset and the exact layers (name, widths, heads)."""
+    """What the weights are for: the preset and the exact layers (name, widths, heads), and the settings
+    they are meant to be sampled with."""
 
     preset: str
     layers: tuple[LayerSpec, ...]
     base_model: str | None = None
     library_version: str = __version__
     format: str = FORMAT
+    recommended: Recommended = Recommended()
 
     def __post_init__(self):
         if self.format != FORMAT:
@@ -63,11 +124,14 @@ class AdapterConfig:
         # Read from JSON the layers are dicts: made LayerSpecs here, so every config holds the same types.
         object.__setattr__(self, "layers", tuple(
             layer if isinstance(layer, LayerSpec) else LayerSpec(**layer) for layer in self.layers))
+        if isinstance(self.recommended, dict):
+            object.__setattr__(self, "recommended", Recommended(**self.recommended))
 
     @classmethod
-    def for_layers(cls, preset: str, layers: Sequence[Layer], base_model: str | None = None) -> "AdapterConfig":
+    def for_layers(cls, preset: str, layers: Sequence[Layer], base_model: str | None = None,
+                   recommended: Recommended = Recommended()) -> "AdapterConfig":
         return cls(preset, tuple(LayerSpec(layer.name, layer.channels, layer.inner_dim, layer.heads)
-                                 for layer in layers), base_model)
+                                 for layer in layers), base_model, recommended=recommended)
 
     @property
     def layer_names(self) -> list[str]:
@@ -170,8 +234,14 @@ def _diffusers_block(ldm_block: str, layers_per_block: int) -> str:
     return f"up_blocks.{k // per_level}.attentions.{k % per_level}"
 
 
-def convert_original_checkpoint(src: str | Path, dst: str | Path, architecture: str = "sd21") -> AdapterConfig:
-    """Convert the authors' `cross_attention-<step>.pt` into this project's adapter directory."""
+def convert_original_checkpoint(src: str | Path, dst: str | Path, architecture: str = "sd21",
+                                unet: UNet2DConditionModel | None = None) -> AdapterConfig:
+    """Convert the authors' `cross_attention-<step>.pt` into this project's adapter directory.
+
+    The adapters are for `architecture` (sd15, sd21, ...), or for `unet` when one is given (a model of
+    the same layout at another size). The converted config recommends the authors' released inference
+    (`AUTHORS_INFERENCE`), so a run with it samples as their scripts do unless told otherwise.
+    """
     src = Path(src)
     try:
         state = torch.load(src, map_location="cpu", weights_only=True)
@@ -186,7 +256,7 @@ def convert_original_checkpoint(src: str | Path, dst: str | Path, architecture: 
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterWeightsError(f"checkpoint {src} is not a state dict of tensors")
 
-    layers_per_block = unet_config(architecture)["layers_per_block"]
+    layers_per_block = unet.config.layers_per_block if unet is not None else unet_config(architecture)["layers_per_block"]
     converted: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, tensor in state.items():
@@ -202,7 +272,7 @@ def convert_original_checkpoint(src: str | Path, dst: str | Path, architecture: 
             f"checkpoint {src} has tensors that are not DreamCache adapter weights:\n  " + "\n  ".join(sorted(unknown))
         )
 
-    unet = build_unet(architecture)
+    unet = unet if unet is not None else build_unet(architecture)
     present = sorted({_LAYER_PREFIX.match(key)[1] for key in converted})
     for preset in PRESETS:
         layers = resolve_preset(unet, preset)
@@ -213,6 +283,7 @@ def convert_original_checkpoint(src: str | Path, dst: str | Path, architecture: 
             f"checkpoint {src} has adapters on {', '.join(present)}, which is no known layer preset of {architecture}"
         )
     check_state_dict(converted, layers, str(src))
-    config = AdapterConfig.for_layers(preset, layers, base_model=f"{architecture} (converted from {src.name})")
+    config = AdapterConfig.for_layers(preset, layers, base_model=f"{architecture} (converted from {src.name})",
+                                      recommended=AUTHORS_INFERENCE)
     save_adapters(dst, _adapters_from_state(converted, layers), config)
     return config

@@ -10,14 +10,15 @@ from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.images import decode_image
 from flows.platform import Platform
-from flows.sources import SourceItem, read_uri
+from flows.places import Places
+from flows.sources import MAX_IMAGE_BYTES, SourceItem
 from flows.steps.runs import reject
 from flows.steps.shared import product_key, sha256
 
 
-def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem]) -> list[int]:
+def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem], places: Places) -> list[int]:
     """Read and validate each image, keep a copy of it in the object store, record each product once per
-    (SKU, content); bad images are rejected.
+    (SKU, content); bad images, and images outside the run's `places`, are rejected.
 
     Every later step reads the copy, never the source again: a source file changed or deleted during
     the run cannot give a product another image than the one its content hash names.
@@ -25,7 +26,7 @@ def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem]) -> list
     rows, rejected = [], []
     for item in items:
         try:
-            data = read_uri(item.uri)
+            data = places.read(item.uri, item.uri, limit=MAX_IMAGE_BYTES)
             decode_image(data, item.uri)
         except DreamCacheError as exc:
             rejected.append((item.uri, str(exc)))

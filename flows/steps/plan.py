@@ -16,7 +16,7 @@ from dreamcache.core.guidance import uses_image_scale
 from flows.params import CatalogueRunParams
 from flows.platform import Platform
 from flows.steps.generate import sidecar_key
-from flows.steps.prompts import load_prompts, render_prompt
+from flows.steps.prompts import render_prompt
 from flows.steps.runs import reject
 from flows.steps.shared import chunks, sha256
 
@@ -33,10 +33,10 @@ def generation_parameters(platform: Platform, params: CatalogueRunParams) -> dic
                 base_model_revision=ident.base_model_revision)
 
 
-def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: CatalogueRunParams) -> dict:
+def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: CatalogueRunParams,
+         templates: Sequence[str]) -> dict:
     """Record every (cache, prompt, seed) of the run once; returns the generations still to do (`todo`) and how
     many done ones were found broken and made pending again (`repaired`)."""
-    templates = load_prompts(params)
     gen_params = generation_parameters(platform, params)
     params_hash = sha256(json.dumps(gen_params, sort_keys=True))
     columns = {k: gen_params[k] for k in ("guidance", "text_scale", "image_scale", "steps", "sampler", "resolution",

@@ -14,8 +14,7 @@ from dreamcache.core.images import decode_image
 from flows import liveness
 from flows.params import CatalogueRunParams
 from flows.platform import Platform, worker_id
-from flows.sources import list_source, read_uri
-from flows.steps.prompts import load_prompts
+from flows.sources import MAX_IMAGE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -94,17 +93,18 @@ def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_i
     )
 
 
-def dry_run(platform: Platform, params: CatalogueRunParams) -> dict:
-    """What a run would do: inputs listed and validated, prompts read, images counted; nothing written."""
-    listing = list_source(params.source)
-    bad = list(listing.rejected)
+def dry_run(params: CatalogueRunParams, inputs) -> dict:
+    """What a run would do: inputs listed and validated (`catalogue.prepare`), every image read and decoded,
+    images counted; nothing written."""
+    listing, prompts, places = inputs
+    bad = list(listing.rejected) + list(prompts.rejected)
+    good = 0
     for item in listing.items:
         try:
-            decode_image(read_uri(item.uri), item.uri)
+            decode_image(places.read(item.uri, item.uri, limit=MAX_IMAGE_BYTES), item.uri)
+            good += 1
         except Exception as exc:
             bad.append((item.uri, str(exc)))
-    good = len(listing.items) - (len(bad) - len(listing.rejected))
-    prompts = load_prompts(params)
     return dict(dry_run=True, products_listed=len(listing.items), products_valid=good, rejected=len(bad),
-                rejections=[dict(stage="ingest", item=i, reason=r) for i, r in bad[:100]], prompts=len(prompts),
-                images_planned=good * len(prompts) * params.images_per_prompt)
+                rejections=[dict(stage="inputs", item=i, reason=r) for i, r in bad[:100]],
+                prompts=len(prompts.templates), images_planned=good * len(prompts.templates) * params.images_per_prompt)

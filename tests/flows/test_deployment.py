@@ -38,8 +38,16 @@ def test_prefect_yaml_deploys(prefect_server, monkeypatch):
     assert registered.work_pool_name == "gpu"
     assert registered.schedules[0].schedule.cron == "0 2 * * *"
     assert registered.parameters["params"]["images_per_prompt"] == 4
+    # No placeholder catalogue: the run form opens with an empty source and prompt file for the operator to fill.
+    assert not {"source", "prompts", "prompt_file"} & set(registered.parameters["params"])
     assert registered.global_concurrency_limit.limit == 1
     # The UI renders this schema as the run form; pydantic's bounds travel with it.
     schema = registered.parameter_openapi_schema
     params = schema["definitions"]["CatalogueRunParams"]["properties"]
-    assert params["steps"]["minimum"] == 1 and params["guidance"]["enum"] == ["combined", "joint"]
+    assert params["steps"]["minimum"] == 0 and params["guidance"]["enum"] == ["combined", "joint"]
+    # The form reads as a person fills it: what, how many, how, where.
+    assert list(params)[:13] == ["source", "prompts", "prompt_file", "images_per_prompt", "seed", "seed_policy",
+                                 "guidance", "text_scale", "image_scale", "steps", "resolution", "output_prefix",
+                                 "execution"]
+    # Every field is a plain widget: an optional (`anyOf` with null) renders as 'Property is type "None"'.
+    assert all("anyOf" not in field and field.get("type") != "null" for field in params.values()), params

@@ -84,8 +84,8 @@ def test_the_cli_runs_and_reports(platform_env, catalogue, tmp_path):
 
 
 def test_bad_parameters_are_refused_before_anything_runs(platform_env, catalogue):
-    result = CliRunner().invoke(app, ["run", "--source", str(catalogue), "-p", "x", "--steps", "0"])
-    assert result.exit_code == 1 and "steps: Input should be greater than or equal to 1" in result.output
+    result = CliRunner().invoke(app, ["run", "--source", str(catalogue), "-p", "x", "--steps", "-1"])
+    assert result.exit_code == 1 and "steps: Input should be greater than or equal to 0" in result.output
     result = CliRunner().invoke(app, ["run", "--source", str(catalogue), "-p", "\x00\x07  "])
     assert result.exit_code == 1 and "prompt 1 is empty" in result.output
 

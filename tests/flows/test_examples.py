@@ -6,6 +6,7 @@ from db.models import Subject
 from dreamcache.world import scene as world
 from flows.cli import EXAMPLES
 from flows.params import CatalogueRunParams
+from flows.places import Places
 from flows.steps.prompts import load_prompts, render_prompt
 
 
@@ -20,7 +21,8 @@ def test_one_held_out_product_of_each_family_named_by_its_attributes():
 
 
 def test_every_example_prompt_renders_to_a_world_caption():
-    prompts = load_prompts(CatalogueRunParams(source="unused", prompt_file=str(EXAMPLES / "prompts.txt")))
+    prompts = load_prompts(CatalogueRunParams(source="unused", prompt_file=str(EXAMPLES / "prompts.txt")),
+                           Places.for_run(str(EXAMPLES), [])).templates
     assert len(prompts) == 3
     for family in world.FAMILIES:
         subject = Subject(sku=f"{family.upper()}-X", category=family, attributes={})

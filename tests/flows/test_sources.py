@@ -5,6 +5,7 @@ from pydantic import ValidationError
 
 from flows.params import CatalogueRunParams
 from flows.platform import safe_key_part
+from flows.places import Places
 from flows.sources import list_source
 
 
@@ -22,7 +23,8 @@ def test_a_csv_manifest(tmp_path):
         "MUG-1,mug,a.png,red\n"
         ",mug,a.png,\n"
         "LAMP-1,lamp,s3://bucket/lamp.jpg,\n")
-    listing = list_source(str(tmp_path / "products.csv"))
+    places = Places.for_run(str(tmp_path / "products.csv"), [str(tmp_path), "s3://bucket/"])
+    listing = list_source(str(tmp_path / "products.csv"), places)
     assert [(i.sku, i.uri, i.attributes) for i in listing.items] == [
         ("MUG-1", f"{tmp_path}/a.png", {"color": "red"}), ("LAMP-1", "s3://bucket/lamp.jpg", {})]
     assert [reason for _, reason in listing.rejected] == ["duplicate of line 2 (same SKU and image)",
@@ -33,7 +35,7 @@ def test_a_csv_manifest(tmp_path):
 def test_a_jsonl_manifest_with_a_broken_line(tmp_path):
     lines = [json.dumps({"sku": "A", "image_uri": "s3://b/a.png", "category": "mug"}), "{not json", ""]
     (tmp_path / "products.jsonl").write_text("\n".join(lines))
-    listing = list_source(str(tmp_path / "products.jsonl"))
+    listing = list_source(str(tmp_path / "products.jsonl"), Places.for_run(str(tmp_path), [str(tmp_path), "s3://b"]))
     assert [i.sku for i in listing.items] == ["A"]
     assert "line 2" in listing.rejected[0][0] and "not valid JSON" in listing.rejected[0][1]
 

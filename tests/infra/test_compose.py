@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -212,13 +213,12 @@ def test_third_party_images_are_pinned(resolved):
         assert ":" in image and not image.endswith(":latest"), f"{name} uses an unpinned image {image}"
 
 
-def test_postgres_init_script_creates_both_databases(postgres_server):
-    """The script the postgres image runs on an empty volume, against the suite's PostgreSQL server; then the
-    platform's role, no superuser, migrates its own database as the migrate job does."""
+@contextmanager
+def initialised_cluster(postgres_server):
+    """The script the postgres image runs on an empty volume, run against the suite's PostgreSQL server; yields
+    the superuser's connection string. What it made, and any analyst made since, is removed afterwards."""
     import psycopg
     from psycopg import sql
-
-    from db import migrate
 
     script = ROOT / "infra" / "postgres" / "init-databases.sh"
     assert os.access(script, os.X_OK), "the postgres image runs it only when executable"
@@ -228,6 +228,22 @@ def test_postgres_init_script_creates_both_databases(postgres_server):
     admin = f"host=127.0.0.1 port={postgres_server.port} user=postgres dbname=postgres"
     try:
         subprocess.run(["sh", str(script)], env=env, check=True, capture_output=True, text=True)
+        yield admin
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for name in ("dreamcache", "prefect"):
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            for name in ("analyst_1", "dreamcache_reader", "dreamcache", "prefect"):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_postgres_init_script_creates_both_databases(postgres_server):
+    """The platform's role, no superuser, then migrates its own database as the migrate job does."""
+    import psycopg
+
+    from db import migrate
+
+    with initialised_cluster(postgres_server) as admin:
         with psycopg.connect(admin) as conn:
             owners = dict(conn.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
                                        "WHERE datname IN ('dreamcache', 'prefect')").fetchall())
@@ -238,8 +254,29 @@ def test_postgres_init_script_creates_both_databases(postgres_server):
         url = f"postgresql+psycopg://dreamcache@127.0.0.1:{postgres_server.port}/dreamcache"
         migrate.upgrade(url)
         assert migrate.current_revision(url) == migrate.head_revision(url)
-    finally:
+
+
+def test_postgres_init_script_makes_the_analysts_role_that_the_platform_cannot(postgres_server):
+    """docs/sql.md's set-up in the compose stack: the group role is there from the init script (the platform's
+    role, neither superuser nor CREATEROLE, could not create it); after migrating, the platform's role grants it
+    the views, and an analyst added by the superuser reads them and nothing else."""
+    import psycopg
+
+    from db import migrate
+    from tests.reliability.test_security import analyst_login, assert_reads_the_views_and_nothing_else, \
+        documented_role_sql
+
+    blocks = documented_role_sql()
+    server = f"host=127.0.0.1 port={postgres_server.port} dbname=dreamcache"
+    with initialised_cluster(postgres_server) as admin:
+        with psycopg.connect(admin) as conn:
+            assert conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'dreamcache_reader'").fetchall() \
+                == [(False,)]
+            assert conn.execute("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = 'dreamcache'") \
+                .fetchone() == (False,)
+        migrate.upgrade(f"postgresql+psycopg://dreamcache@127.0.0.1:{postgres_server.port}/dreamcache")
+        with psycopg.connect(f"{server} user=dreamcache", autocommit=True) as conn:
+            conn.execute(blocks["reader_grants"])
         with psycopg.connect(admin, autocommit=True) as conn:
-            for name in ("dreamcache", "prefect"):
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+            conn.execute(blocks["analyst_login"])
+        assert_reads_the_views_and_nothing_else(f"{server} user={analyst_login(blocks)} password=change-me", [])

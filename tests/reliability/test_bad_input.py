@@ -25,6 +25,7 @@ from dreamcache.core.images import decode_image
 from dreamcache.perception.segmentation import BorderColourSegmenter, SegmentationError
 from flows.catalogue import run_embedded
 from flows.params import CatalogueRunParams
+from flows.places import InvalidInputs, Places
 from flows.sources import list_source, read_uri
 from flows.steps.prompts import load_prompts, render_prompt
 from tests.helpers import scene
@@ -247,14 +248,15 @@ def test_control_characters_in_prompts_are_removed():
     assert params.prompts == ["a [31m red mug on a beach"]
 
 
-def test_a_bad_line_in_a_prompt_file_names_the_file_and_line(tmp_path):
-    (tmp_path / "p.txt").write_text("# comment\na {category} on a beach\n\n" + "y" * 2000 + "\n")
-    params = CatalogueRunParams(source="s3://b/", prompt_file=str(tmp_path / "p.txt"))
-    with pytest.raises(ValueError, match=r"p\.txt line 4 has 2000 characters"):
-        load_prompts(params)
+def test_a_bad_line_in_a_prompt_file_is_rejected_with_its_line_and_the_others_kept(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\na {category} on a beach\n\n" + "y" * 2000 + "\na mug\n")
+    params = CatalogueRunParams(source=str(tmp_path), prompt_file=str(tmp_path / "p.txt"))
+    prompts = load_prompts(params, Places.for_run(str(tmp_path), []))
+    assert prompts.templates == ["a {category} on a beach", "a mug"]
+    assert prompts.rejected == [(f"{tmp_path}/p.txt line 4", "has 2000 characters, more than 1000")]
     (tmp_path / "p.txt").write_bytes(b"a \xff\xfe mug\n")
-    with pytest.raises(ValueError, match=r"prompt file .*p\.txt is not UTF-8 text"):
-        load_prompts(params)
+    with pytest.raises(InvalidInputs, match=r"prompt file .*p\.txt is not text: save it as UTF-8"):
+        load_prompts(params, Places.for_run(str(tmp_path), []))
 
 
 @pytest.mark.parametrize("template, words", [
@@ -281,7 +283,7 @@ def test_templates_fill_fields_and_keep_unknown_ones():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("images_per_prompt", 0), ("images_per_prompt", 65), ("steps", 0), ("steps", 501), ("seed", -1),
+    ("images_per_prompt", -1), ("images_per_prompt", 65), ("steps", -1), ("steps", 501), ("seed", -1),
     ("text_scale", -0.1), ("text_scale", 31), ("image_scale", 11), ("resolution", 63), ("resolution", 100),
     ("resolution", 4096), ("batch_size", 0), ("shard_size", 0), ("guidance", "both"), ("execution", "gpu"),
     ("output_prefix", "/abs"), ("output_prefix", "a/../../b"), ("output_prefix", ""), ("source", ""),
@@ -308,7 +310,7 @@ def test_an_embedded_run_over_the_whole_corpus_finishes_the_good_and_accounts_fo
         "EMPTY-SKU": (("", "mug", "GOOD-1.png", "plain"), ("listing", "empty sku or image_uri")),
         "CONTROL-SKU": (("CTRL\x01SKU", "mug", "GOOD-1.png", "plain"), ("listing", "contains control characters")),
         "MISSING": (("MISSING", "mug", "missing.png", "plain"), ("ingest", "No such file or directory")),
-        "HTTP": (("HTTP", "mug", "http://example.invalid/a.jpg", "plain"), ("ingest", "unsupported URI scheme")),
+        "HTTP": (("HTTP", "mug", "http://example.invalid/a.jpg", "plain"), ("listing", "unsupported URI scheme")),
         "LONG-NOTE": (("LONG-NOTE", "mug", "GOOD-1.png", "n" * 1200), ("plan", "more than 1000")),
     }
     rows += [row for row, _ in extra.values()]
@@ -351,7 +353,7 @@ def test_an_embedded_run_over_the_whole_corpus_finishes_the_good_and_accounts_fo
             assert words in r["reason"] and sku in r["reason"], r
 
     listing_rejected = sum(1 for _, (_, (stage, _)) in extra.items() if stage == "listing")
-    ingest_rejected = sum(1 for o in bad_files.values() if o[0] == "ingest") + 2  # + MISSING, HTTP
+    ingest_rejected = sum(1 for o in bad_files.values() if o[0] == "ingest") + 1  # + MISSING
     assert summary["products_listed"] == attempted - listing_rejected, [r["reason"] for r in listing_rejections]
     assert summary["products_ingested"] == summary["products_listed"] - ingest_rejected
     assert summary["products_cached"] == len(good)

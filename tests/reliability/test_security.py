@@ -234,52 +234,82 @@ def test_sql_in_the_sources_is_only_bound():
 
 # --- the read-only role of docs/sql.md --------------------------------------------------------------
 
-def documented_role_sql() -> str:
-    blocks = re.findall(r"```postgresql\n(-- name: read_only_role\n.*?)```", (ROOT / "docs" / "sql.md").read_text(),
-                        flags=re.S)
-    assert len(blocks) == 1, "docs/sql.md has one ```postgresql block named read_only_role"
-    return blocks[0]
+ROLE_BLOCKS = {"reader_role", "reader_grants", "analyst_login"}
+
+
+def documented_role_sql() -> dict[str, str]:
+    """docs/sql.md's role set-up: its ```postgresql blocks, by name."""
+    blocks = dict(re.findall(r"```postgresql\n-- name: (\w+)\n(.*?)```", (ROOT / "docs" / "sql.md").read_text(),
+                             flags=re.S))
+    assert set(blocks) == ROLE_BLOCKS, f"docs/sql.md has the ```postgresql blocks {sorted(ROLE_BLOCKS)}"
+    return blocks
+
+
+def analyst_login(blocks: dict[str, str]) -> str:
+    return re.search(r"CREATE ROLE (\w+) LOGIN", blocks["analyst_login"])[1]
+
+
+def assert_reads_the_views_and_nothing_else(conninfo: str, runs: list[tuple]) -> None:
+    """Connected as the analyst: both views read, every base table and every write refused."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        assert conn.execute("SELECT name FROM run_summary").fetchall() == runs
+        assert conn.execute("SELECT COUNT(*) FROM generation_history").fetchone() == (0,)
+        refused = [
+            "SELECT * FROM runs", "SELECT * FROM subjects", "SELECT * FROM generations",
+            "SELECT * FROM rejected_items", "SELECT * FROM subject_caches",
+            "INSERT INTO runs (name, parameters, status, summary) VALUES ('x', '{}', 'running', '{}')",
+            "UPDATE runs SET name = 'x'", "DELETE FROM runs", "TRUNCATE runs", "DROP VIEW run_summary",
+            "CREATE TABLE public.mine (x int)",
+        ]
+        # The views join tables, so writing to them fails as "not updatable" before privileges are
+        # even checked; what the role may do to them is asked directly.
+        for view in ("generation_history", "run_summary"):
+            granted = conn.execute(
+                "SELECT privilege FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) "
+                "AS privilege WHERE has_table_privilege(%s, privilege)", (view,)).fetchall()
+            assert granted == [("SELECT",)], (view, granted)
+        for statement in refused:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
 
 
 def test_the_documented_read_only_role_reads_the_views_and_nothing_else(postgres_url):
+    """Each block run as the role docs/sql.md names, none a superuser: the roles by a role with CREATEROLE, the
+    grants by the schema owner, a plain login role as in the compose stack, which cannot create the role."""
     from db.models import Run, RunStatus, utcnow
 
-    migrate.upgrade(postgres_url)
-    sessions = session_factory(make_engine(postgres_url))
-    with transaction(sessions) as s:
-        s.add(Run(name="nightly", parameters={}, status=RunStatus.completed, started_at=utcnow()))
-    owner = make_url(postgres_url)
-    owner_info = f"host={owner.host} port={owner.port} dbname={owner.database} user={owner.username}"
-    block = documented_role_sql()
-    login = re.search(r"CREATE ROLE (\w+) LOGIN", block)[1]
-    with psycopg.connect(owner_info, autocommit=True) as conn:
-        conn.execute(block)
+    blocks = documented_role_sql()
+    url = make_url(postgres_url)
+    server = f"host={url.host} port={url.port}"
+    owner, admin, login = "schema_owner", "role_admin", analyst_login(blocks)
+    with psycopg.connect(f"{server} dbname=postgres user={url.username}", autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(owner)))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEROLE").format(sql.Identifier(admin)))
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(url.database),
+                                                                     sql.Identifier(owner)))
     try:
-        with psycopg.connect(f"host={owner.host} port={owner.port} dbname={owner.database} user={login} "
-                             "password=change-me", autocommit=True) as conn:
-            assert conn.execute("SELECT name FROM run_summary").fetchall() == [("nightly",)]
-            assert conn.execute("SELECT COUNT(*) FROM generation_history").fetchone() == (0,)
-            refused = [
-                "SELECT * FROM runs", "SELECT * FROM subjects", "SELECT * FROM generations",
-                "SELECT * FROM rejected_items", "SELECT * FROM subject_caches",
-                "INSERT INTO runs (name, parameters, status, summary) VALUES ('x', '{}', 'running', '{}')",
-                "UPDATE runs SET name = 'x'", "DELETE FROM runs", "TRUNCATE runs", "DROP VIEW run_summary",
-                "CREATE TABLE public.mine (x int)",
-            ]
-            # The views join tables, so writing to them fails as "not updatable" before privileges are
-            # even checked; what the role may do to them is asked directly.
-            for view in ("generation_history", "run_summary"):
-                granted = conn.execute(
-                    "SELECT privilege FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) "
-                    "AS privilege WHERE has_table_privilege(%s, privilege)", (view,)).fetchall()
-                assert granted == [("SELECT",)], (view, granted)
-            for statement in refused:
-                with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                    conn.execute(statement)
+        owner_url = url.set(username=owner).render_as_string(hide_password=False)
+        migrate.upgrade(owner_url)
+        engine = make_engine(owner_url)
+        with transaction(session_factory(engine)) as s:
+            s.add(Run(name="nightly", parameters={}, status=RunStatus.completed, started_at=utcnow()))
+        engine.dispose()
+        owner_info = f"{server} dbname={url.database} user={owner}"
+        with psycopg.connect(owner_info, autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied to create role"):
+                conn.execute(blocks["reader_role"])
+        with psycopg.connect(f"{server} dbname={url.database} user={admin}", autocommit=True) as conn:
+            conn.execute(blocks["reader_role"])
+            conn.execute(blocks["analyst_login"])
+        with psycopg.connect(owner_info, autocommit=True) as conn:
+            conn.execute(blocks["reader_grants"])
+        assert_reads_the_views_and_nothing_else(f"{server} dbname={url.database} user={login} password=change-me",
+                                                [("nightly",)])
         with psycopg.connect(owner_info) as conn:
             assert conn.execute("SELECT name FROM runs").fetchall() == [("nightly",)]  # nothing changed
     finally:
-        with psycopg.connect(owner_info, autocommit=True) as conn:  # roles are cluster-wide: leave none behind
-            for role in (login, "dreamcache_reader"):
-                conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
-                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        with psycopg.connect(f"{server} dbname=postgres user={url.username}", autocommit=True) as conn:
+            # Roles are cluster-wide: leave none behind (the database, which holds their grants, goes first).
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(url.database)))
+            for role in (login, "dreamcache_reader", admin, owner):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

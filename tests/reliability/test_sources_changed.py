@@ -10,6 +10,7 @@ from db.models import Segmentation, Subject
 from db.session import transaction
 from flows.params import CatalogueRunParams
 from flows.platform import get_platform
+from flows.places import Places
 from flows.sources import list_source
 from flows.steps import ingest, runs, segment
 from flows.steps.shared import product_key
@@ -31,7 +32,7 @@ def test_a_file_swapped_between_ingest_and_segmentation_does_not_reach_the_produ
     params = CatalogueRunParams(source=str(catalogue), prompts=["a {category}"])
     run_id = runs.start_run(platform, params)
     items = [i for i in list_source(str(catalogue)).items if i.sku == "MUG-1"]
-    (subject_id,) = ingest.ingest(platform, run_id, items)
+    (subject_id,) = ingest.ingest(platform, run_id, items, Places.for_run(str(catalogue), []))
     swapped = scene(product_color=(20, 200, 20), background=(250, 250, 250), size=(96, 96), box=(20, 16, 76, 80))[0]
     swapped.save(catalogue / "mug" / "MUG-1.png")  # another product under the same name, mid-run
     assert segment.segment(platform, run_id, [subject_id]) == [subject_id]
@@ -45,7 +46,7 @@ def test_a_lost_copy_comes_back_from_an_unchanged_source_and_a_changed_one_is_na
     params = CatalogueRunParams(source=str(catalogue), prompts=["a {category}"])
     run_id = runs.start_run(platform, params)
     items = {i.sku: i for i in list_source(str(catalogue)).items}
-    subjects = ingest.ingest(platform, run_id, [items["MUG-1"], items["LAMP-1"]])
+    subjects = ingest.ingest(platform, run_id, [items["MUG-1"], items["LAMP-1"]], Places.for_run(str(catalogue), []))
     with transaction(platform.sessions) as s:
         by_sku = {sub.sku: (sub.id, sub.content_sha256) for sub in s.query(Subject).filter(Subject.id.in_(subjects))}
     for sku in ("MUG-1", "LAMP-1"):  # both copies lost

@@ -46,15 +46,16 @@ def test_unknown_keys_in_the_file_are_errors(tmp_path, monkeypatch):
         Settings()
 
 
-def test_the_bundled_model_supplies_what_is_unset_and_nothing_else(monkeypatch):
+def test_the_bundled_model_supplies_what_is_unset_and_nothing_else(monkeypatch, tmp_path):
     for name in SETTINGS_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     bundled = Settings()
     assert bundled.resolved_base_model == str(config.BUNDLED_DIR / "base")
     assert bundled.resolved_adapter == str(config.BUNDLED_DIR / "adapter")
     assert bundled.resolved_clip_model == str(config.BUNDLED_DIR / "clip")
-    own = Settings(adapter="/models/adapter", clip_model="openai/clip-vit-base-patch32")
-    assert (own.resolved_adapter, own.resolved_clip_model) == ("/models/adapter", "openai/clip-vit-base-patch32")
+    (tmp_path / "adapter").mkdir()  # a local path must exist (a hub id is looked up when loaded)
+    own = Settings(adapter=str(tmp_path / "adapter"), clip_model="openai/clip-vit-base-patch32")
+    assert (own.resolved_adapter, own.resolved_clip_model) == (str(tmp_path / "adapter"), "openai/clip-vit-base-patch32")
     assert own.resolved_base_model == str(config.BUNDLED_DIR / "base")
     real = Settings(base_model="stabilityai/stable-diffusion-2-1-base")
     assert (real.resolved_base_model, real.resolved_adapter, real.resolved_clip_model) == (
@@ -69,5 +70,6 @@ def test_a_missing_bundled_model_is_named_with_what_to_do(tmp_path, monkeypatch)
                                                   r"DREAMCACHE_BASE_MODEL"):
         Settings().resolved_base_model
     # A base of one's own needs nothing from the package.
-    own = Settings(base_model="/models/sd")
-    assert (own.resolved_base_model, own.resolved_adapter, own.resolved_clip_model) == ("/models/sd", None, None)
+    (tmp_path / "sd").mkdir()
+    own = Settings(base_model=str(tmp_path / "sd"))
+    assert (own.resolved_base_model, own.resolved_adapter, own.resolved_clip_model) == (str(tmp_path / "sd"), None, None)

@@ -123,3 +123,30 @@ def test_cli_converts(checkpoint, tmp_path):
 def test_cli_reports_a_missing_checkpoint(tmp_path):
     result = CliRunner().invoke(app, ["convert-checkpoint", str(tmp_path / "nope.pt"), str(tmp_path / "a")])
     assert result.exit_code == 1 and "nope.pt not found" in result.output
+
+
+def test_a_models_recommended_settings_round_trip_and_are_checked(tmp_path):
+    from dreamcache.core.weights import AdapterConfig, Recommended, save_adapters
+    from dreamcache.core.adapter import DreamCacheAdapter
+
+    from tests.helpers import make_tiny_pipeline
+
+    layers = resolve_preset(make_tiny_pipeline().unet, "default")
+    adapters = {layer.name: DreamCacheAdapter.for_layer(layer) for layer in layers}
+    config = AdapterConfig.for_layers("default", layers)
+    assert config.recommended == Recommended(steps=50, images_per_prompt=2, image_scale=0.35)  # the authors'
+    mine = AdapterConfig("default", config.layers, recommended=Recommended(steps=20, images_per_prompt=1,
+                                                                          image_scale=5.0))
+    save_adapters(tmp_path, adapters, mine)
+    assert read_adapter_config(tmp_path).recommended == Recommended(20, 1, 5.0)
+    (tmp_path / "adapter_config.json").write_text(
+        (tmp_path / "adapter_config.json").read_text().replace('"steps": 20', '"steps": 0'))
+    with pytest.raises(AdapterWeightsError, match="recommended settings .* must be positive"):
+        read_adapter_config(tmp_path)
+
+
+def test_the_bundled_model_recommends_its_measured_working_point():
+    from dreamcache.app.config import BUNDLED_DIR, BUNDLED_IMAGE_SCALE
+
+    recommended = read_adapter_config(BUNDLED_DIR / "adapter").recommended
+    assert recommended.image_scale == BUNDLED_IMAGE_SCALE and recommended.steps >= 1

@@ -77,6 +77,7 @@ def test_eval_needs_scorer_models(dreambench, tmp_path, monkeypatch):
     monkeypatch.delenv("DREAMCACHE_DINO_MODEL", raising=False)
     # A base model of one's own: the bundled model would bring its own (world) CLIP.
     monkeypatch.setenv("DREAMCACHE_BASE_MODEL", str(tmp_path / "stable-diffusion"))
+    (tmp_path / "stable-diffusion").mkdir()  # a local base model must exist (it is not loaded here)
     result = CliRunner().invoke(app, ["eval", str(dreambench), "--output", str(tmp_path / "o")])
     assert result.exit_code == 1 and "no scorer models configured" in result.output
 
