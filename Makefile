@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install postgres chromium clean
 
-# The bundled model's recommended settings apply: 20 steps, one shot per prompt, image scale 5 (docs/models.md).
+# The bundled model's recommended settings apply: UniPC, 10 steps, one shot per prompt, image scale 5 (docs/models.md).
 demo: $(VENV)/.installed
 	$(BIN)/dreamcache run --compare-text-only
 

@@ -46,20 +46,21 @@ def head_revision(url: str) -> str | None:
 
 
 @contextmanager
-def views_set_aside():
+def views_set_aside(definitions: str = "20261123_1748_initial_schema.py"):
     """Inside a migration: the views dropped around a change to the tables they read, then made again.
 
     SQLite changes a table by rebuilding it, which a view reading it refuses. The views are made again
-    as the initial migration defines them: one definition, not a copy per migration.
+    as the migration file `definitions` defines them (GENERATION_HISTORY, RUN_SUMMARY): the one in force
+    at that revision, so that a migration's upgrade and downgrade each leave the views of their revision.
     """
     from alembic import op
 
     op.execute("DROP VIEW run_summary")
     op.execute("DROP VIEW generation_history")
     yield
-    path = ROOT / "alembic" / "versions" / "20261123_1748_initial_schema.py"
-    spec = importlib.util.spec_from_file_location("initial_schema", path)
-    initial = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(initial)
-    op.execute(initial.GENERATION_HISTORY)
-    op.execute(initial.RUN_SUMMARY)
+    path = ROOT / "alembic" / "versions" / definitions
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    op.execute(module.GENERATION_HISTORY)
+    op.execute(module.RUN_SUMMARY)

@@ -105,7 +105,7 @@ class SubjectCache(WorkItem, Base):
     __tablename__ = "subject_caches"
     __table_args__ = (
         UniqueConstraint("subject_id", "base_model_id", "base_model_revision", "adapter_id", "layer_preset",
-                         "resolution", "timestep", name="uq_subject_caches_identity"),
+                         "resolution", "timestep", "preparation", name="uq_subject_caches_identity"),
     )
     subject_id: Mapped[int] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"))
     segmentation_id: Mapped[int | None] = mapped_column(ForeignKey("segmentations.id", ondelete="SET NULL"))
@@ -115,6 +115,9 @@ class SubjectCache(WorkItem, Base):
     layer_preset: Mapped[str] = mapped_column(String(32))
     timestep: Mapped[int] = mapped_column(default=1)
     resolution: Mapped[int]
+    # How the cached pass was prepared when not the method's way ("": empty text, reference letterboxed on
+    # white, the latent's mode); else JSON of the text, reference mode and latent (the authors' inference).
+    preparation: Mapped[str] = mapped_column(Text, default="", server_default="")
     dtype: Mapped[str] = mapped_column(String(16))
     tensor_uri: Mapped[str | None] = mapped_column(String(1024))
     sha256: Mapped[str | None] = mapped_column(String(64))
@@ -174,7 +177,9 @@ class Generation(WorkItem, Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     params_sha256: Mapped[str] = mapped_column(String(64))
     parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the full, hashed parameter set
-    sampler: Mapped[str] = mapped_column(String(64))
+    sampler: Mapped[str] = mapped_column(String(64))  # a `schedulers.SAMPLERS` name, or the model's own class
+    eta: Mapped[float] = mapped_column(default=0.0, server_default="0")
+    negative_prompt: Mapped[str] = mapped_column(Text, default="", server_default="")
     guidance: Mapped[str] = mapped_column(String(16))
     text_scale: Mapped[float]
     image_scale: Mapped[float | None]

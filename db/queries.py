@@ -40,7 +40,8 @@ def done_caches_by_content(session: Session, rows: Sequence[SubjectCache], conte
                SubjectCache.base_model_id == first.base_model_id,
                SubjectCache.base_model_revision == first.base_model_revision,
                SubjectCache.adapter_id == first.adapter_id, SubjectCache.layer_preset == first.layer_preset,
-               SubjectCache.resolution == first.resolution, SubjectCache.timestep == first.timestep)).all()
+               SubjectCache.resolution == first.resolution, SubjectCache.timestep == first.timestep,
+               SubjectCache.preparation == first.preparation)).all()
     return {content: dict(tensor_uri=uri, sha256=digest, bytes=size) for content, uri, digest, size in found}
 
 

@@ -55,8 +55,8 @@ def segment_task(run_id: int, subject_ids: list[int]) -> list[int]:
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
-def cache_task(run_id: int, subject_ids: list[int]) -> list[int]:
-    return caches.cache(get_platform(), run_id, subject_ids)
+def cache_task(run_id: int, subject_ids: list[int], preparation: caches.Preparation) -> list[int]:
+    return caches.cache(get_platform(), run_id, subject_ids, preparation)
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
@@ -248,8 +248,8 @@ def send_platform_logs_to_prefect() -> None:
 
     Done here, on import, rather than with PREFECT_LOGGING_EXTRA_LOGGERS: that setting must reach every
     process's environment, and it attaches the handler without a level, so the loggers would keep the root's
-    WARNING and drop the INFO lines (the run's summary). Lines made outside any run (embedded runs, a
-    heartbeat thread) have no run to go to and stay on the console only.
+    WARNING and drop the INFO lines (the run's summary; `log_platform_info` lets them through where a run
+    starts). Lines made outside any run (embedded runs, a heartbeat thread) have no run to go to.
     """
     from prefect.logging.handlers import APILogHandler
 
@@ -261,6 +261,13 @@ def send_platform_logs_to_prefect() -> None:
         handler.set_name(_RUN_LOGS)
         handler.addFilter(_in_a_prefect_run)
         platform_logger.addHandler(handler)
+
+
+def log_platform_info() -> None:
+    """Let the platform's INFO lines through, for a Prefect run's logs: called where a flow run or a task worker
+    starts, not on import, so that an embedded run's console keeps to warnings (it prints its own progress)."""
+    for name in PLATFORM_LOGGERS:
+        platform_logger = logging.getLogger(name)
         if platform_logger.level == logging.NOTSET:  # a level the operator set stays
             platform_logger.setLevel(logging.INFO)
 
@@ -327,13 +334,19 @@ def generate_batches(todo: list[int], params: CatalogueRunParams, progress: Prog
 @flow(name="catalogue-shard", persist_result=False)
 def generate_shard(generation_ids: list[int], params: CatalogueRunParams, progress: Progress) -> None:
     """A child run generating one shard of a large plan (keeps each flow run small)."""
+    log_platform_info()
     generate_batches(generation_ids, params, progress)
 
 
 def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | None = None,
                 name: str | None = None, on_stage: Callable[[str], None] = lambda stage: None) -> dict:
     platform = get_platform()
-    params = params.with_recommended(platform.settings.recommended)
+    recommended = params.recommended(platform.settings.recommended)
+    params = params.with_recommended(recommended)
+    if params.eta and params.sampler != "ddim":
+        raise InvalidInputs(f"eta {params.eta} applies to the ddim sampler only; this run samples with "
+                            f"{params.sampler}: set eta to 0 or sampler to ddim")
+    preparation = caches.Preparation(params.negative_prompt, recommended.reference_mode, recommended.latent)
     on_stage("checking inputs")
     inputs = prepare(params, Places.for_run(params.source, platform.settings.allowed_sources))
     if params.dry_run:
@@ -358,8 +371,8 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         groups = chunks(subject_ids, INGEST_BATCH)
         usable = [i for ids in runner.map(segment_task, [(run_id, g) for g in groups]) for i in ids]
         on_stage("caching")
-        cache_ids = [i for ids in runner.map(cache_task, [(run_id, g) for g in chunks(usable, INGEST_BATCH)])
-                     for i in ids]
+        cache_ids = [i for ids in runner.map(cache_task, [(run_id, g, preparation)
+                                                          for g in chunks(usable, INGEST_BATCH)]) for i in ids]
         planned = runner.map(plan_task, [(run_id, cache_ids, params, prompts.templates)])[0]
         todo = planned["todo"]
         logger.info("run %d: %d products cached; %d images to generate in batches of %d (%s)", run_id, len(cache_ids),
@@ -374,7 +387,7 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
                                [(g, params.output_prefix) for g in chunks(usable, INGEST_BATCH)]):
             sheet_uris.update(part)
         with transaction(platform.sessions) as session:
-            caches_open = caches.open_caches(session, platform, usable)
+            caches_open = caches.open_caches(session, platform, usable, preparation)
         summary = runs.summarise(platform, run_id, len(listing.items), subject_ids, cache_ids, len(todo), sheet_uris,
                                   params.output_prefix, caches_open)
         summary["run_id"], summary["shots_repaired"] = run_id, planned["repaired"]
@@ -423,6 +436,7 @@ def catalogue_run(params: CatalogueRunParams) -> dict:
     from prefect.runtime import flow_run
     from prefect.states import Failed
 
+    log_platform_info()
     try:
         summary = orchestrate(params, PrefectRunner(), flow_run_id=str(flow_run.id), name=flow_run.name)
     except Exception as exc:

@@ -72,6 +72,11 @@ def run(
     images_per_prompt: int = typer.Option(_default("images_per_prompt"), help=_help("images_per_prompt")),
     seed: int = typer.Option(_default("seed"), help=_help("seed")),
     seed_policy: str = typer.Option(_default("seed_policy"), help=_help("seed_policy")),
+    preset: str = typer.Option(_default("preset"), help=_help("preset")),
+    sampler: str = typer.Option(_default("sampler"), help=_help("sampler")),
+    eta: float = typer.Option(_default("eta"), help=_help("eta")),
+    negative_prompt: str = typer.Option(_default("negative_prompt"), "--negative-prompt", "-n",
+                                        help=_help("negative_prompt")),
     guidance: library_cli.GuidanceChoice = typer.Option(_default("guidance"), help=_help("guidance")),
     text_scale: float = typer.Option(_default("text_scale"), help=_help("text_scale")),
     image_scale: float = typer.Option(_default("image_scale"), help=_help("image_scale")),
@@ -96,7 +101,8 @@ def run(
     try:
         params = CatalogueRunParams(
             source=source, prompts=prompt or [], prompt_file=prompt_file, images_per_prompt=images_per_prompt,
-            seed=seed, seed_policy=seed_policy, guidance=guidance.value, text_scale=text_scale, image_scale=image_scale,
+            seed=seed, seed_policy=seed_policy, preset=preset, sampler=sampler, eta=eta,
+            negative_prompt=negative_prompt, guidance=guidance.value, text_scale=text_scale, image_scale=image_scale,
             steps=steps, resolution=resolution, output_prefix=output_prefix, batch_size=batch_size,
             execution=execution, compare_text_only=compare_text_only, dry_run=dry_run)
     except ValidationError as exc:
@@ -307,9 +313,11 @@ def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GP
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        from flows.catalogue import generate_task
+        from flows.catalogue import generate_task, log_platform_info
         from flows.platform import get_platform
         from flows.worker import serve_until_stopped
+
+        log_platform_info()  # its batches' lines go to their task runs' logs
 
         get_platform(library_cli.settings_or_fail()).pipeline  # load the model before taking work
         stopped_by = serve_until_stopped(generate_task, limit=limit)

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from dreamcache.core.weights import Recommended
+from dreamcache.core.schedulers import SAMPLERS
+from dreamcache.core.weights import AUTHORS_INFERENCE, Recommended
 from dreamcache.core.guidance import (
     COMBINED, DEFAULT_GUIDANCE, DEFAULT_TEXT_SCALE, JOINT, MAX_IMAGE_SCALE, MAX_TEXT_SCALE, Guidance,
 )
@@ -45,6 +46,20 @@ class CatalogueRunParams(BaseModel):
         description="fixed: every product uses seeds seed, seed+1, ...; per-product: offset by a hash of the SKU.",
     )
     # How
+    preset: Literal["model", "authors"] = Field(
+        default="model",
+        description="Where the settings left at 0 or 'preset' come from: the model's recommended ones, or the authors' "
+        "released inference (DDIM 50 steps, eta 0, image scale 0.35, their negative prompt for the unconditional "
+        "passes and the cache, the reference photo stretched to the square, the VAE posterior sampled; docs/models.md).",
+    )
+    sampler: Literal["preset", *SAMPLERS] = Field(
+        default="preset", description="The scheduler: " + ", ".join(SAMPLERS) + " (model: the base model's own); "
+        "preset: the preset's (for the bundled model UniPC, 10 steps).")
+    eta: float = Field(default=0.0, ge=0.0, le=1.0, description="DDIM's noise: 0 deterministic (DDIM only).")
+    negative_prompt: str = Field(
+        default="", max_length=MAX_PROMPT_CHARS,
+        description="Text of the unconditional passes and of the cache; empty: the preset's (none for the model "
+        "preset unless the model recommends one). Caches are made once per text.")
     guidance: Guidance = Field(
         default=DEFAULT_GUIDANCE,
         description=f"{COMBINED}: 3 UNet passes a step, separate image and text scales; {JOINT}: 2, one scale.",
@@ -86,12 +101,23 @@ class CatalogueRunParams(BaseModel):
         return self.model_copy(update=dict(
             steps=self.steps or recommended.steps,
             images_per_prompt=self.images_per_prompt or recommended.images_per_prompt,
-            image_scale=self.image_scale or recommended.image_scale))
+            image_scale=self.image_scale or recommended.image_scale,
+            sampler=recommended.sampler if self.sampler == "preset" else self.sampler,
+            negative_prompt=self.negative_prompt or recommended.negative_prompt))
+
+    def recommended(self, model: Recommended) -> Recommended:
+        """The settings this run's preset stands for: the model's, or the authors' released inference."""
+        return AUTHORS_INFERENCE if self.preset == "authors" else model
 
     @field_validator("prompt_file", mode="before")
     @classmethod
     def _no_prompt_file(cls, value):
         return "" if value is None else value  # runs recorded before 0.2 wrote None
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _clean_negative(cls, text: str) -> str:
+        return check_prompt(text, "negative_prompt") if text.strip() else ""
 
     @field_validator("prompts")
     @classmethod
@@ -116,6 +142,8 @@ class CatalogueRunParams(BaseModel):
     def _some_prompts(self) -> "CatalogueRunParams":
         if not self.prompts and not self.prompt_file:
             raise ValueError("give prompts, a prompt_file, or both")
+        if self.eta and self.sampler not in ("ddim", "preset"):
+            raise ValueError(f"eta {self.eta} applies to the ddim sampler only, not {self.sampler!r}: set eta to 0")
         return self
 
 

@@ -35,10 +35,6 @@ app = typer.Typer(
 def _quiet_third_parties() -> None:
     """Personalised product shots from cached reference features."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # The platform's loggers run at INFO so that their lines reach Prefect's run logs; the console keeps to
-    # warnings (the command prints its own progress and summary).
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.WARNING)
     # Loading bars and notices from diffusers/transformers drown the command's own output. The
     # variables take effect when those libraries are imported (commands import them lazily, so
     # `dreamcache db ...` never pays for torch); already imported ones are told directly.

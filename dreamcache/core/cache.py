@@ -44,15 +44,25 @@ class CacheMetadata:
     library_version: str
     references: int = 1
     format: str = FORMAT
+    # How the pass was made beyond the method's defaults (empty text, letterboxed reference, latent mode);
+    # the authors' released inference uses their negative prompt, a stretched reference and a sampled latent.
+    text: str = ""
+    reference_mode: str = "letterbox"
+    latent: str = "mode"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        # Fields at their defaults are left out, so caches written before they existed keep their hashes.
+        data = {k: v for k, v in asdict(self).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "CacheMetadata":
         data = json.loads(text)
         data["layers"] = tuple(data["layers"])
         return cls(**data)
+
+
+_LATER_FIELDS = {"text": "", "reference_mode": "letterbox", "latent": "mode"}
 
 
 @dataclass
@@ -183,7 +193,7 @@ class _FeaturesRecorded(Exception):
 def extract_features(
     unet: UNet2DConditionModel,
     latents: torch.Tensor,
-    empty_embedding: torch.Tensor,
+    text_embedding: torch.Tensor,
     layers: Sequence[Layer],
     noise_scheduler: DDPMScheduler,
     timestep: int = 1,
@@ -192,7 +202,8 @@ def extract_features(
     """Record each selected transformer's input tokens for a batch of reference latents.
 
     latents: (B, 4, h, w) VAE latents of references on white (already scaled).
-    empty_embedding: (1, L, D) text embedding of the empty prompt.
+    text_embedding: (1, L, D) embedding of the pass's text: the empty prompt (the method), or the
+    authors' negative prompt (their released inference).
     Returns layer name -> (B, h_l * w_l, C_l).
     """
     noise = randn_tensor(latents.shape, generator=list(generators) if generators else None,
@@ -216,7 +227,7 @@ def extract_features(
                for layer in layers]
     try:
         with use_memory(unet, None):  # adapters inactive: the cache comes from the base model
-            unet(noisy, t, encoder_hidden_states=empty_embedding.expand(latents.shape[0], -1, -1))
+            unet(noisy, t, encoder_hidden_states=text_embedding.expand(latents.shape[0], -1, -1))
     except _FeaturesRecorded:
         pass
     finally:

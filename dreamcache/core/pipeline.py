@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,6 +18,7 @@ from typing import Mapping, Sequence, Union
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -29,6 +31,7 @@ from dreamcache.core.guidance import (
 )
 from dreamcache.core.images import ImageInput, load_reference
 from dreamcache.core.layers import Layer, resolve_preset
+from dreamcache.core.schedulers import check_eta, make_scheduler
 from dreamcache.core.weights import AdapterConfig, load_adapters, read_adapter_config, save_adapters
 
 # One subject's references: a single image or several (their tokens are concatenated).
@@ -51,7 +54,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
     _denoiser: Denoiser | None = None
     _denoisers: dict[FastPaths, Denoiser] | None = None
     _compiled_vae_decode = None
-    _empty: torch.Tensor | None = None
+    _embeddings: dict[str, torch.Tensor] | None = None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save the base pipeline as a plain Stable Diffusion directory (adapters are saved apart).
@@ -176,36 +179,51 @@ class DreamCachePipeline(StableDiffusionPipeline):
     # --- caching subjects ------------------------------------------------------------------
 
     def cache_subject(self, references: References, seed: int = 0, resolution: int | None = None,
-                      timestep: int = CACHE_TIMESTEP) -> FeatureCache:
-        return self.cache_subjects([references], seed=seed, resolution=resolution, timestep=timestep)[0]
+                      timestep: int = CACHE_TIMESTEP, **options) -> FeatureCache:
+        return self.cache_subjects([references], seed=seed, resolution=resolution, timestep=timestep, **options)[0]
 
     @torch.no_grad()
     def cache_subjects(
         self, subjects: Sequence[References], seed: int = 0, batch_size: int = 32, progress: bool = False,
-        resolution: int | None = None, timestep: int = CACHE_TIMESTEP,
+        resolution: int | None = None, timestep: int = CACHE_TIMESTEP, text: str = "",
+        reference_mode: str = "letterbox", latent: str = "mode",
     ) -> list[FeatureCache]:
         """Cache many subjects, their reference images batched through one UNet pass per batch.
 
         Each reference's noise comes from its own generator (seed + its index within the subject),
         so a subject's cache does not depend on what else shares its batch. `timestep` is the
         noise level of the cached pass: keep the method's t = 1 except to reproduce its ablation.
+
+        The method caches with the empty prompt, references letterboxed on white and the VAE
+        latent's mode. The authors' released inference caches with its negative prompt as `text`,
+        references stretched (`reference_mode="stretch"`) and the latent sampled (`latent="sample"`,
+        from the same per-reference generator, before the noise). All three are in the metadata.
         """
         preset = self._require_adapters()
+        if latent not in ("mode", "sample"):
+            raise ValueError(f"latent {latent!r}: choose 'mode' or 'sample'")
         resolution = resolution or self.resolution
         per_subject = [[refs] if isinstance(refs, (str, Path, Image.Image)) else list(refs) for refs in subjects]
         flat = [(i, k, ref) for i, refs in enumerate(per_subject) for k, ref in enumerate(refs)]
         device, dtype = self._execution_device, self.unet.dtype
-        empty = self._empty_embedding()
+        embedding = self._text_embedding(text)
         noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
         features: list[dict[str, torch.Tensor]] = []
         for start in tqdm(range(0, len(flat), batch_size), desc="caching", disable=not progress):
             batch = flat[start : start + batch_size]
-            images = [load_reference(ref, resolution) for _, _, ref in batch]
+            images = [load_reference(ref, resolution, mode=reference_mode) for _, _, ref in batch]
             pixels = self.image_processor.preprocess(images).to(device=device, dtype=self.vae.dtype)
-            latents = self.vae.encode(pixels).latent_dist.mode() * self.vae.config.scaling_factor
+            posterior = self.vae.encode(pixels).latent_dist
             generators = [torch.Generator(device).manual_seed(seed + k) for _, k, _ in batch]
+            if latent == "sample":
+                sampled = [posterior.mean[j:j + 1] + posterior.std[j:j + 1] * randn_tensor(
+                    posterior.mean[j:j + 1].shape, generator=g, device=device, dtype=posterior.mean.dtype)
+                    for j, g in enumerate(generators)]
+                latents = torch.cat(sampled) * self.vae.config.scaling_factor
+            else:
+                latents = posterior.mode() * self.vae.config.scaling_factor
             recorded = extract_features(
-                self.unet, latents.to(dtype), empty, self._dreamcache_layers, noise_scheduler,
+                self.unet, latents.to(dtype), embedding, self._dreamcache_layers, noise_scheduler,
                 timestep=timestep, generators=generators,
             )
             features += [{name: t[j] for name, t in recorded.items()} for j in range(len(batch))]
@@ -226,6 +244,9 @@ class DreamCachePipeline(StableDiffusionPipeline):
                 dtype=str(dtype).removeprefix("torch."),
                 library_version=__version__,
                 references=len(refs),
+                text=text,
+                reference_mode=reference_mode,
+                latent=latent,
             )
             caches.append(FeatureCache(tensors=tensors, metadata=metadata))
         return caches
@@ -247,13 +268,21 @@ class DreamCachePipeline(StableDiffusionPipeline):
         resolution: int | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        negative_prompt: str | Sequence[str] | None = None,
+        sampler: str | None = None,
+        eta: float = 0.0,
     ) -> DreamCacheOutput:
         """Generate one image per prompt, each with its own subject cache (or none) and seed.
 
-        `prompt`, `subject` and `seed` are broadcast to the same length: a single subject or seed
-        applies to every prompt; an int seed gives seeds seed, seed + 1, ... Rows without a
-        subject are plain text-to-image with classifier-free guidance. Each image depends only on
-        its own prompt, subject and seed, never on what shares its batch.
+        `prompt`, `subject`, `seed` and `negative_prompt` are broadcast to the same length: a single
+        subject, seed or negative prompt applies to every prompt; an int seed gives seeds seed,
+        seed + 1, ... Rows without a subject are plain text-to-image with classifier-free guidance.
+        Each image depends only on its own row, never on what shares its batch.
+
+        `negative_prompt` is the text of the unconditional passes (diffusers' meaning; the empty
+        prompt when None), for cached rows as in the authors' released inference. `sampler` names a
+        scheduler (`schedulers.SAMPLERS`) built on the model's noise schedule; None uses
+        `self.scheduler`, as diffusers does. `eta` is DDIM's noise (0: deterministic).
         """
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}")
@@ -261,8 +290,14 @@ class DreamCachePipeline(StableDiffusionPipeline):
         n = len(prompts)
         subjects = list(subject) if isinstance(subject, (list, tuple)) else [subject] * n
         seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
-        if not (len(subjects) == len(seeds) == n):
-            raise ValueError(f"got {n} prompts, {len(subjects)} subjects and {len(seeds)} seeds: give one each")
+        negatives = [negative_prompt or ""] * n if negative_prompt is None or isinstance(negative_prompt, str) \
+            else [text or "" for text in negative_prompt]
+        if not (len(subjects) == len(seeds) == len(negatives) == n):
+            raise ValueError(f"got {n} prompts, {len(subjects)} subjects, {len(seeds)} seeds and {len(negatives)} "
+                             "negative prompts: give one each")
+        if sampler:
+            check_eta(sampler, eta)
+        scheduler = make_scheduler(sampler, self.scheduler) if sampler else self.scheduler
         if any(s is not None for s in subjects):
             layer_names = [layer.name for layer in self._dreamcache_layers] if self._dreamcache_preset else []
             if not layer_names:
@@ -278,9 +313,10 @@ class DreamCachePipeline(StableDiffusionPipeline):
         with tqdm(total=len(chunks) * num_inference_steps, desc="denoising", unit="step", disable=not progress) as bar:
             for start in chunks:
                 part = slice(start, start + batch_size)
-                rows = _padded([prompts[part], subjects[part], seeds[part]], batch_size, self.fast_paths.static_batch)
+                rows = _padded([prompts[part], subjects[part], seeds[part], negatives[part]], batch_size,
+                               self.fast_paths.static_batch)
                 latents = self._sample(*rows, guidance, image_scale, guidance_scale, num_inference_steps,
-                                       resolution, bar)
+                                       resolution, bar, scheduler, eta)
                 chunk, flags = self._decode(latents[: len(prompts[part])], output_type)
                 images += list(chunk)
                 nsfw += flags or []
@@ -288,11 +324,12 @@ class DreamCachePipeline(StableDiffusionPipeline):
             images = torch.stack(images)
         return DreamCacheOutput(images=images, nsfw_content_detected=nsfw or None)
 
-    def _sample(self, prompts, subjects, seeds, guidance, image_scale, text_scale, steps, resolution, bar):
+    def _sample(self, prompts, subjects, seeds, negatives, guidance, image_scale, text_scale, steps, resolution, bar,
+                scheduler, eta):
         device, dtype = self._execution_device, self.unet.dtype
         n = len(prompts)
         text = self.encode_prompt(prompts, device, 1, False)[0]  # (n, L, D)
-        empty = self._empty_embedding().expand(n, -1, -1)  # (n, L, D)
+        empty = torch.cat([self._text_embedding(negative) for negative in negatives])  # (n, L, D)
         # No row has a cache: plain classifier-free guidance, two evaluations ("joint" reduces to it).
         mode = guidance if any(s is not None for s in subjects) else JOINT
         denoiser = self.denoiser
@@ -302,24 +339,31 @@ class DreamCachePipeline(StableDiffusionPipeline):
         memory = collate_memory(rows, [layer.name for layer in self._dreamcache_layers], device, dtype)
 
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-        latents = self.prepare_latents(
-            n, self.unet.config.in_channels, resolution, resolution, dtype, device, generators
-        )
-        self.scheduler.set_timesteps(steps, device=device)
-        extra = self.prepare_extra_step_kwargs(generators, 0.0)
+        scheduler.set_timesteps(steps, device=device)
+        # As diffusers' prepare_latents, with this call's scheduler's initial sigma.
+        shape = (n, self.unet.config.in_channels, resolution // self.vae_scale_factor, resolution // self.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
+        accepted = inspect.signature(scheduler.step).parameters
+        extra = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in accepted}
         with denoiser.batch(plan, memory) as step:
-            for t in self.scheduler.timesteps:
-                eps = step(self.scheduler.scale_model_input(latents, t), t)
-                latents = self.scheduler.step(eps, t, latents, **extra).prev_sample
+            for t in scheduler.timesteps:
+                eps = step(scheduler.scale_model_input(latents, t), t)
+                latents = scheduler.step(eps, t, latents, **extra).prev_sample
                 bar.update()
         return latents
 
     def _empty_embedding(self) -> torch.Tensor:
         """The empty prompt's embedding (1, L, D), encoded once: every batch needs it."""
+        return self._text_embedding("")
+
+    def _text_embedding(self, text: str) -> torch.Tensor:
+        """A fixed text's embedding (1, L, D), encoded once per text (the empty prompt, negative prompts)."""
         device = self._execution_device
-        cached = self._empty
+        cached = self._embeddings.get(text) if self._embeddings is not None else None
         if cached is None or cached.device != device or cached.dtype != self.text_encoder.dtype:
-            cached = self._empty = self.encode_prompt("", device, 1, False)[0]
+            if self._embeddings is None or len(self._embeddings) > 64:
+                self._embeddings = {}
+            cached = self._embeddings[text] = self.encode_prompt(text, device, 1, False)[0]
         return cached
 
     def _decode(self, latents: torch.Tensor, output_type: str):

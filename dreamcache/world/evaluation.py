@@ -58,6 +58,8 @@ class Condition:
     guidance: Guidance = DEFAULT_GUIDANCE
     image_scale: float = DEFAULT_IMAGE_SCALE
     timestep: int = 1  # the cached pass's noise level
+    sampler: str | None = None  # a `schedulers.SAMPLERS` name; None: the model's own
+    steps: int | None = None  # None: the evaluator's
 
 
 TEXT_ONLY = Condition("text-only", cache=False)
@@ -146,8 +148,9 @@ class FidelityEvaluator:
             subjects = [by_index[p.index] for p, _, _ in rows]
         images = self.pipe([world.caption(p.family, s) for p, s, _ in rows], subject=subjects,
                            seed=[seed for _, _, seed in rows], guidance=condition.guidance,
-                           image_guidance_scale=condition.image_scale, num_inference_steps=self.steps,
-                           batch_size=self.batch_size, output_type="pt", progress=False).images
+                           image_guidance_scale=condition.image_scale, num_inference_steps=condition.steps or self.steps,
+                           sampler=condition.sampler, batch_size=self.batch_size, output_type="pt",
+                           progress=False).images
         return images.float() * 2 - 1
 
     @staticmethod

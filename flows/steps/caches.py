@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from sqlalchemy import select
@@ -15,32 +17,54 @@ from db.session import transaction
 from db.tensors import requeue_cache
 from dreamcache.core.cache import FeatureCache
 from dreamcache.core.errors import DreamCacheError
+from dreamcache.core.images import decode_image
 from flows import liveness
 from flows.platform import Platform, worker_id
-from flows.steps.shared import chunks, giving_back, reference
+from flows.steps.shared import chunks, giving_back, product_image, reference
 
 logger = logging.getLogger(__name__)
 
 
-def cache_key(platform: Platform) -> dict:
-    """The model configuration a cache is made for (the columns of its identity besides the subject)."""
+@dataclass(frozen=True)
+class Preparation:
+    """How a cache's pass is prepared: the method's way (empty text, the segmented product letterboxed on
+    white, the VAE latent's mode) unless told otherwise. The authors' released inference uses its negative
+    prompt as the text, the product photo stretched to the square and a sampled latent."""
+
+    text: str = ""
+    reference_mode: str = "letterbox"
+    latent: str = "mode"
+
+    def tag(self) -> str:
+        """The `subject_caches.preparation` column: '' for the method's way, else the whole recipe as JSON."""
+        return "" if self == Preparation() else json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_tag(cls, tag: str) -> "Preparation":
+        return cls(**json.loads(tag)) if tag else cls()
+
+
+def cache_key(platform: Platform, preparation: Preparation = Preparation()) -> dict:
+    """The model configuration and preparation a cache is made for (its identity besides the subject)."""
     ident = platform.identity
     return dict(base_model_id=ident.base_model_id, base_model_revision=ident.base_model_revision,
                 adapter_id=ident.adapter_id, layer_preset=ident.layer_preset, resolution=platform.pipeline.resolution,
-                timestep=1)
+                timestep=1, preparation=preparation.tag())
 
 
-def open_caches(session, platform: Platform, subject_ids: Sequence[int]) -> int:
+def open_caches(session, platform: Platform, subject_ids: Sequence[int],
+                preparation: Preparation = Preparation()) -> int:
     """Caches of these products for the loaded model that are not finished (pending, or held)."""
-    key = cache_key(platform)
+    key = cache_key(platform, preparation)
     return len(session.scalars(select(SubjectCache.id).where(
         SubjectCache.subject_id.in_(list(subject_ids)), SubjectCache.status.in_([WorkStatus.pending, WorkStatus.running]),
         *[getattr(SubjectCache, k) == v for k, v in key.items()])).all())
 
 
-def cache(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list[int]:
-    """Cache each product's features once per model configuration; returns the ready cache ids."""
-    ident, key = platform.identity, cache_key(platform)
+def cache(platform: Platform, run_id: int, subject_ids: Sequence[int],
+          preparation: Preparation = Preparation()) -> list[int]:
+    """Cache each product's features once per model configuration and preparation; returns the ready cache ids."""
+    ident, key = platform.identity, cache_key(platform, preparation)
     with transaction(platform.sessions) as s:
         insert_missing(s, SubjectCache, [dict(key, subject_id=i, dtype=ident.dtype) for i in subject_ids])
         mine = s.scalars(select(SubjectCache.id).where(
@@ -68,11 +92,16 @@ def _compute_caches(platform: Platform, cache_ids: Sequence[int], reuse: bool = 
                          .where(SubjectCache.id.in_(cache_ids)).order_by(SubjectCache.id)).all()
         done_by_content = queries.done_caches_by_content(s, [row for row, _ in rows], [c for _, c in rows]) if reuse else {}
         todo = {}
+        preparation = Preparation.from_tag(rows[0][0].preparation) if rows else Preparation()
         for row, content in rows:
             if content not in done_by_content and content not in todo:
-                todo[content] = (row, reference(platform, s, row.subject_id))
+                segmentation, image = reference(platform, s, row.subject_id)
+                if preparation.reference_mode == "stretch":  # the authors' way: the whole photo, stretched
+                    image = decode_image(product_image(platform, s.get(Subject, row.subject_id)), f"subject {row.subject_id}")
+                todo[content] = (row, (segmentation, image))
     try:
-        computed = platform.pipeline.cache_subjects([image for _, (_, image) in todo.values()], seed=0) if todo else []
+        computed = platform.pipeline.cache_subjects([image for _, (_, image) in todo.values()], seed=0,
+                                                    **asdict(preparation)) if todo else []
     except Exception as exc:
         with transaction(platform.sessions) as s:
             for row, _ in rows:

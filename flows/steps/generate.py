@@ -14,6 +14,7 @@ from db import claims
 from db.models import Generation, Prompt, Score, Subject, SubjectCache
 from db.repository import insert_missing
 from db.session import transaction
+from dreamcache.core.schedulers import SAMPLERS
 from flows import liveness
 from flows.platform import Platform, safe_key_part, worker_id
 from flows.steps.caches import load_cache
@@ -152,7 +153,10 @@ def _generate_part(platform, part, caches, references, output_prefix, compare_te
     try:
         images = pipe(texts, subject=subjects, seed=seeds, guidance=first.guidance, guidance_scale=first.text_scale,
                       image_guidance_scale=first.image_scale, num_inference_steps=first.steps,
-                      resolution=first.resolution, batch_size=len(texts), progress=False).images
+                      resolution=first.resolution, batch_size=len(texts), progress=False,
+                      # a recorded class name is the model's own scheduler (`plan.sampler_name`)
+                      sampler=first.sampler if first.sampler in SAMPLERS else None, eta=first.eta,
+                      negative_prompt=first.negative_prompt).images
     except Exception as exc:
         if _is_out_of_memory(exc):
             raise GpuOutOfMemory(f"out of GPU memory for a batch of {len(texts)} images") from exc

@@ -26,11 +26,22 @@ logger = logging.getLogger(__name__)
 def generation_parameters(platform: Platform, params: CatalogueRunParams) -> dict:
     """Everything besides cache, prompt and seed that decides an image; its hash is part of the key."""
     pipe, ident = platform.pipeline, platform.identity
-    return dict(guidance=params.guidance, text_scale=params.text_scale,
-                image_scale=params.image_scale if uses_image_scale(params.guidance) else None, steps=params.steps,
-                sampler=type(pipe.scheduler).__name__, resolution=params.resolution or pipe.resolution,
-                base_model_id=ident.base_model_id, adapter_id=ident.adapter_id,
-                base_model_revision=ident.base_model_revision)
+    out = dict(guidance=params.guidance, text_scale=params.text_scale,
+               image_scale=params.image_scale if uses_image_scale(params.guidance) else None, steps=params.steps,
+               sampler=sampler_name(pipe, params.sampler), resolution=params.resolution or pipe.resolution,
+               base_model_id=ident.base_model_id, adapter_id=ident.adapter_id,
+               base_model_revision=ident.base_model_revision)
+    # Only when set, so that the identity (and hash) of every shot made before they existed stays the same.
+    if params.eta:
+        out["eta"] = params.eta
+    if params.negative_prompt:
+        out["negative_prompt"] = params.negative_prompt
+    return out
+
+
+def sampler_name(pipe, sampler: str) -> str:
+    """What a shot records as its sampler: the name, or for the model's own scheduler its class (as before)."""
+    return type(pipe.scheduler).__name__ if sampler == "model" else sampler
 
 
 def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: CatalogueRunParams,
@@ -41,6 +52,7 @@ def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: Cata
     params_hash = sha256(json.dumps(gen_params, sort_keys=True))
     columns = {k: gen_params[k] for k in ("guidance", "text_scale", "image_scale", "steps", "sampler", "resolution",
                                           "base_model_id", "adapter_id")}
+    columns.update(eta=params.eta, negative_prompt=params.negative_prompt)
     rows, rejected = [], []
     with transaction(platform.sessions) as s:
         caches = s.execute(select(SubjectCache.id, Subject).join(Subject, Subject.id == SubjectCache.subject_id)

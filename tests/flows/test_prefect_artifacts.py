@@ -36,7 +36,7 @@ async def artifacts_and_logs(flow_run_id):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         for _ in range(30):  # the run's process sends its logs in batches; the last one may still be on its way
             logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-            if any(log.name == "flows.catalogue" for log in logs):
+            if any(log.name == "flows.catalogue" and "images generated" in log.message for log in logs):
                 break
             await asyncio.sleep(1)
     return {a.type: a for a in artifacts}, logs
@@ -72,6 +72,9 @@ def test_a_run_shows_pictures_a_products_table_and_its_own_log_lines(served):
     assert any("BROKEN.png" in m for m in rejected) and any("NOT-AN-IMAGE.jpg" in m for m in rejected), lines
     (summary,) = [message for name, message in lines if name == "flows.catalogue" and "images generated" in message]
     assert "5 products listed, 3 ingested" in summary and "6 images generated, 0 failed" in summary, summary
+    platform_lines = [message for name, message in lines if name.startswith("flows.")]
+    assert any("3 products ingested" in m for m in platform_lines), platform_lines  # ingest counts as they happen
+    assert any(m.startswith("batch of ") and " done, 0 failed" in m for m in platform_lines), platform_lines
 
 
 def test_the_products_table_has_the_same_columns_on_every_row(platform_env):
@@ -102,8 +105,15 @@ def test_skus_and_reasons_are_shown_as_text_not_markdown():
     assert catalogue._md("a|b *c* [x](y) <img src=z>\nnext") == r"a\|b \*c\* \[x\]\(y\) \<img src=z\> next"
 
 
-def test_platform_loggers_reach_the_run_logs_once_with_their_info_lines():
+def test_platform_loggers_reach_the_run_logs_once_with_their_info_lines(monkeypatch):
     catalogue.send_platform_logs_to_prefect()  # a second load of the file (a worker runs it as a script)
+    for name in catalogue.PLATFORM_LOGGERS:  # as a fresh process has them (setLevel also clears the loggers' caches)
+        platform_logger = logging.getLogger(name)
+        monkeypatch.setattr(platform_logger, "level", platform_logger.level)  # restored after the test
+        platform_logger.setLevel(logging.NOTSET)
+    # Importing lets no INFO line through (an embedded run's console keeps to warnings); a run's start does.
+    assert not logging.getLogger("flows").isEnabledFor(logging.INFO)
+    catalogue.log_platform_info()
     for name in catalogue.PLATFORM_LOGGERS:
         platform_logger = logging.getLogger(name)
         handlers = [h for h in platform_logger.handlers if h.get_name() == "dreamcache-run-logs"]

@@ -6,8 +6,9 @@ import shutil
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # What, how many, how, where: the parameter form's fields from the top.
-FORM_ORDER = ["Source", "Prompts", "Prompt File", "Images Per Prompt", "Seed", "Seed Policy", "Guidance", "Text Scale",
-              "Image Scale", "Steps", "Resolution", "Output Prefix", "Execution"]
+FORM_ORDER = ["Source", "Prompts", "Prompt File", "Images Per Prompt", "Seed", "Seed Policy", "Preset", "Sampler", "Eta",
+              "Negative Prompt", "Guidance", "Text Scale", "Image Scale", "Steps", "Resolution", "Output Prefix",
+              "Execution"]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -37,7 +38,7 @@ def test_custom_run_from_the_ui(served, prefect_server, catalogue, tmp_path):
 
         # The form reads top to bottom as a person fills it, with nothing to clear first and no odd widget.
         labels = page.locator(".schema-form-property__label").all_inner_texts()
-        assert [label.removesuffix(" (Optional)") for label in labels[1:14]] == FORM_ORDER, labels
+        assert [label.removesuffix(" (Optional)") for label in labels[1:1 + len(FORM_ORDER)]] == FORM_ORDER, labels
         assert page.get_by_text('Property is type "None"').count() == 0
         assert field(page, "Source").input_value() == "" and field(page, "Prompt File (Optional)").input_value() == ""
 

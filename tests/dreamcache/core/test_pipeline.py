@@ -138,8 +138,12 @@ def test_weights_and_configs_of_another_format_are_refused(tiny_pipe, tmp_path):
 def test_bad_call_arguments_are_explained(tiny_pipe):
     with pytest.raises(ValueError, match="unknown guidance 'triple'"):
         tiny_pipe("a mug", guidance="triple")
-    with pytest.raises(ValueError, match="2 prompts, 2 subjects and 3 seeds"):
+    with pytest.raises(ValueError, match="2 prompts, 2 subjects, 3 seeds and 2 negative prompts"):
         tiny_pipe(["a", "b"], seed=[1, 2, 3])
+    with pytest.raises(ValueError, match="unknown sampler 'lms'"):
+        tiny_pipe("a mug", sampler="lms")
+    with pytest.raises(ValueError, match="eta 0.5 applies to ddim only, not 'unipc'"):
+        tiny_pipe("a mug", sampler="unipc", eta=0.5)
 
 
 def test_saved_bases_are_plain_stable_diffusion_without_adapter_tensors(tiny_pipe, tmp_path):
