@@ -39,6 +39,9 @@ logger = logging.getLogger("flows.catalogue")
 
 # Products per ingest/segment/cache/contact-sheet task: 10,000 products make ~630 task runs.
 INGEST_BATCH = 64
+# Generation batches per generation task: within a task, one batch is written out (PNGs, uploads, database)
+# while the next is denoised, so the GPU does not wait for the writes (`steps.generate`).
+TASK_BATCHES = 4
 
 
 # Tasks: each reads its inputs from the database and object store by key, so a retry is safe.
@@ -100,7 +103,7 @@ class EmbeddedRunner(Runner):
 
     def generate(self, run_id, todo, params):
         with tqdm(total=len(todo), desc="generating", unit="image", disable=not self.progress) as bar:
-            for batch in chunks(todo, params.batch_size):
+            for batch in chunks(todo, params.batch_size * TASK_BATCHES):
                 generate_task.fn(batch, params.output_prefix, params.batch_size, params.compare_text_only)
                 bar.update(len(batch))
 
@@ -314,7 +317,7 @@ def wait_for_deferred(future, patience_s: float = 60.0) -> None:
 
 
 def generate_batches(todo: list[int], params: CatalogueRunParams, progress: Progress) -> None:
-    batches = chunks(todo, params.batch_size)
+    batches = chunks(todo, params.batch_size * TASK_BATCHES)
     if params.execution == "task-workers":
         # Long-lived GPU workers (`dreamcache worker`) run these; the results are in the database.
         futures = [generate_task.delay(batch, params.output_prefix, params.batch_size,

@@ -129,6 +129,10 @@ class DreamCachePipeline(StableDiffusionPipeline):
         captures; later batches of that shape replay.
         """
         fast = fast or FastPaths.for_device(self._execution_device)
+        # A memory format changes how the weights are laid out, never their values: set before any compile.
+        memory_format = torch.channels_last if fast.channels_last else torch.contiguous_format
+        for model in (self.unet, self.vae):
+            model.to(memory_format=memory_format)
         if self._denoisers is None or any(d.unet is not self.unet for d in self._denoisers.values()):
             self._denoisers = {}
         if fast not in self._denoisers:  # kept per setting: switching back reuses compiled kernels and graphs

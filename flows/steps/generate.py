@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 from sqlalchemy import select
 
@@ -102,26 +104,34 @@ def _generate_claimed(platform: Platform, claimed: list[int], output_prefix: str
         result.failed += [g.id for g, _, _ in unusable]
         rows = [r for r in rows if not isinstance(caches[r[0].subject_cache_id], Exception)]
     size = batch_size
-    while rows:
-        part = rows[:size]
-        # Renew the leases of what this call still holds: a long (or split) batch is not taken over.
-        with transaction(platform.sessions) as s:
-            claims.heartbeat(s, Generation, [g.id for g, _, _ in rows], me, platform.lease)
-        try:
-            _generate_part(platform, part, caches, references, output_prefix, compare_text_only, result)
-        except GpuOutOfMemory as exc:
-            if len(part) > 1:  # the images are fine, the batch is too large: retry smaller, keep that size
-                size = max(1, len(part) // 2)
-                logger.warning("out of GPU memory for a batch of %d images (generations %s): splitting it, "
-                               "batches of %d from now on", len(part), [g.id for g, _, _ in part], size)
-                _free_gpu_memory()
-                continue
-            gen, _, subject = part[0]
+    # Two stages: this thread denoises (and scores) part k + 1 while the writer encodes, uploads and records part k,
+    # so the GPU does not wait for the CPU and the object store (one writer: parts are recorded in order).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shot-writer") as writer:
+        written = []
+        while rows:
+            part = rows[:size]
+            # Renew the leases of what this call still holds: a long (or split) batch is not taken over.
             with transaction(platform.sessions) as s:
-                claims.fail(s, Generation, gen.id, me, f"out of GPU memory for a single image of {subject.sku} "
-                                                       f"(generation {gen.id}): {exc.__cause__}")
-            result.failed.append(gen.id)
-        rows = rows[len(part):]
+                claims.heartbeat(s, Generation, [g.id for g, _, _ in rows], me, platform.lease)
+            try:
+                finish = _generate_part(platform, part, caches, references, output_prefix, compare_text_only, result)
+                if finish is not None:
+                    written.append(writer.submit(finish))
+            except GpuOutOfMemory as exc:
+                if len(part) > 1:  # the images are fine, the batch is too large: retry smaller, keep that size
+                    size = max(1, len(part) // 2)
+                    logger.warning("out of GPU memory for a batch of %d images (generations %s): splitting it, "
+                                   "batches of %d from now on", len(part), [g.id for g, _, _ in part], size)
+                    _free_gpu_memory()
+                    continue
+                gen, _, subject = part[0]
+                with transaction(platform.sessions) as s:
+                    claims.fail(s, Generation, gen.id, me, f"out of GPU memory for a single image of {subject.sku} "
+                                                           f"(generation {gen.id}): {exc.__cause__}")
+                result.failed.append(gen.id)
+            rows = rows[len(part):]
+        for done in written:
+            done.result()  # a writer's unexpected error is this call's: raised, and what it held is given back
 
 
 class GpuOutOfMemory(RuntimeError):
@@ -142,8 +152,9 @@ def _free_gpu_memory() -> None:
 
 
 def _generate_part(platform, part, caches, references, output_prefix, compare_text_only: bool,
-                   result: BatchResult) -> None:
-    """Generate, write and record one batch; raises GpuOutOfMemory (nothing recorded) for the caller to split."""
+                   result: BatchResult) -> Callable[[], None] | None:
+    """Generate one batch; returns the function that scores, writes and records it (for the writer thread),
+    or None when the batch failed (recorded). Raises GpuOutOfMemory (nothing recorded) for the caller to split."""
     me, pipe, first = worker_id(), platform.pipeline, part[0][0]
     texts, seeds = [text for _, text, _ in part], [g.seed for g, _, _ in part]
     subjects = [caches[g.subject_cache_id] for g, _, _ in part]
@@ -165,13 +176,23 @@ def _generate_part(platform, part, caches, references, output_prefix, compare_te
             for gen, _, _ in part:
                 claims.fail(s, Generation, gen.id, me, f"{type(exc).__name__}: {exc}")
         result.failed += [g.id for g, _, _ in part]
-        return
+        return None
     seconds = (time.perf_counter() - started) / len(texts)  # per image, twins too: comparable across runs
     images, twins = images[: len(part)], images[len(part) :] or [None] * len(part)
+    # Scored here, on this thread: the GPU's work stays on one thread (a CUDA-graph capture must not meet
+    # another thread's kernels); the writer gets only CPU and I/O work.
     scores = (platform.scorer.score(images, [references[sub.id] for _, _, sub in part], [t for _, t, _ in part],
                                     [sub.category for _, _, sub in part],
                                     names=[f"{sub.sku} seed {g.seed}" for g, _, sub in part])
               if platform.scorer.available else [[] for _ in part])
+    return partial(_write_part, platform, part, images, twins, scores, output_prefix, seconds, result)
+
+
+def _write_part(platform, part, images, twins, scores, output_prefix: str, seconds: float,
+                result: BatchResult) -> None:
+    """Write each shot of a generated batch, its twin and its sidecar (PNG encoding, uploads), and record it
+    done with its scores (or failed)."""
+    me = worker_id()
     for (gen, text, subject), image, twin, image_scores in zip(part, images, twins, scores):
         identity = sha256(f"{subject.content_sha256}|{sha256(text)}|{gen.seed}|{gen.params_sha256}")
         key = output_key(output_prefix, subject.sku, identity)

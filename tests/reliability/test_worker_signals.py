@@ -71,7 +71,7 @@ def test_a_worker_stopped_mid_batch_finishes_what_it_holds_and_loses_nothing(wor
     first = start_worker(first_log)
     name = f"{socket.gethostname()}:{first.pid}"
     params = CatalogueRunParams(source=str(catalogue), prompts=["a {category} on a beach"], images_per_prompt=4,
-                                steps=2, batch_size=2, execution="task-workers")
+                                steps=2, batch_size=1, execution="task-workers")  # 3 tasks of 4 batches
     result = {}
 
     def run():  # in a thread of its own, so that a run waiting forever for a lost batch fails the test

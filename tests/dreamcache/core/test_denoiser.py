@@ -77,6 +77,16 @@ def test_compiled_halves_match_eager_fp32(tiny_pipe):
     assert np.abs(compiled - eager).max() < 1e-4
 
 
+def test_channels_last_weights_give_the_same_images(tiny_pipe):
+    tiny_pipe.enable_fast_paths(FastPaths(channels_last=True))
+    assert tiny_pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert tiny_pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    eager = _images(tiny_pipe, FastPaths(), prompts=("a red mug", "a blue lamp"))
+    assert tiny_pipe.unet.conv_in.weight.is_contiguous()  # back to the plain layout
+    last = _images(tiny_pipe, FastPaths(channels_last=True), prompts=("a red mug", "a blue lamp"))
+    assert np.abs(last - eager).max() < 1e-4
+
+
 def test_cuda_graphs_on_a_cpu_pipeline_are_refused(tiny_pipe):
     with pytest.raises(ValueError, match="CUDA graphs need the UNet on a CUDA device"):
         tiny_pipe.enable_fast_paths(FastPaths(cuda_graphs=True))
