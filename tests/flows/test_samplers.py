@@ -67,3 +67,20 @@ def test_the_models_sampler_is_recorded_by_its_class_and_eta_needs_ddim(platform
     assert {r.sampler for r in history(tmp_path / "home")} == {"DDIMScheduler"}  # the tiny model's own
     result = run("--source", str(catalogue), "--sampler", "unipc", "--eta", "0.5")
     assert result.exit_code == 1 and "eta 0.5 applies to the ddim sampler only, not 'unipc'" in result.output
+
+
+def test_the_prefect_form_parameters_reach_the_shots(served):
+    """What the Prefect form sends (a deployment run's parameters) is what the shots are made and recorded with."""
+    from tests.flows.test_prefect_run import trigger
+
+    flow_run = trigger(served["bucket"], preset="authors", sampler="dpm++2m",
+                       negative_prompt="blurred")
+    assert flow_run.state.is_completed(), flow_run.state
+    engine = create_engine(served["database"])
+    with engine.connect() as db:
+        rows = db.execute(text("SELECT sampler, negative_prompt, image_scale, cache_preparation "
+                               "FROM generation_history")).all()
+    engine.dispose()
+    assert len(rows) == 3 * 2 and {(r.sampler, r.negative_prompt, r.image_scale) for r in rows} == {
+        ("dpm++2m", "blurred", 0.35)}  # the authors' preset, with the sampler and text the form chose
+    assert {json.loads(r.cache_preparation)["reference_mode"] for r in rows} == {"stretch"}
