@@ -26,14 +26,15 @@ from flows.params import CatalogueRunParams
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
 PLANNED = 3 * len(PROMPTS) * 2  # 3 products x 2 prompts x 2 images
+STEPS = 12  # enough that a run is still generating when the test, polling the database, sees it mid-batch
 
 
 def params(catalogue) -> CatalogueRunParams:
-    return CatalogueRunParams(source=str(catalogue), prompts=PROMPTS, images_per_prompt=2, steps=2, batch_size=2)
+    return CatalogueRunParams(source=str(catalogue), prompts=PROMPTS, images_per_prompt=2, steps=STEPS, batch_size=2)
 
 
 def cli_args(catalogue) -> list[str]:
-    return ["run", "--embedded", "--source", str(catalogue), "--images-per-prompt", "2", "--steps", "2",
+    return ["run", "--embedded", "--source", str(catalogue), "--images-per-prompt", "2", "--steps", str(STEPS),
             "--batch-size", "2"] + [arg for p in PROMPTS for arg in ("-p", p)]
 
 

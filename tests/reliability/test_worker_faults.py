@@ -20,7 +20,7 @@ import torch
 from sqlalchemy import create_engine, func, select
 
 from db.models import Generation
-from flows.catalogue import run_embedded
+from flows.catalogue import TASK_BATCHES, run_embedded
 from flows.cli import EXIT_INCOMPLETE
 from flows.params import CatalogueRunParams
 from flows.platform import get_platform
@@ -160,12 +160,13 @@ def test_a_batch_out_of_gpu_memory_is_split_and_retried_not_failed(served_env, b
 
     assert summary["images_generated"] == planned and summary["images_failed"] == 0
     assert_each_item_once(served_env["engine"], served_env["bucket"], planned)
-    # Each batch of 4 runs out of memory once, then goes as 2 + 2; no batch larger than 2 ever succeeded.
-    assert calls == [4, 2, 2] * (planned // 4), calls
+    # The task's first batch of 4 runs out of memory once; the task goes on in batches of 2 (the size that fits,
+    # kept for its other batches); no batch larger than 2 ever succeeded. (One task: TASK_BATCHES batches of 4.)
+    assert planned <= 4 * TASK_BATCHES and calls == [4] + [2] * (planned // 2), calls
     with served_env["engine"].connect() as db:
         assert set(db.scalars(select(Generation.attempts))) == {1}, "a split is not a failed attempt"
     splits = [r.getMessage() for r in caplog.records if "out of GPU memory" in r.getMessage()]
-    assert len(splits) == planned // 4 and "splitting it, batches of 2" in splits[0]
+    assert len(splits) == 1 and "splitting it, batches of 2 from now on" in splits[0]
 
 
 def test_an_image_too_large_for_the_gpu_alone_fails_with_its_reason_and_the_rest_are_done(
