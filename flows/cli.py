@@ -120,6 +120,9 @@ def run(
         raise Cancelled(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
+    # SIGINT cancels too, even when this process was started with it ignored (a background job of a shell
+    # script, a test runner's child): Python then leaves it ignored, and an operator's SIGINT would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if use_prefect:
             from flows.catalogue import catalogue_run

@@ -62,10 +62,13 @@ def dead_worker() -> str:
     return f"{socket.gethostname()}:{gone.pid}"
 
 
-def stop_mid_generation(catalogue, engine, signum) -> subprocess.CompletedProcess:
-    """A `dreamcache run` in its own process, sent `signum` once it has finished some images and holds others."""
+def stop_mid_generation(catalogue, engine, signum, ignore_sigint: bool = False) -> subprocess.CompletedProcess:
+    """A `dreamcache run` in its own process, sent `signum` once it has finished some images and holds others.
+
+    ignore_sigint: start it with SIGINT ignored, as a shell script's background job is."""
     run = subprocess.Popen([sys.executable, "-m", "flows.cli", *cli_args(catalogue)], cwd=ROOT, env=dict(os.environ),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None)
     me = f"{socket.gethostname()}:{run.pid}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run.poll() is None:
@@ -96,6 +99,13 @@ def test_a_signal_cancels_the_run_gives_its_claims_back_and_exits_with_its_code(
     summary = run_embedded(params(catalogue), progress=False)  # at once: no lease to wait out
     assert summary["status"] == "completed" and summary["images_generated"] == PLANNED - left["done"]
     assert counts(engine) == {"done": PLANNED}
+
+
+def test_sigint_cancels_a_run_started_with_it_ignored(catalogue, engine):
+    stopped = stop_mid_generation(catalogue, engine, signal.SIGINT, ignore_sigint=True)
+    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stdout
+    (run,) = runs(engine)
+    assert run.status == "cancelled" and "SIGINT" in run.error
 
 
 def test_a_killed_run_is_marked_crashed_and_a_rerun_takes_its_items_at_once(catalogue, engine):
