@@ -136,17 +136,10 @@ def world_speed(model: Path, chosen: dict, shipped_steps: int, image_scale: floa
 
 
 def sd15_speed(chosen: dict, batch: int = 16) -> dict:
+    from bench.speed import random_pipeline
     from dreamcache.core.architectures import build_random_pipeline_components
-    from dreamcache.core.pipeline import DreamCachePipeline
 
-    pipe = DreamCachePipeline(**build_random_pipeline_components("sd15", seed=0), safety_checker=None,
-                              feature_extractor=None, requires_safety_checker=False).to("cuda", torch.float16)
-    torch.manual_seed(0)
-    pipe.load_dreamcache()
-    with torch.no_grad():  # random adapters at SD scale: keep their output small so fp16 stays finite
-        for adapter in pipe.dreamcache_adapters.values():
-            for p in adapter.parameters():
-                p.mul_(0.1)
+    pipe = random_pipeline(build_random_pipeline_components("sd15", seed=0), "cuda", torch.float16)
     pipe.enable_fast_paths()
     from PIL import Image
 

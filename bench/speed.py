@@ -49,6 +49,20 @@ SECTIONS = ("fidelity", "generation", "latency", "cache", "vae", "perception", "
 PROMPTS = ["a {c} mug on a beach at sunset", "a {c} lamp in a loft", "a {c} bottle on snow", "a {c} box on a desk"]
 
 
+def random_pipeline(components: dict, device, dtype) -> DreamCachePipeline:
+    """A pipeline of random weights with random default adapters, kept small so that fp16 stays finite."""
+    pipe = DreamCachePipeline(**components, safety_checker=None, feature_extractor=None,
+                              requires_safety_checker=False).to(device, dtype)
+    torch.manual_seed(0)
+    pipe.load_dreamcache()
+    with torch.no_grad():
+        for adapter in pipe.dreamcache_adapters.values():
+            for p in adapter.parameters():
+                p.mul_(0.1)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def product(i: int, size: int = 512) -> Image.Image:
     """A coloured product on white, different for each i (the shape of a segmented reference)."""
     rng = np.random.default_rng(i)
@@ -100,16 +114,7 @@ class Bench:
         return build_random_pipeline_components("sd15", seed=0)
 
     def project_pipeline(self, dtype) -> DreamCachePipeline:
-        pipe = DreamCachePipeline(**self.components(), safety_checker=None, feature_extractor=None,
-                                  requires_safety_checker=False).to(self.device, dtype)
-        torch.manual_seed(0)
-        pipe.load_dreamcache()
-        with torch.no_grad():  # random adapters at SD scale: keep their output small so fp16 stays finite
-            for adapter in pipe.dreamcache_adapters.values():
-                for p in adapter.parameters():
-                    p.mul_(0.1)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return random_pipeline(self.components(), self.device, dtype)
 
     def diffusers_pipeline(self) -> StableDiffusionPipeline:
         """Plain diffusers on the same base weights, with its own UNet (a copy taken without adapters)."""

@@ -45,6 +45,15 @@ def head_revision(url: str) -> str | None:
     return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
 
 
+def migration_module(filename: str):
+    """A migration file of alembic/versions loaded as a module (they are not a package): for its view SQL."""
+    path = ROOT / "alembic" / "versions" / filename
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @contextmanager
 def views_set_aside(definitions: str = "20261123_1748_initial_schema.py"):
     """Inside a migration: the views dropped around a change to the tables they read, then made again.
@@ -58,9 +67,6 @@ def views_set_aside(definitions: str = "20261123_1748_initial_schema.py"):
     op.execute("DROP VIEW run_summary")
     op.execute("DROP VIEW generation_history")
     yield
-    path = ROOT / "alembic" / "versions" / definitions
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = migration_module(definitions)
     op.execute(module.GENERATION_HISTORY)
     op.execute(module.RUN_SUMMARY)

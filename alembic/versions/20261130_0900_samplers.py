@@ -12,14 +12,12 @@ Revises: 0005
 Create Date: 2026-11-30 09:00:00
 """
 
-import importlib.util
-from pathlib import Path
 from typing import Sequence, Union
 
 import sqlalchemy as sa
 from alembic import op
 
-from db.migrate import views_set_aside
+from db.migrate import migration_module, views_set_aside
 
 revision: str = '0006'
 down_revision: Union[str, None] = '0005'
@@ -30,19 +28,12 @@ IDENTITY = ["subject_id", "base_model_id", "base_model_revision", "adapter_id", 
             "timestep"]
 
 
-def _initial():
-    path = Path(__file__).with_name("20261123_1748_initial_schema.py")
-    spec = importlib.util.spec_from_file_location("initial_schema", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # The views from this revision on: generation_history gains eta, negative_prompt and cache_preparation.
-GENERATION_HISTORY = (_initial().GENERATION_HISTORY
+_INITIAL = migration_module("20261123_1748_initial_schema.py")
+GENERATION_HISTORY = (_INITIAL.GENERATION_HISTORY
                       .replace("    g.sampler,\n", "    g.sampler,\n    g.eta,\n    g.negative_prompt,\n")
                       .replace("    c.layer_preset,\n", "    c.layer_preset,\n    c.preparation AS cache_preparation,\n"))
-RUN_SUMMARY = _initial().RUN_SUMMARY
+RUN_SUMMARY = _INITIAL.RUN_SUMMARY
 
 
 def upgrade() -> None:
