@@ -4,6 +4,9 @@
     pipe.load_dreamcache("path/to/adapter")              # adapter_config.json + adapter_model.safetensors
     subject = pipe.cache_subject(["mug_front.png"])      # once per product
     images = pipe(["a mug on a beach"], subject=subject, seed=[0]).images
+    wide = pipe(["a mug on a beach"], subject=subject, width=896, height=512).images  # multiples of size_multiple
+    placed = PlacedProduct.from_photo(photo, mask, Placement(x=0.4))  # placement.py: the photo's product kept
+    shots = pipe(["a mug on a beach"], subject=subject, placed=placed).images
     pipe.unload_dreamcache()                             # the plain pipeline again
 """
 
@@ -31,6 +34,7 @@ from dreamcache.core.guidance import (
 )
 from dreamcache.core.images import ImageInput, load_reference
 from dreamcache.core.layers import Layer, resolve_preset
+from dreamcache.core.placement import LatentBlend, PlacedProduct, paste as paste_products
 from dreamcache.core.schedulers import check_eta, make_scheduler
 from dreamcache.core.weights import AdapterConfig, load_adapters, read_adapter_config, save_adapters
 
@@ -55,6 +59,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
     _denoisers: dict[FastPaths, Denoiser] | None = None
     _compiled_vae_decode = None
     _embeddings: dict[str, torch.Tensor] | None = None
+    _placed_latents: dict | None = None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save the base pipeline as a plain Stable Diffusion directory (adapters are saved apart).
@@ -180,6 +185,19 @@ class DreamCachePipeline(StableDiffusionPipeline):
     def resolution(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
+    @property
+    def size_multiple(self) -> int:
+        """What a width or height must be a multiple of: the VAE's factor times the UNet's downsamplings."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def _check_size(self, name: str, side: int) -> None:
+        m = self.size_multiple
+        if side <= 0 or side % m:
+            lower, upper = max(m, side // m * m), max(m, -(-side // m) * m)
+            nearest = " or ".join(str(v) for v in sorted({lower, upper}))
+            raise ValueError(f"{name} {side} is not a positive multiple of {m} (the VAE's factor "
+                             f"{self.vae_scale_factor} times the UNet's downsamplings): use {nearest}")
+
     # --- caching subjects ------------------------------------------------------------------
 
     def cache_subject(self, references: References, seed: int = 0, resolution: int | None = None,
@@ -275,6 +293,10 @@ class DreamCachePipeline(StableDiffusionPipeline):
         negative_prompt: str | Sequence[str] | None = None,
         sampler: str | None = None,
         eta: float = 0.0,
+        width: int | None = None,
+        height: int | None = None,
+        placed: PlacedProduct | Sequence[PlacedProduct | None] | None = None,
+        paste: bool = True,
     ) -> DreamCacheOutput:
         """Generate one image per prompt, each with its own subject cache (or none) and seed.
 
@@ -287,12 +309,20 @@ class DreamCachePipeline(StableDiffusionPipeline):
         prompt when None), for cached rows as in the authors' released inference. `sampler` names a
         scheduler (`schedulers.SAMPLERS`) built on the model's noise schedule; None uses
         `self.scheduler`, as diffusers does. `eta` is DDIM's noise (0: deterministic).
+
+        `width` and `height` (multiples of `size_multiple`) default to the square of `resolution`, itself
+        the model's own by default. `placed` (broadcast like `subject`) keeps a row's product pixel-exact
+        at its placement and generates the scene around it (`placement.py`); `paste=False` leaves out the
+        final paste of the product's pixels (the decoded latents alone).
         """
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n = len(prompts)
         subjects = list(subject) if isinstance(subject, (list, tuple)) else [subject] * n
+        products = list(placed) if isinstance(placed, (list, tuple)) else [placed] * n
+        if len(products) != n:
+            raise ValueError(f"got {n} prompts and {len(products)} placed products: give one each (None for none)")
         seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
         negatives = [negative_prompt or ""] * n if negative_prompt is None or isinstance(negative_prompt, str) \
             else [text or "" for text in negative_prompt]
@@ -311,25 +341,31 @@ class DreamCachePipeline(StableDiffusionPipeline):
                     s.check_compatible(self.base_fingerprint, layer_names)
         image_scale = self._image_scale if image_guidance_scale is None else image_guidance_scale
         resolution = resolution or self.resolution
+        size = (resolution, resolution)
+        if width is not None or height is not None:
+            size = (resolution if width is None else width, resolution if height is None else height)
+            self._check_size("width", size[0])
+            self._check_size("height", size[1])
 
         images, nsfw = [], []
         chunks = range(0, n, batch_size)
         with tqdm(total=len(chunks) * num_inference_steps, desc="denoising", unit="step", disable=not progress) as bar:
             for start in chunks:
                 part = slice(start, start + batch_size)
-                rows = _padded([prompts[part], subjects[part], seeds[part], negatives[part]], batch_size,
-                               self.fast_paths.static_batch)
+                rows = _padded([prompts[part], subjects[part], seeds[part], negatives[part], products[part]],
+                               batch_size, self.fast_paths.static_batch)
                 latents = self._sample(*rows, guidance, image_scale, guidance_scale, num_inference_steps,
-                                       resolution, bar, scheduler, eta)
-                chunk, flags = self._decode(latents[: len(prompts[part])], output_type)
+                                       size, bar, scheduler, eta)
+                chunk, flags = self._decode(latents[: len(prompts[part])], output_type,
+                                            products[part] if paste else None)
                 images += list(chunk)
                 nsfw += flags or []
         if output_type in ("pt", "latent"):
             images = torch.stack(images)
         return DreamCacheOutput(images=images, nsfw_content_detected=nsfw or None)
 
-    def _sample(self, prompts, subjects, seeds, negatives, guidance, image_scale, text_scale, steps, resolution, bar,
-                scheduler, eta):
+    def _sample(self, prompts, subjects, seeds, negatives, products, guidance, image_scale, text_scale, steps, size,
+                bar, scheduler, eta):
         device, dtype = self._execution_device, self.unet.dtype
         n = len(prompts)
         text = self.encode_prompt(prompts, device, 1, False)[0]  # (n, L, D)
@@ -345,16 +381,45 @@ class DreamCachePipeline(StableDiffusionPipeline):
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         scheduler.set_timesteps(steps, device=device)
         # As diffusers' prepare_latents, with this call's scheduler's initial sigma.
-        shape = (n, self.unet.config.in_channels, resolution // self.vae_scale_factor, resolution // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
+        shape = (n, self.unet.config.in_channels, size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor)
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        latents = noise * scheduler.init_noise_sigma
+        blend = self._latent_blend(products, size, noise, scheduler)
         accepted = inspect.signature(scheduler.step).parameters
         extra = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in accepted}
         with denoiser.batch(plan, memory) as step:
-            for t in scheduler.timesteps:
+            for i, t in enumerate(scheduler.timesteps):
                 eps = step(scheduler.scale_model_input(latents, t), t)
                 latents = scheduler.step(eps, t, latents, **extra).prev_sample
+                if blend is not None:
+                    latents = blend(latents, i)
                 bar.update()
         return latents
+
+    def _latent_blend(self, products, size, noise, scheduler) -> LatentBlend | None:
+        """The placed rows' canvases encoded (posterior mode) with their masks; None when no row has a product."""
+        rows = [j for j, product in enumerate(products) if product is not None]
+        if not rows:
+            return None
+        canvases = [products[j].canvas(tuple(size)) for j in rows]
+        z0 = torch.zeros_like(noise)
+        z0[rows] = torch.cat([self._placed_latent(products[j], tuple(size), noise) for j in rows])
+        masks = torch.zeros(len(products), 1, size[1], size[0], device=noise.device)  # (n, 1, H, W)
+        masks[rows] = torch.stack([torch.from_numpy(mask) for _, mask in canvases])[:, None].to(noise.device)
+        free_steps = [0.0 if p is None else p.placement.free_steps for p in products]
+        return LatentBlend.make(z0, masks, noise, free_steps, scheduler)
+
+    def _placed_latent(self, product, size, like: torch.Tensor) -> torch.Tensor:
+        """A placed product's canvas encoded (posterior mode, scaled), (1, C, h, w): once per product and size, as
+        a run places one product in batch after batch (the product is kept with its latent: ids stay unique)."""
+        key = (id(product), size, like.device, like.dtype)
+        if self._placed_latents is None or len(self._placed_latents) > 64:
+            self._placed_latents = {}
+        if key not in self._placed_latents:
+            pixels = self.image_processor.preprocess([product.canvas(size)[0]])
+            encoded = self.vae.encode(pixels.to(device=like.device, dtype=self.vae.dtype)).latent_dist.mode()
+            self._placed_latents[key] = (product, (encoded * self.vae.config.scaling_factor).to(like.dtype))
+        return self._placed_latents[key][1]
 
     def _empty_embedding(self) -> torch.Tensor:
         """The empty prompt's embedding (1, L, D), encoded once: every batch needs it."""
@@ -370,7 +435,8 @@ class DreamCachePipeline(StableDiffusionPipeline):
             cached = self._embeddings[text] = self.encode_prompt(text, device, 1, False)[0]
         return cached
 
-    def _decode(self, latents: torch.Tensor, output_type: str):
+    def _decode(self, latents: torch.Tensor, output_type: str, products=None):
+        """Decoded images, each placed row's product pasted back (`products`: one per row, or None)."""
         if output_type == "latent":
             return latents, None
         decode = self.vae.decode
@@ -379,6 +445,8 @@ class DreamCachePipeline(StableDiffusionPipeline):
                 self._compiled_vae_decode = torch.compile(self.vae.decode)
             decode = self._compiled_vae_decode
         image = decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        if products is not None and any(p is not None for p in products):
+            image = paste_products(image, products)
         nsfw = None
         if self.safety_checker is not None:
             image, nsfw = self.run_safety_checker(image, self._execution_device, latents.dtype)

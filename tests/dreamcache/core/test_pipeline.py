@@ -156,3 +156,30 @@ def test_saved_bases_are_plain_stable_diffusion_without_adapter_tensors(tiny_pip
     plain = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
     assert set(plain.unet.state_dict()) == set(make_tiny_pipeline().unet.state_dict())
     assert tiny_pipe.dreamcache_adapters, "the adapters stay attached after saving the base"
+
+
+def test_width_and_height_give_non_square_images(tiny_pipe):
+    cache = tiny_pipe.cache_subject(product_image())
+    assert tiny_pipe.size_multiple == 8  # the tiny VAE's factor 2 times the UNet's 2 downsamplings
+    for width, height in ((64, 32), (24, 48)):
+        images = tiny_pipe(["a mug", "a lamp"], subject=[cache, None], width=width, height=height,
+                           num_inference_steps=2, progress=False).images
+        assert [image.size for image in images] == [(width, height)] * 2
+
+
+def test_sizes_the_unet_cannot_take_are_named(tiny_pipe):
+    with pytest.raises(ValueError, match=r"width 60 is not a positive multiple of 8 .*: use 56 or 64"):
+        tiny_pipe("a mug", width=60)
+    with pytest.raises(ValueError, match=r"height 5 is not a positive multiple of 8 .*: use 8$"):
+        tiny_pipe("a mug", width=32, height=5)
+
+
+def test_the_default_size_is_the_square_of_the_resolution(tiny_pipe):
+    cache = tiny_pipe.cache_subject(product_image())
+    kwargs = dict(subject=cache, seed=1, num_inference_steps=3, output_type="np", progress=False)
+    square = np.stack(tiny_pipe("a mug", **kwargs).images)
+    explicit = np.stack(tiny_pipe("a mug", width=TEST_RESOLUTION, height=TEST_RESOLUTION, **kwargs).images)
+    assert square.shape == (1, TEST_RESOLUTION, TEST_RESOLUTION, 3)
+    assert np.array_equal(square, explicit)
+    assert np.array_equal(np.stack(tiny_pipe("a mug", resolution=48, **kwargs).images),
+                          np.stack(tiny_pipe("a mug", width=48, height=48, **kwargs).images))
