@@ -163,6 +163,12 @@ class Run(Timestamped, Base):
     heartbeat_at: Mapped[datetime | None]  # renewed while the owner lives
 
 
+class ReviewState(str, enum.Enum):
+    pending = "pending"  # waits for a reviewer (or was never judged by a rule)
+    approved = "approved"  # by a reviewer, or by the run's thresholds (`reviewed_by` says which)
+    rejected = "rejected"
+
+
 class Generation(WorkItem, Base):
     """One personalised shot: which cache, prompt, seed and parameters, and where the image is."""
 
@@ -193,6 +199,22 @@ class Generation(WorkItem, Base):
     output_sha256: Mapped[str | None] = mapped_column(String(64))
     output_bytes: Mapped[int | None] = mapped_column(BigInteger)
     duration_s: Mapped[float | None]
+    # What the shop gets: a shot drawn by the model ("generate") or the product photo placed in a generated
+    # scene ("place"); its aspect ratio and the delivered image's size in pixels.
+    mode: Mapped[str] = mapped_column(String(16), default="generate", server_default="generate")
+    aspect: Mapped[str] = mapped_column(String(16), default="1:1", server_default="1:1")
+    width: Mapped[int | None]
+    height: Mapped[int | None]
+    # The review gate: nothing is published unless approved (flows/review.py, flows/publish.py).
+    review: Mapped[ReviewState] = mapped_column(
+        Enum(ReviewState, name="review_state", native_enum=False, length=16, validate_strings=True),
+        default=ReviewState.pending, server_default=ReviewState.pending.value, index=True,
+    )
+    reviewed_by: Mapped[str | None]  # a reviewer's name, or "rule: ..." for the run's thresholds
+    reviewed_at: Mapped[datetime | None]
+    review_note: Mapped[str | None] = mapped_column(Text)
+    published_uri: Mapped[str | None] = mapped_column(String(1024))
+    published_at: Mapped[datetime | None]
 
     subject_cache: Mapped[SubjectCache] = relationship(lazy="raise")
     prompt: Mapped[Prompt] = relationship(lazy="raise")
@@ -211,6 +233,21 @@ class Score(Timestamped, Base):
     scorer_model_id: Mapped[str]
 
     generation: Mapped[Generation] = relationship(lazy="raise")
+
+
+class ProductAsset(Timestamped, Base):
+    """A per-product output besides the shots: the transparent cut-out, a white packshot in a format."""
+
+    __tablename__ = "product_assets"
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+    subject_id: Mapped[int] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "cutout", "packshot"
+    aspect: Mapped[str | None] = mapped_column(String(16))  # a packshot's format; None for a cut-out
+    width: Mapped[int]
+    height: Mapped[int]
+    uri: Mapped[str] = mapped_column(String(1024), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
 
 
 class RejectedItem(Timestamped, Base):

@@ -7,14 +7,20 @@ from typing import Sequence
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Generation, Score, Subject, SubjectCache, WorkStatus
+from db.models import Generation, Prompt, Score, Subject, SubjectCache, WorkStatus
+
+
+# Ids bound in one IN (...): PostgreSQL takes at most 65,535 parameters a statement, and a run can plan more shots.
+IDS_PER_QUERY = 10_000
 
 
 def scores_by_generation(session: Session, generation_ids: Sequence[int]) -> dict[int, dict[str, float]]:
     """generation id -> {metric label: value}, masked metrics prefixed "m" (mdino, mclip_i)."""
     out: dict[int, dict[str, float]] = {}
-    for score in session.scalars(select(Score).where(Score.generation_id.in_(list(generation_ids)))):
-        out.setdefault(score.generation_id, {})[("m" if score.masked else "") + score.metric] = score.value
+    ids = list(generation_ids)
+    for start in range(0, len(ids), IDS_PER_QUERY):
+        for score in session.scalars(select(Score).where(Score.generation_id.in_(ids[start:start + IDS_PER_QUERY]))):
+            out.setdefault(score.generation_id, {})[("m" if score.masked else "") + score.metric] = score.value
     return out
 
 
@@ -68,3 +74,13 @@ def failures_by_sku(session: Session, run_id: int) -> dict[str, int]:
         .join(Generation, Generation.subject_cache_id == SubjectCache.id)
         .where(Generation.run_id == run_id, Generation.status == WorkStatus.failed).group_by(Subject.sku)).all()
     return dict(failed)
+
+
+def shots(session: Session, *where) -> list[tuple[Generation, Subject, str]]:
+    """Generations matching `where`, each with its product and prompt text, ordered by (SKU, prompt, seed, id)
+    the same way on either database (sorted here: PostgreSQL's collation orders text unlike SQLite's)."""
+    rows = session.execute(
+        select(Generation, Subject, Prompt.text).join(Prompt, Prompt.id == Generation.prompt_id)
+        .join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
+        .join(Subject, Subject.id == SubjectCache.subject_id).where(*where)).all()
+    return sorted((tuple(row) for row in rows), key=lambda r: (r[1].sku, r[2], r[0].seed, r[0].id))

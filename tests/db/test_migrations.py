@@ -8,7 +8,8 @@ from db.models import Base
 from db.session import make_engine
 from flows.cli import app
 
-TABLES = {"subjects", "segmentations", "subject_caches", "rejected_items", "prompts", "runs", "generations", "scores"}
+TABLES = {"subjects", "segmentations", "subject_caches", "rejected_items", "prompts", "runs", "generations", "scores",
+          "product_assets"}
 VIEWS = {"generation_history", "run_summary"}
 
 

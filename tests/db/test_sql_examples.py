@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from db.models import RejectedItem, WorkStatus
+from db.models import RejectedItem, ReviewState, WorkStatus
 from db.session import transaction
 from tests.db import factories as f
 
@@ -40,6 +40,9 @@ def history(sessions):
             f.score(s, g, "dino", mdino, masked=True)
             f.score(s, g, "clip_t", 0.30)
             shots[("MUG-1", seed)] = g
+        shots["MUG-1", 1].review, shots["MUG-1", 1].reviewed_by = ReviewState.approved, "ana"
+        shots["MUG-1", 2].review, shots["MUG-1", 2].reviewed_by = ReviewState.approved, "rule: mdino>=0.8"
+        shots["MUG-1", 2].published_uri = "s3://shop/MUG-1/mug-2.png"
         g = f.generation(s, lamp_cache, snow, 0, second, WorkStatus.done, output_uri="s3://out/lamp-0.png",
                          duration_s=4.0, guidance="joint")
         f.score(s, g, "dino", 0.60, masked=True)
@@ -91,3 +94,13 @@ def test_scores_by_category(sessions, history):
     rows = run(sessions, "scores_by_category")
     assert [(r[0], r[1], r[2]) for r in rows] == [("lamp", "joint", 1), ("mug", "combined", 3)]
     assert rows[1][3] == pytest.approx((0.71 + 0.93 + 0.85) / 3)
+
+
+def test_review_queue(sessions, history):
+    rows = run(sessions, "review_queue")
+    assert [(r[2], r[4]) for r in rows] == [("LAMP-7", 0), ("MUG-1", 0)]
+
+
+def test_approved_unpublished(sessions, history):
+    rows = run(sessions, "approved_unpublished")
+    assert [(r[2], r[4], r[5]) for r in rows] == [("MUG-1", 1, "ana")]
