@@ -11,7 +11,6 @@ Tasks take and return keys (ids, URIs), never images or tensors.
 
 
 import logging
-import re
 import time
 from typing import Callable, NamedTuple, Sequence
 from uuid import UUID
@@ -25,12 +24,14 @@ from db import queries
 from db.session import transaction
 from flows.places import InvalidInputs, Places
 from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
-from flows.steps.prompts import Prompts, load_prompts
-from flows.steps import caches, generate, ingest, plan, runs, segment, sheets
+from flows.steps.prompts import Prompts, check_templates, load_prompts
+from flows import publish, review
+from flows.steps import assets, caches, generate, ingest, plan, runs, segment, sheets
 from flows.steps.shared import chunks
 from flows import liveness
 from flows.failures import is_expected, one_line, retry_unless_permanent
-from flows.params import CatalogueRunParams
+from flows.markdown import md, plain
+from flows.params import SQUARE, CatalogueRunParams, Format, parse_rule
 from flows.platform import get_platform
 
 # Named, not __name__: a worker runs this file as the script `catalogue`, and only the platform's loggers
@@ -77,6 +78,23 @@ def generate_task(generation_ids: list[int], output_prefix: str, batch_size: int
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 def contact_sheets_task(subject_ids: list[int], output_prefix: str) -> dict[str, str]:
     return sheets.contact_sheets(get_platform(), subject_ids, output_prefix)
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+def assets_task(run_id: int, subject_ids: list[int], output_prefix: str, formats: list[str], cutout: bool,
+                packshot: bool) -> dict[str, list[str]]:
+    return assets.product_assets(get_platform(), run_id, subject_ids, output_prefix,
+                                 [Format.parse(text) for text in formats] or [SQUARE], cutout, packshot)
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+def approve_task(generation_ids: list[int], approve_if: list[str], keep_best: int) -> dict:
+    return review.auto_approve(get_platform(), generation_ids, [parse_rule(rule) for rule in approve_if], keep_best)
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+def publish_task(run_id: int, prefix: str) -> dict:
+    return publish.publish(get_platform(), run_id, prefix)
 
 
 class Runner:
@@ -148,11 +166,15 @@ class PrefectRunner(Runner):
                       "|---|---|---|"]
             lines += [f"| {h['generation_id']} | {h['held_by']} | {h['free_at']} |" for h in summary["held"]]
             lines += [""]
+        review_counts = summary.get("review")
+        if review_counts:
+            lines += [f"Review: {review_counts['approved']} approved, {review_counts['rejected']} rejected, "
+                      f"{review_counts['pending']} waiting (the ids are on the contact sheets).", ""]
         lines += ["## Contact sheets", ""]
         lines += sheet_lines(sheets) or ["(none)"]
         if summary.get("rejections"):
             lines += ["", "## Rejected inputs", "", "| stage | item | reason |", "|---|---|---|"]
-            lines += [f"| {r['stage']} | {_md(r['item'])} | {_md(r['reason'])} |" for r in summary["rejections"]]
+            lines += [f"| {r['stage']} | {md(r['item'])} | {md(r['reason'])} |" for r in summary["rejections"]]
         create_markdown_artifact(key="catalogue-run-summary", markdown="\n".join(lines),
                                  description="The run's outcome, each product's contact sheet, the rejected inputs")
         logger.info("run %s %s: %s products listed, %s ingested, %s cached, %s inputs rejected; %s images generated, "
@@ -177,7 +199,7 @@ def product_rows(products: list[dict], failed: dict[str, int], sheets: dict[str,
     metrics = [m for m in SCORE_ORDER if m in recorded] + sorted(recorded - set(SCORE_ORDER))
     rows = []
     for sku in sorted(set(best) | set(failed) | set(sheets)):
-        row = dict(sku=_md(sku), images=best.get(sku, {}).get("images", 0), failed=failed.get(sku, 0))
+        row = dict(sku=md(sku), images=best.get(sku, {}).get("images", 0), failed=failed.get(sku, 0))
         row.update({f"best_{m}": best.get(sku, {}).get(f"best_{m}") for m in metrics})
         # Table cells that are text are rendered as markdown by the UI: a link is clickable.
         row["contact_sheet"] = f"[contact sheet](<{_public(sheets[sku])}>)" if sku in sheets else ""
@@ -191,9 +213,9 @@ def sheet_lines(sheets: dict[str, str]) -> list[str]:
     for index, (sku, uri) in enumerate(sorted(sheets.items())):
         url = _public(uri)
         picture = _picture(uri, url) if index < MAX_PICTURES else None
-        lines += [f"### {_md(sku)}", ""]
-        lines += [f"![contact sheet of {_plain(sku)}](<{picture}>)", ""] if picture else []
-        lines += [f"[{_plain(uri)}](<{url}>)", ""]
+        lines += [f"### {md(sku)}", ""]
+        lines += [f"![contact sheet of {plain(sku)}](<{picture}>)", ""] if picture else []
+        lines += [f"[{plain(uri)}](<{url}>)", ""]
     return lines
 
 
@@ -227,16 +249,6 @@ def _picture(uri: str, url: str) -> str | None:
         logger.warning("contact sheet %s is not shown in the run's artifact: %s", uri, exc)
         return None
     return "data:image/jpeg;base64," + base64.b64encode(data.getvalue()).decode()
-
-
-def _md(text: str) -> str:
-    """Text (a SKU, a URI, a reason) shown as itself in markdown: no emphasis, link, HTML or table cell break."""
-    return re.sub(r"([\\`*_{}\[\]<>()#+!|~])", r"\\\1", " ".join(str(text).split()))
-
-
-def _plain(text: str) -> str:
-    """Text for a link's or picture's label, where the UI shows escapes as typed: only what would end it removed."""
-    return re.sub(r"[\\\[\]<>]", "", " ".join(str(text).split()))
 
 
 # The platform's own loggers: their lines go to the console as ever and, when made inside a Prefect flow or task
@@ -389,13 +401,23 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         for part in runner.map(contact_sheets_task,
                                [(g, params.output_prefix) for g in chunks(usable, INGEST_BATCH)]):
             sheet_uris.update(part)
+        asset_uris = {}
+        if params.cutout or params.packshot:
+            on_stage("cut-outs and packshots")
+            for part in runner.map(assets_task, [(run_id, g, params.output_prefix, params.formats, params.cutout,
+                                                  params.packshot) for g in chunks(usable, INGEST_BATCH)]):
+                asset_uris.update(part)
+        # The run's own rules approve what passes them; the rest waits for a reviewer.
+        runner.map(approve_task, [(planned["planned"], params.approve_if, params.keep_best)])
         with transaction(platform.sessions) as session:
             caches_open = caches.open_caches(session, platform, usable, preparation)
         summary = runs.summarise(platform, run_id, len(listing.items), subject_ids, cache_ids, len(todo), sheet_uris,
                                   params.output_prefix, caches_open)
         summary["run_id"], summary["shots_repaired"] = run_id, planned["repaired"]
+        summary["assets"] = asset_uris
         with transaction(platform.sessions) as session:
             summary["products"] = queries.best_scores(session, run_id)
+            summary["review"] = runs.review_counts(session, run_id)
     except KeyboardInterrupt:
         runs.cancel_run(platform, run_id, "interrupted (SIGINT)")
         raise
@@ -422,6 +444,16 @@ def prepare(params: CatalogueRunParams, places: Places) -> Inputs:
     the run before anything is written (InvalidInputs); a bad product or prompt line is only rejected."""
     listing = list_source(params.source, places)
     prompts = load_prompts(params, places)
+    # A template naming a manifest column that a product lacks: that product and template are rejected now,
+    # with the reason; a product no template can be filled for is not ingested at all.
+    unusable, pairs = check_templates(listing.items, prompts.templates)
+    prompts.rejected.extend(pairs)
+    if unusable and len(unusable) == len(listing.items):
+        raise InvalidInputs(f"no product of {params.source} can fill any prompt template (the first, {pairs[0][0]}: "
+                            f"{pairs[0][1]})")
+    listing.items[:] = [item for item in listing.items if item.sku not in set(unusable)]
+    listing.rejected.extend((sku, "no prompt template can be filled for it: each names a column it has no value "
+                                  "for (see the rejections at prompts)") for sku in unusable)
     if not listing.items:
         if not listing.rejected:
             raise InvalidInputs(f"source {params.source} holds no product images "
@@ -442,6 +474,8 @@ def catalogue_run(params: CatalogueRunParams) -> dict:
     log_platform_info()
     try:
         summary = orchestrate(params, PrefectRunner(), flow_run_id=str(flow_run.id), name=flow_run.name)
+        if summary.get("status") == "completed":
+            summary = review_and_publish(params, summary, on_prefect=True)
     except Exception as exc:
         # The run's state says why in one line, the line `dreamcache run` prints after "error:"; calling the
         # flow raises `exc` itself. A failure named on purpose (a bad input, S3's NoSuchBucket) needs no
@@ -453,6 +487,55 @@ def catalogue_run(params: CatalogueRunParams) -> dict:
         incomplete = RunIncomplete(summary)
         return Failed(message=str(incomplete), data=incomplete)
     return summary
+
+
+# How often a paused run asks the server whether a reviewer has answered.
+REVIEW_POLL_S = 5
+
+
+def wait_for_review(run_id: int, pending: int, timeout_minutes: int):
+    """Pause this flow run until a reviewer answers the form in the Prefect UI (a `review.ReviewDecision`),
+    or None when nobody has within the timeout: the shots then wait for `dreamcache review`."""
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    with transaction(get_platform().sessions) as session:
+        rows = review.pending_shots(session, run_id)
+    logger.info("run %d: %d shots wait for review; the flow run pauses for up to %d minutes (resume it in the UI "
+                "with a decision)", run_id, pending, timeout_minutes)
+    try:
+        return pause_flow_run(wait_for_input=review.ReviewDecision.with_initial_data(
+            description=review.review_markdown(rows, run_id)), timeout=timeout_minutes * 60,
+            poll_interval=REVIEW_POLL_S)
+    except FlowPauseTimeout:
+        logger.warning("run %d: no review decision within %d minutes; the shots wait for `dreamcache review %d`",
+                       run_id, timeout_minutes, run_id)
+        return None
+
+
+def review_and_publish(params: CatalogueRunParams, summary: dict, on_prefect: bool = False) -> dict:
+    """After a completed run: the reviewer's decision (when the run pauses for one: Prefect only), then the
+    approved shots published (when the run names a prefix). Both are added to the run's summary."""
+    platform, run_id = get_platform(), summary["run_id"]
+    facts = {}
+    if params.review == "pause" and summary["review"]["pending"]:
+        if not on_prefect:
+            logger.warning("run %d: review=pause needs a Prefect run; the %d shots waiting for review wait for "
+                           "`dreamcache review %d`", run_id, summary["review"]["pending"], run_id)
+        else:
+            decision = wait_for_review(run_id, summary["review"]["pending"], params.review_timeout_minutes)
+            if decision is not None:
+                facts["review_decision"] = review.decide(platform, run_id, decision.approve, decision.reject,
+                                                         decision.rest, decision.reviewer, decision.note)
+                with transaction(platform.sessions) as session:
+                    facts["review"] = runs.review_counts(session, run_id)
+                logger.info("run %d reviewed: %s", run_id, facts["review"])
+    if params.publish_prefix:
+        facts["published"] = (publish_task if on_prefect else publish_task.fn)(run_id, params.publish_prefix)
+        logger.info("run %d published to %s: %s", run_id, params.publish_prefix, facts["published"])
+    if facts:
+        runs.record(platform, run_id, **facts)
+    return {**summary, **facts}
 
 
 class RunIncomplete(RuntimeError):
@@ -470,4 +553,7 @@ def run_embedded(params: CatalogueRunParams, progress: bool = True) -> dict:
         if progress:
             tqdm.write(text)
 
-    return orchestrate(params, EmbeddedRunner(progress), name="embedded", on_stage=stage)
+    summary = orchestrate(params, EmbeddedRunner(progress), name="embedded", on_stage=stage)
+    if summary.get("status") == "completed":
+        summary = review_and_publish(params, summary)
+    return summary

@@ -72,6 +72,14 @@ def run(
     images_per_prompt: int = typer.Option(_default("images_per_prompt"), help=_help("images_per_prompt")),
     seed: int = typer.Option(_default("seed"), help=_help("seed")),
     seed_policy: str = typer.Option(_default("seed_policy"), help=_help("seed_policy")),
+    mode: str = typer.Option(_default("mode"), help=_help("mode")),
+    placement_x: float = typer.Option(_default("placement_x"), help=_help("placement_x")),
+    placement_y: float = typer.Option(_default("placement_y"), help=_help("placement_y")),
+    placement_scale: float = typer.Option(_default("placement_scale"), help=_help("placement_scale")),
+    formats: Optional[list[str]] = typer.Option(None, "--format", "-f", help="A format, W:H or W:H@long side, e.g. "
+                                                "4:5@1080 (repeatable). " + _help("formats").split(". ", 1)[1]),
+    cutout: bool = typer.Option(False, "--cutout", help=_help("cutout")),
+    packshot: bool = typer.Option(False, "--packshot", help=_help("packshot")),
     preset: str = typer.Option(_default("preset"), help=_help("preset")),
     sampler: str = typer.Option(_default("sampler"), help=_help("sampler")),
     eta: float = typer.Option(_default("eta"), help=_help("eta")),
@@ -87,6 +95,12 @@ def run(
     execution: str = typer.Option(_default("execution"), help=_help("execution")),
     compare_text_only: bool = typer.Option(
         _default("compare_text_only"), "--compare-text-only/--no-compare-text-only", help=_help("compare_text_only")),
+    approve_if: Optional[list[str]] = typer.Option(None, "--approve-if", help="A review rule, metric>=value, e.g. "
+                                                   "mdino>=0.5 (repeatable). " + _help("approve_if").split(". ", 1)[1]),
+    keep_best: int = typer.Option(_default("keep_best"), help=_help("keep_best")),
+    review: str = typer.Option(_default("review"), help=_help("review")),
+    review_timeout_minutes: int = typer.Option(_default("review_timeout_minutes"), help=_help("review_timeout_minutes")),
+    publish_to: str = typer.Option(_default("publish_prefix"), "--publish-to", help=_help("publish_prefix")),
     dry_run: bool = typer.Option(False, "--dry-run", help=_help("dry_run")),
     use_prefect: Optional[bool] = typer.Option(
         None, "--prefect/--embedded", help="Run as a Prefect flow (default when PREFECT_API_URL is set) or in-process."),
@@ -101,10 +115,12 @@ def run(
     try:
         params = CatalogueRunParams(
             source=source, prompts=prompt or [], prompt_file=prompt_file, images_per_prompt=images_per_prompt,
-            seed=seed, seed_policy=seed_policy, preset=preset, sampler=sampler, eta=eta,
+            seed=seed, seed_policy=seed_policy, mode=mode, placement_x=placement_x, placement_y=placement_y,
+            placement_scale=placement_scale, formats=formats or [], cutout=cutout, packshot=packshot, preset=preset, sampler=sampler, eta=eta,
             negative_prompt=negative_prompt, guidance=guidance.value, text_scale=text_scale, image_scale=image_scale,
             steps=steps, resolution=resolution, output_prefix=output_prefix, batch_size=batch_size,
-            execution=execution, compare_text_only=compare_text_only, dry_run=dry_run)
+            execution=execution, compare_text_only=compare_text_only, approve_if=approve_if or [], keep_best=keep_best,
+            review=review, review_timeout_minutes=review_timeout_minutes, publish_prefix=publish_to, dry_run=dry_run)
     except ValidationError as exc:
         library_cli.fail("invalid run parameters:\n" + "\n".join(
             f"  {'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}" for e in exc.errors()))
@@ -185,6 +201,16 @@ def _print_summary(summary: dict, settings: Settings) -> None:
     typer.echo(f"images and sidecars: {summary['output']}")
     for sku, uri in summary["contact_sheets"].items():
         typer.echo(f"contact sheet {sku}: {uri}")
+    for sku, uris in summary.get("assets", {}).items():
+        typer.echo(f"cut-out and packshots {sku}: {', '.join(uris)}")
+    review = summary.get("review")
+    if review:
+        typer.echo(f"review: {review['approved']} approved, {review['rejected']} rejected, {review['pending']} waiting"
+                   + (f" (see them: dreamcache review {summary['run_id']})" if review["pending"] else ""))
+    published = summary.get("published")
+    if published:
+        typer.echo(f"published: {published.get('added', 0)} added, {published.get('withdrawn', 0)} withdrawn, "
+                   f"{published.get('total', 0)} in all; manifest {published.get('manifest_csv', '')}")
     url = settings.resolved_database_url
     typer.echo(f"database: {_safe(url)}")
     typer.echo("try: dreamcache history   (or in SQL: SELECT sku, prompt, seed, mdino, output_uri FROM generation_history "
@@ -331,6 +357,97 @@ def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GP
     if stopped_by:
         typer.secho(f"worker stopped by {stopped_by}{held}", err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(EXIT_TERMINATED if stopped_by == "SIGTERM" else EXIT_INTERRUPTED)
+
+
+def _ids(values: Optional[list[str]], option: str) -> list[int]:
+    """Generation ids given as `1,2,3`, or the option repeated."""
+    ids = []
+    for part in (p for value in values or [] for p in value.replace(",", " ").split()):
+        if not part.isdigit():
+            library_cli.fail(f"{option}: {part!r} is not a shot id (the id column of `dreamcache review RUN`)")
+        ids.append(int(part))
+    return ids
+
+
+@app.command()
+def review(
+    run_id: int = typer.Argument(..., help="The run whose shots to review."),
+    approve: Optional[list[str]] = typer.Option(None, "--approve", help="Ids of shots to approve: 1,2,3 (repeatable)."),
+    reject: Optional[list[str]] = typer.Option(None, "--reject", help="Ids of shots to reject: 4,5 (repeatable)."),
+    rest: Optional[str] = typer.Option(None, "--rest", help="The run's other shots awaiting review: pending (they "
+                                       "wait), approve or reject."),
+    by: str = typer.Option("", "--by", help="Your name, recorded with the decision (default: reviewer)."),
+    note: str = typer.Option("", "--note", help="Why, recorded with each shot decided."),
+) -> None:
+    """The run's shots awaiting review; with --approve, --reject or --rest, a decision on them. Only approved
+    shots are published (`dreamcache publish`)."""
+    from db.models import Run
+    from db.session import transaction
+    from flows.failures import is_expected, one_line
+    from flows.platform import get_platform
+    from flows.review import decide, pending_shots
+
+    platform = get_platform(library_cli.settings_or_fail())
+    platform.migrate()
+    approve_ids, reject_ids = _ids(approve, "--approve"), _ids(reject, "--reject")
+    if approve_ids or reject_ids or rest:
+        try:
+            done = decide(platform, run_id, approve_ids, reject_ids, rest or "pending", by, note)
+        except Exception as exc:
+            if not is_expected(exc):
+                raise
+            library_cli.fail(one_line(exc))
+        typer.echo(f"run {run_id}: {done['approved']} approved, {done['rejected']} rejected "
+                   f"({done['changed']} changed); {done['pending']} still await review")
+        if done["ignored"]:
+            typer.secho(f"ignored (not done shots of run {run_id}): {', '.join(map(str, done['ignored']))}",
+                        fg=typer.colors.YELLOW)
+        return
+    with transaction(platform.sessions) as session:
+        if session.get(Run, run_id) is None:
+            library_cli.fail(f"run {run_id} does not exist: `dreamcache history` shows the runs' ids")
+        rows = pending_shots(session, run_id)
+    if not rows:
+        typer.echo(f"run {run_id} has no shots awaiting review")
+        return
+    typer.echo(f"{'id':>6} {'sku':<16} {'seed':>5} {'mdino':>6} {'clip-t':>6}  prompt / shot")
+    for r in rows:
+        scores = " ".join(f"{r['scores'][m]:6.3f}" if m in r["scores"] else "     -" for m in ("mdino", "clip_t"))
+        typer.echo(f"{r['id']:>6} {r['sku'][:16]:<16} {r['seed']:>5} {scores}  {r['prompt']}\n"
+                   f"{'':>45}{r['output_uri']}")
+    typer.echo(f"{len(rows)} shots await review: decide with `dreamcache review {run_id} --approve 1,2 --reject 3` "
+               "(--rest approve or --rest reject for all the others)")
+
+
+@app.command()
+def publish(
+    run_id: int = typer.Argument(..., help="The run whose approved shots to publish."),
+    to: str = typer.Option("published", "--to", help="The shop's key prefix in the object store: the shots, "
+                           "manifest.csv and manifest.json go there."),
+) -> None:
+    """Copy the run's approved shots to a prefix of their own with a CSV and JSON manifest of everything
+    published there; withdraw shots published there that are no longer approved."""
+    from flows.failures import is_expected, one_line
+    from flows.platform import get_platform
+    from flows.publish import publish as run_publish
+
+    platform = get_platform(library_cli.settings_or_fail())
+    platform.migrate()
+    try:
+        done = run_publish(platform, run_id, to)
+    except Exception as exc:
+        if not is_expected(exc):
+            raise
+        library_cli.fail(one_line(exc))
+    typer.echo(f"run {run_id}: {done['added']} added, {done['withdrawn']} withdrawn; {done['total']} shots published "
+               f"under {done['prefix']}")
+    typer.echo(f"manifest: {done['manifest_csv']}\n          {done['manifest_json']}")
+    if done["publication_csv"]:
+        typer.echo(f"this publication: {done['publication_csv']}")
+    for shot in done["failed"]:
+        typer.secho(f"  shot {shot['id']} of {shot['sku']} not published: {shot['problem']}", fg=typer.colors.YELLOW)
+    if done["failed"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

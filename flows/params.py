@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -13,6 +14,64 @@ from dreamcache.core.guidance import (
 )
 
 MAX_PROMPT_CHARS = 1000
+# The scores a review rule may name (docs/sql.md): masked metrics judge the product, clip_t the prompt.
+REVIEW_METRICS = ("mdino", "mclip_i", "clip_t", "dino", "clip_i")
+MAX_FORMATS = 8
+# An object key prefix a run writes or publishes under: plain parts, no '.' or '..' (checked apart).
+PREFIX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,200}"
+MAX_LONG_SIDE = 4096
+
+
+class Format(NamedTuple):
+    """A shop's image format: an aspect ratio, and the long side of the delivered image in pixels (0: the
+    generated canvas as it is). Written `W:H` or `W:H@long side`, e.g. `4:5@1080`, `16:9@1920`."""
+
+    width: int
+    height: int
+    long_side: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "Format":
+        match = re.fullmatch(r"\s*(\d{1,2})\s*[:x]\s*(\d{1,2})\s*(?:@\s*(\d{1,5}))?\s*", text)
+        if not match:
+            raise ValueError(f"format {text!r} is not W:H or W:H@long side, e.g. 4:5@1080 or 16:9")
+        width, height, long_side = int(match[1]), int(match[2]), int(match[3] or 0)
+        if not (width and height) or max(width, height) > 4 * min(width, height):
+            raise ValueError(f"format {text!r}: the aspect ratio must lie between 1:4 and 4:1")
+        if long_side and not 64 <= long_side <= MAX_LONG_SIDE:
+            raise ValueError(f"format {text!r}: the long side must be 64 to {MAX_LONG_SIDE} pixels")
+        return cls(width, height, long_side)
+
+    @property
+    def aspect(self) -> str:
+        return f"{self.width}:{self.height}"
+
+    def __str__(self) -> str:
+        return self.aspect + (f"@{self.long_side}" if self.long_side else "")
+
+    def size(self, canvas: tuple[int, int]) -> tuple[int, int]:
+        """The delivered image's (width, height): the long side given, the aspect exact; else the canvas's."""
+        if not self.long_side:
+            return canvas
+        if self.width >= self.height:
+            return self.long_side, max(1, round(self.long_side * self.height / self.width))
+        return max(1, round(self.long_side * self.width / self.height)), self.long_side
+
+
+SQUARE = Format(1, 1)  # the default format: the model's square canvas, delivered as generated
+
+
+def parse_rule(text: str) -> tuple[str, float]:
+    """A review rule, `metric>=value` (e.g. `mdino>=0.5`), as (metric, value)."""
+    match = re.fullmatch(r"\s*([a-z_]+)\s*>=\s*(-?\d+(?:\.\d+)?)\s*", text)
+    if not match:
+        raise ValueError(f"review rule {text!r} is not metric>=value, e.g. mdino>=0.5")
+    metric, value = match[1], float(match[2])
+    if metric not in REVIEW_METRICS:
+        raise ValueError(f"review rule {text!r}: unknown metric {metric!r}; choose one of {', '.join(REVIEW_METRICS)}")
+    if not -1.0 <= value <= 1.0:
+        raise ValueError(f"review rule {text!r}: scores lie between -1 and 1")
+    return metric, value
 
 
 class CatalogueRunParams(BaseModel):
@@ -45,6 +104,25 @@ class CatalogueRunParams(BaseModel):
         default="fixed",
         description="fixed: every product uses seeds seed, seed+1, ...; per-product: offset by a hash of the SKU.",
     )
+    # What the shop gets
+    mode: Literal["generate", "place"] = Field(
+        default="generate",
+        description="generate: the product drawn by the model in the scene, free to turn and move; place: the product "
+        "photo kept pixel-exact at placement_x/y and placement_scale, the scene generated around it.")
+    placement_x: float = Field(default=0.5, ge=0.0, le=1.0,
+                               description="place: the product's centre, as a fraction of the image width.")
+    placement_y: float = Field(default=0.55, ge=0.0, le=1.0,
+                               description="place: the product's centre, as a fraction of the image height.")
+    placement_scale: float = Field(
+        default=0.6, gt=0.0, le=1.0,
+        description="place: the product's size, as a fraction of the largest size that fits the image (never cropped).")
+    formats: list[str] = Field(
+        default_factory=list, max_length=MAX_FORMATS,
+        description="Aspect ratios and sizes, each W:H or W:H@long side in pixels, e.g. 1:1@1024, 4:5@1080, 16:9@1920: "
+        "each is generated at the model's resolution on its short side and resized (never cropped). Empty: square "
+        "at the model's resolution.")
+    cutout: bool = Field(default=False, description="Also write each product's transparent cut-out (PNG).")
+    packshot: bool = Field(default=False, description="Also write each product on white in each format (PNG).")
     # How
     preset: Literal["model", "authors"] = Field(
         default="model",
@@ -75,7 +153,7 @@ class CatalogueRunParams(BaseModel):
     )
     # Where
     output_prefix: str = Field(
-        default="shots", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,200}$",
+        default="shots", pattern=f"^{PREFIX_PATTERN}$",
         description="Key prefix of the images, sidecars and contact sheets in the object store.",
     )
     execution: Literal["in-process", "task-workers"] = Field(
@@ -93,7 +171,36 @@ class CatalogueRunParams(BaseModel):
         "show the pairs on the contact sheets. Not part of a shot's identity: turning it on regenerates nothing, "
         "and shots made without it stay without.",
     )
+    # Review and publishing
+    approve_if: list[str] = Field(
+        default_factory=list, max_length=len(REVIEW_METRICS),
+        description="Score rules a shot must pass to be approved without a reviewer, e.g. mdino>=0.5, clip_t>=0.25 "
+        f"(metrics: {', '.join(REVIEW_METRICS)}). The rest waits for review.")
+    keep_best: int = Field(
+        default=0, ge=0, le=64,
+        description="Approve at most this many shots per product, prompt and format: the best by masked DINO among "
+        "those that pass approve_if (0: every shot that passes; with no rule and 0, a reviewer decides everything).")
+    review: Literal["later", "pause"] = Field(
+        default="later",
+        description="later: shots wait for `dreamcache review`; pause: the flow run pauses for a reviewer's decision in "
+        "the Prefect UI (Prefect runs only), then publishes.")
+    review_timeout_minutes: int = Field(
+        default=60, ge=1, le=7 * 24 * 60,
+        description="pause: how long the run waits for the decision; then it ends and the shots wait for review.")
+    publish_prefix: str = Field(
+        default="", pattern=f"^$|^{PREFIX_PATTERN}$",
+        description="After review, copy the approved shots to this prefix with a CSV and JSON manifest (as "
+        "`dreamcache publish`); empty: do not publish.")
     dry_run: bool = Field(default=False, description="List and validate inputs and plan the work; write nothing.")
+
+    @property
+    def shop_formats(self) -> list[Format]:
+        """The run's formats, parsed; the square default when none is given."""
+        return [Format.parse(text) for text in self.formats] or [SQUARE]
+
+    @property
+    def approval_rules(self) -> list[tuple[str, float]]:
+        return [parse_rule(text) for text in self.approve_if]
 
     def with_recommended(self, recommended: Recommended) -> "CatalogueRunParams":
         """These parameters with every 0 that means "the model's" replaced by the model's value (resolution
@@ -124,12 +231,30 @@ class CatalogueRunParams(BaseModel):
     def _clean_prompts(cls, prompts: list[str]) -> list[str]:
         return [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
 
-    @field_validator("output_prefix")
+    @field_validator("output_prefix", "publish_prefix")
     @classmethod
-    def _plain_prefix(cls, prefix: str) -> str:
-        if any(part in ("", ".", "..") for part in prefix.split("/")):
-            raise ValueError(f"output_prefix {prefix!r} must not have empty, '.' or '..' parts")
+    def _plain_prefix(cls, prefix: str, info) -> str:
+        if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+            raise ValueError(f"{info.field_name} {prefix!r} must not have empty, '.' or '..' parts")
         return prefix
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, formats: list[str]) -> list[str]:
+        parsed = [str(Format.parse(text)) for text in formats]
+        repeated = sorted({f for f in parsed if parsed.count(f) > 1})
+        if repeated:
+            raise ValueError(f"format {repeated[0]} is given twice")
+        return parsed
+
+    @field_validator("approve_if")
+    @classmethod
+    def _rules(cls, rules: list[str]) -> list[str]:
+        parsed = [parse_rule(text) for text in rules]
+        metrics = [metric for metric, _ in parsed]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError("give each metric one rule")
+        return [f"{metric}>={value:g}" for metric, value in parsed]
 
     @field_validator("resolution")
     @classmethod
@@ -142,9 +267,17 @@ class CatalogueRunParams(BaseModel):
     def _some_prompts(self) -> "CatalogueRunParams":
         if not self.prompts and not self.prompt_file:
             raise ValueError("give prompts, a prompt_file, or both")
+        if self.publish_prefix and prefix_overlap(self.publish_prefix, self.output_prefix):
+            raise ValueError(f"publish_prefix {self.publish_prefix!r} and output_prefix {self.output_prefix!r} must not "
+                             "contain one another: the shop's folder holds approved shots only")
         if self.eta and self.sampler not in ("ddim", "preset"):
             raise ValueError(f"eta {self.eta} applies to the ddim sampler only, not {self.sampler!r}: set eta to 0")
         return self
+
+
+def prefix_overlap(a: str, b: str) -> bool:
+    """Whether one key prefix contains the other (or they are the same)."""
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
 
 
 def check_prompt(prompt: str, name: str) -> str:

@@ -58,9 +58,16 @@ def _draw(rows: Sequence[Sequence[Tile | None]], title: str) -> Image.Image:
                 continue
             image, caption = tile
             x, y = c * TILE, title_h + r * (TILE + caption_h)
-            sheet.paste(image.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST
-                                                    if image.width < TILE else Image.Resampling.LANCZOS), (x, y))
+            thumb = _fit(image.convert("RGB"), TILE)  # a 16:9 or 4:5 shot keeps its shape, letterboxed
+            sheet.paste(thumb, (x + (TILE - thumb.width) // 2, y + (TILE - thumb.height) // 2))
             lines = textwrap.wrap(caption, width=34)[:CAPTION_LINES]
             for j, line in enumerate(lines):
                 draw.text((x + 6, y + TILE + 4 + j * LINE_HEIGHT), line, fill="black", font=font)
     return sheet
+
+
+def _fit(image: Image.Image, side: int) -> Image.Image:
+    """The image scaled to fit a square of `side`, keeping its aspect ratio (small images enlarged pixel-sharp)."""
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.NEAREST if max(image.size) < side else Image.Resampling.LANCZOS)

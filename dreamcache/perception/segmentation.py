@@ -84,6 +84,31 @@ def subject_on_white(image: Image.Image, mask: np.ndarray, resolution: int, marg
     return fit_on_white(crop, resolution)
 
 
+def cutout(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The product alone: RGBA cropped to its mask's box, transparent where the mask is off, pixels untouched."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise SegmentationError("mask is empty: nothing to cut out")
+    rgba = np.dstack([np.asarray(image.convert("RGB")), np.where(mask, 255, 0).astype(np.uint8)])
+    x0, y0, x1, y1 = mask_box(mask)
+    return Image.fromarray(rgba[y0:y1, x0:x1], "RGBA")
+
+
+# A packshot's product fills this share of the frame's limiting side: a margin shops ask for.
+PACKSHOT_FILL = 0.85
+
+
+def packshot(image: Image.Image, mask: np.ndarray, size: tuple[int, int], fill: float = PACKSHOT_FILL) -> Image.Image:
+    """The product on pure white, centred, fitted whole into a frame of `size` (width, height): never cropped."""
+    product = cutout(image, mask)
+    scale = fill * min(size[0] / product.width, size[1] / product.height)
+    fitted = product.resize((max(1, round(product.width * scale)), max(1, round(product.height * scale))),
+                            Image.Resampling.LANCZOS)
+    frame = Image.new("RGB", size, (255, 255, 255))
+    frame.paste(fitted, ((size[0] - fitted.width) // 2, (size[1] - fitted.height) // 2), fitted)
+    return frame
+
+
 def check_mask(mask: np.ndarray, method: str, name: str, limits: QualityLimits = QualityLimits()) -> Segmentation:
     """Quality figures of a mask; an error for unusable masks, warnings for doubtful ones."""
     mask = np.asarray(mask, dtype=bool)

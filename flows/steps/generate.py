@@ -10,17 +10,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Sequence
 
+from PIL import Image
 from sqlalchemy import select
 
 from db import claims
 from db.models import Generation, Prompt, Score, Subject, SubjectCache
 from db.repository import insert_missing
 from db.session import transaction
+from dreamcache.core.images import decode_image
+from dreamcache.core.placement import PlacedProduct, Placement
 from dreamcache.core.schedulers import SAMPLERS
 from flows import liveness
 from flows.platform import Platform, safe_key_part, worker_id
 from flows.steps.caches import load_cache
-from flows.steps.shared import giving_back, png, reference, sha256
+from flows.steps.shared import giving_back, png, product_image, read_image, reference, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,14 @@ def _generate_claimed(platform: Platform, claimed: list[int], output_prefix: str
             .join(Subject, Subject.id == SubjectCache.subject_id).where(Generation.id.in_(claimed))
             .order_by(Generation.id)).all()
         references = {subject.id: reference(platform, s, subject.id)[1] for _, _, subject in rows}
+    placed = {}  # (subject id, placement) -> the product to place, for the rows in place mode
+    for gen, _, subject in rows:
+        where = gen.parameters.get("placement")
+        if where is not None and (subject.id, _key(where)) not in placed:
+            try:
+                placed[subject.id, _key(where)] = product_to_place(platform, subject, where)
+            except Exception as exc:  # this product's shots fail (with the reason), not the batch
+                placed[subject.id, _key(where)] = exc
     caches = {}
     for gen, _, subject in rows:
         if gen.subject_cache_id not in caches:
@@ -95,26 +106,33 @@ def _generate_claimed(platform: Platform, claimed: list[int], output_prefix: str
                 caches[gen.subject_cache_id] = load_cache(platform, gen.subject_cache_id)
             except Exception as exc:  # neither loadable nor recomputable: this product's images fail, not the batch
                 caches[gen.subject_cache_id] = exc
-    unusable = [(g, t, sub) for g, t, sub in rows if isinstance(caches[g.subject_cache_id], Exception)]
-    if unusable:
+    problems = {}
+    for gen, _, subject in rows:
+        if isinstance(caches[gen.subject_cache_id], Exception):
+            problems[gen.id] = f"feature cache of {subject.sku} unavailable: {caches[gen.subject_cache_id]}"
+        elif isinstance(_placed(placed, gen, subject), Exception):
+            problems[gen.id] = f"the product photo of {subject.sku} cannot be placed: {_placed(placed, gen, subject)}"
+    if problems:
         with transaction(platform.sessions) as s:
-            for gen, _, subject in unusable:
-                claims.fail(s, Generation, gen.id, me, f"feature cache of {subject.sku} unavailable: "
-                                                       f"{caches[gen.subject_cache_id]}")
-        result.failed += [g.id for g, _, _ in unusable]
-        rows = [r for r in rows if not isinstance(caches[r[0].subject_cache_id], Exception)]
+            for generation_id, problem in problems.items():
+                claims.fail(s, Generation, generation_id, me, problem)
+        result.failed += sorted(problems)
+        rows = [r for r in rows if r[0].id not in problems]
+    # A batch is one canvas size: rows of the same size together, in generation order within each.
+    rows.sort(key=lambda r: (_canvas(r[0]), r[0].id))
     size = batch_size
     # Two stages: this thread denoises (and scores) part k + 1 while the writer encodes, uploads and records part k,
     # so the GPU does not wait for the CPU and the object store (one writer: parts are recorded in order).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shot-writer") as writer:
         written = []
         while rows:
-            part = rows[:size]
+            part = [r for r in rows[:size] if _canvas(r[0]) == _canvas(rows[0][0])]
             # Renew the leases of what this call still holds: a long (or split) batch is not taken over.
             with transaction(platform.sessions) as s:
                 claims.heartbeat(s, Generation, [g.id for g, _, _ in rows], me, platform.lease)
             try:
-                finish = _generate_part(platform, part, caches, references, output_prefix, compare_text_only, result)
+                finish = _generate_part(platform, part, caches, references, placed, output_prefix, compare_text_only,
+                                        result)
                 if finish is not None:
                     written.append(writer.submit(finish))
             except GpuOutOfMemory as exc:
@@ -151,20 +169,48 @@ def _free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _generate_part(platform, part, caches, references, output_prefix, compare_text_only: bool,
+def _key(placement: dict) -> tuple:
+    return tuple(sorted(placement.items()))
+
+
+def _placed(placed: dict, gen: Generation, subject: Subject):
+    where = gen.parameters.get("placement")
+    return None if where is None else placed[subject.id, _key(where)]
+
+
+def _canvas(gen: Generation) -> tuple[int, int]:
+    """The size a shot is generated at (`plan.generation_canvas`): its format's canvas, or the square."""
+    width, height = gen.parameters.get("canvas") or (gen.resolution, gen.resolution)
+    return int(width), int(height)
+
+
+def product_to_place(platform: Platform, subject: Subject, where: dict) -> PlacedProduct:
+    """A product's photo and mask (its cut-out, as segmented), to be kept pixel-exact where `where` says."""
+    with transaction(platform.sessions) as s:
+        seg, _ = reference(platform, s, subject.id)
+    photo = decode_image(product_image(platform, subject), subject.source_uri)
+    mask = read_image(platform, platform.objects.key_of(seg.mask_uri)).convert("L")
+    return PlacedProduct.from_photo(photo, mask, Placement(**where))
+
+
+def _generate_part(platform, part, caches, references, placed, output_prefix, compare_text_only: bool,
                    result: BatchResult) -> Callable[[], None] | None:
     """Generate one batch; returns the function that scores, writes and records it (for the writer thread),
     or None when the batch failed (recorded). Raises GpuOutOfMemory (nothing recorded) for the caller to split."""
     me, pipe, first = worker_id(), platform.pipeline, part[0][0]
     texts, seeds = [text for _, text, _ in part], [g.seed for g, _, _ in part]
     subjects = [caches[g.subject_cache_id] for g, _, _ in part]
+    products = [_placed(placed, g, sub) for g, _, sub in part]
     if compare_text_only:  # the twins as rows without a subject: each image depends on its own row only
         texts, seeds, subjects = texts * 2, seeds * 2, subjects + [None] * len(part)
+        products = products * 2  # a placed shot's twin places the product too: the cache's effect is the difference
+    width, height = _canvas(first)
     started = time.perf_counter()
     try:
         images = pipe(texts, subject=subjects, seed=seeds, guidance=first.guidance, guidance_scale=first.text_scale,
                       image_guidance_scale=first.image_scale, num_inference_steps=first.steps,
-                      resolution=first.resolution, batch_size=len(texts), progress=False,
+                      width=width, height=height, placed=products if any(products) else None,
+                      batch_size=len(texts), progress=False,
                       # a recorded class name is the model's own scheduler (`plan.sampler_name`)
                       sampler=first.sampler if first.sampler in SAMPLERS else None, eta=first.eta,
                       negative_prompt=first.negative_prompt).images
@@ -185,15 +231,29 @@ def _generate_part(platform, part, caches, references, output_prefix, compare_te
                                     [sub.category for _, _, sub in part],
                                     names=[f"{sub.sku} seed {g.seed}" for g, _, sub in part])
               if platform.scorer.available else [[] for _ in part])
-    return partial(_write_part, platform, part, images, twins, scores, output_prefix, seconds, result)
+    return partial(_write_part, platform, part, images, twins, scores, products[: len(part)], output_prefix, seconds,
+                   result)
 
 
-def _write_part(platform, part, images, twins, scores, output_prefix: str, seconds: float,
+def delivered(image: Image.Image, gen: Generation, product: PlacedProduct | None) -> Image.Image:
+    """A shot as the shop gets it: resized to its format's size (the scene only; never cropped), and in place
+    mode the product's own pixels pasted again at that size, from the full-resolution photo."""
+    size = tuple(gen.parameters.get("size") or image.size)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+        if product is not None:
+            image = product.composite(image)
+    return image
+
+
+def _write_part(platform, part, images, twins, scores, products, output_prefix: str, seconds: float,
                 result: BatchResult) -> None:
     """Write each shot of a generated batch, its twin and its sidecar (PNG encoding, uploads), and record it
     done with its scores (or failed)."""
     me = worker_id()
-    for (gen, text, subject), image, twin, image_scores in zip(part, images, twins, scores):
+    for (gen, text, subject), image, twin, image_scores, product in zip(part, images, twins, scores, products):
+        image = delivered(image, gen, product)
+        twin = delivered(twin, gen, product) if twin is not None else None
         identity = sha256(f"{subject.content_sha256}|{sha256(text)}|{gen.seed}|{gen.params_sha256}")
         key = output_key(output_prefix, subject.sku, identity)
         score_rows = [dict(generation_id=gen.id, metric=sc.metric, masked=sc.masked, value=sc.value,

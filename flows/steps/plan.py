@@ -13,22 +13,24 @@ from db.models import Generation, Prompt, Subject, SubjectCache, WorkStatus
 from db.repository import ids_by_key, insert_missing
 from db.session import transaction
 from dreamcache.core.guidance import uses_image_scale
-from flows.params import CatalogueRunParams
+from dreamcache.core.placement import canvas_size
+from flows.params import SQUARE, CatalogueRunParams, Format
 from flows.platform import Platform
 from flows.steps.generate import sidecar_key
-from flows.steps.prompts import render_prompt
+from flows.steps.prompts import MissingColumn, render_prompt
 from flows.steps.runs import reject
 from flows.steps.shared import chunks, sha256
 
 logger = logging.getLogger(__name__)
 
 
-def generation_parameters(platform: Platform, params: CatalogueRunParams) -> dict:
+def generation_parameters(platform: Platform, params: CatalogueRunParams, shop_format: Format = SQUARE) -> dict:
     """Everything besides cache, prompt and seed that decides an image; its hash is part of the key."""
     pipe, ident = platform.pipeline, platform.identity
+    resolution = params.resolution or pipe.resolution
     out = dict(guidance=params.guidance, text_scale=params.text_scale,
                image_scale=params.image_scale if uses_image_scale(params.guidance) else None, steps=params.steps,
-               sampler=sampler_name(pipe, params.sampler), resolution=params.resolution or pipe.resolution,
+               sampler=sampler_name(pipe, params.sampler), resolution=resolution,
                base_model_id=ident.base_model_id, adapter_id=ident.adapter_id,
                base_model_revision=ident.base_model_revision)
     # Only when set, so that the identity (and hash) of every shot made before they existed stays the same.
@@ -36,7 +38,20 @@ def generation_parameters(platform: Platform, params: CatalogueRunParams) -> dic
         out["eta"] = params.eta
     if params.negative_prompt:
         out["negative_prompt"] = params.negative_prompt
+    if params.mode == "place":
+        out["mode"] = "place"
+        out["placement"] = dict(x=params.placement_x, y=params.placement_y, scale=params.placement_scale)
+    if shop_format != SQUARE:
+        canvas = generation_canvas(shop_format, resolution, pipe.size_multiple)
+        out.update(aspect=shop_format.aspect, canvas=list(canvas), size=list(shop_format.size(canvas)))
     return out
+
+
+def generation_canvas(shop_format: Format, resolution: int, multiple: int) -> tuple[int, int]:
+    """The size a format is generated at: the model's resolution on the short side (square: as it is)."""
+    if shop_format.width == shop_format.height:
+        return resolution, resolution
+    return canvas_size(shop_format.width, shop_format.height, resolution, multiple)
 
 
 def sampler_name(pipe, sampler: str) -> str:
@@ -46,13 +61,17 @@ def sampler_name(pipe, sampler: str) -> str:
 
 def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: CatalogueRunParams,
          templates: Sequence[str]) -> dict:
-    """Record every (cache, prompt, seed) of the run once; returns the generations still to do (`todo`) and how
-    many done ones were found broken and made pending again (`repaired`)."""
-    gen_params = generation_parameters(platform, params)
-    params_hash = sha256(json.dumps(gen_params, sort_keys=True))
-    columns = {k: gen_params[k] for k in ("guidance", "text_scale", "image_scale", "steps", "sampler", "resolution",
-                                          "base_model_id", "adapter_id")}
-    columns.update(eta=params.eta, negative_prompt=params.negative_prompt)
+    """Record every (cache, prompt, seed, format) of the run once; returns the generations still to do (`todo`),
+    how many done ones were found broken and made pending again (`repaired`), and every one planned (`planned`)."""
+    by_format = []  # (parameters, their hash, the columns they set) per format of the run
+    for shop_format in params.shop_formats:
+        gen_params = generation_parameters(platform, params, shop_format)
+        columns = {k: gen_params[k] for k in ("guidance", "text_scale", "image_scale", "steps", "sampler",
+                                              "resolution", "base_model_id", "adapter_id")}
+        width, height = gen_params.get("size", (gen_params["resolution"],) * 2)
+        columns.update(eta=params.eta, negative_prompt=params.negative_prompt, mode=params.mode,
+                       aspect=shop_format.aspect, width=width, height=height)
+        by_format.append((gen_params, sha256(json.dumps(gen_params, sort_keys=True)), columns))
     rows, rejected = [], []
     with transaction(platform.sessions) as s:
         caches = s.execute(select(SubjectCache.id, Subject).join(Subject, Subject.id == SubjectCache.subject_id)
@@ -62,21 +81,25 @@ def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: Cata
             for template in templates:
                 try:
                     text = render_prompt(template, subject)
+                except MissingColumn:
+                    continue  # rejected with its reason before the run started (`catalogue.prepare`)
                 except ValueError as exc:
                     rejected.append((subject.sku, str(exc)))
                     continue
                 texts[sha256(text)] = text
                 offset = int(sha256(subject.sku)[:8], 16) % 1_000_000 if params.seed_policy == "per-product" else 0
-                for k in range(params.images_per_prompt):
-                    rows.append(dict(subject_cache_id=cache_id, prompt_sha=sha256(text), seed=params.seed + offset + k))
+                for gen_params, params_hash, columns in by_format:
+                    for k in range(params.images_per_prompt):
+                        rows.append(dict(subject_cache_id=cache_id, prompt_sha=sha256(text),
+                                         seed=params.seed + offset + k, params_sha256=params_hash,
+                                         parameters=gen_params, **columns))
         insert_missing(s, Prompt, [dict(text=t, text_sha256=h) for h, t in texts.items()])
         prompt_ids = {k[0]: v for k, v in ids_by_key(s, Prompt, ["text_sha256"], [(h,) for h in texts]).items()}
-        generation_rows = [dict(subject_cache_id=r["subject_cache_id"], prompt_id=prompt_ids[r["prompt_sha"]],
-                                seed=r["seed"], params_sha256=params_hash, parameters=gen_params, run_id=run_id,
-                                **columns) for r in rows]
+        generation_rows = [{**{k: v for k, v in r.items() if k != "prompt_sha"},
+                            "prompt_id": prompt_ids[r["prompt_sha"]], "run_id": run_id} for r in rows]
         for part in chunks(generation_rows, 1000):
             insert_missing(s, Generation, part)
-        keys = [(r["subject_cache_id"], r["prompt_id"], r["seed"], params_hash) for r in generation_rows]
+        keys = [(r["subject_cache_id"], r["prompt_id"], r["seed"], r["params_sha256"]) for r in generation_rows]
         ids = ids_by_key(s, Generation, ["subject_cache_id", "prompt_id", "seed", "params_sha256"], keys)
         repaired = check_done_shots(platform, s, list(ids.values()), params.output_prefix)
         todo = sorted(s.scalars(select(Generation.id).where(Generation.id.in_(list(ids.values())),
@@ -87,7 +110,7 @@ def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: Cata
             s.execute(update(Generation).where(Generation.id.in_(todo)).values(run_id=run_id)
                       .execution_options(synchronize_session=False))
     reject(platform, run_id, "plan", rejected)
-    return dict(todo=todo, repaired=repaired)
+    return dict(todo=todo, repaired=repaired, planned=sorted(ids.values()))
 
 
 class OutputsElsewhere(RuntimeError):

@@ -24,7 +24,13 @@ def load_prompts(params: CatalogueRunParams, places: Places) -> Prompts:
     lines are skipped. A bad line (too long, say) is rejected with its line number and the others are
     used; a missing or unreadable file, or one with no usable line, stops the run before any work.
     """
-    templates, rejected = list(params.prompts), []
+    templates, rejected = [], []
+    for n, template in enumerate(params.prompts, start=1):
+        try:
+            template_fields(template)
+        except ValueError as exc:
+            raise InvalidInputs(f"prompt {n}: {exc}") from None
+        templates.append(template)
     if params.prompt_file:
         name = f"prompt file {params.prompt_file}"
         try:
@@ -45,35 +51,95 @@ def load_prompts(params: CatalogueRunParams, places: Places) -> Prompts:
             raise InvalidInputs(f"{name} holds no prompts: write one prompt per line")
         for n, line in lines:
             try:
-                templates.append(check_prompt(line, f"line {n}"))
+                template = check_prompt(line, f"line {n}")
+                template_fields(template)
             except ValueError as exc:
                 rejected.append((f"{params.prompt_file} line {n}", str(exc).removeprefix(f"line {n} ")))
+                continue
+            templates.append(template)
         if not templates:
             raise InvalidInputs(f"{name} holds no usable prompt: every line was rejected "
                              f"({rejected[0][0]}: {rejected[0][1]})")
     return Prompts(list(dict.fromkeys(templates)), rejected)
 
 
-def render_prompt(template: str, subject: Subject) -> str:
-    """The template with {sku}, {category} and manifest fields filled in; an unknown {field} stays as written.
+class MissingColumn(ValueError):
+    """A template names a field (a manifest column) that a product does not have."""
 
-    Only plain {name} fields: str.format's {x.attr}, {x[i]} and {x:>999999999} would let a template
-    reach object attributes or build enormous strings, so they are refused with the template named.
+
+def template_fields(template: str) -> list[str]:
+    """The fields a template names, in order; a template that is not valid, or names a field other than a plain
+    {name}, is refused with the template named.
+
+    Only plain {name} fields: str.format's {x.attr}, {x[i]} and {x:>999999999} would let a template reach
+    object attributes or build enormous strings.
     """
-    fields = {**{k: str(v) for k, v in (subject.attributes or {}).items()},
-              "sku": subject.sku, "category": subject.category or "product"}
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise ValueError(f"prompt template {template!r} is not valid ({exc}): write a literal brace as {{{{ or }}}}") \
             from None
-    parts = []
-    for literal, name, spec, conversion in parsed:
-        parts.append(literal)
+    names = []
+    for _, name, spec, conversion in parsed:
         if name is None:
             continue
         if not name.isidentifier() or spec or conversion:
             raise ValueError(f"prompt template {template!r}: {{{name}}} is not a plain field; use {{sku}}, "
                              "{category} or a manifest column, without '.', '[', '!' or ':'")
-        parts.append(fields.get(name, "{" + name + "}"))
+        names.append(name)
+    return names
+
+
+def product_fields(sku: str, category: str | None, attributes: dict | None) -> dict[str, str]:
+    """What a template may name for a product: its manifest columns (those with a value), sku and category."""
+    return {**{k: str(v) for k, v in (attributes or {}).items() if v not in (None, "")},
+            "sku": sku, "category": category or "product"}
+
+
+def missing_columns(template: str, fields: dict[str, str]) -> list[str]:
+    return [name for name in dict.fromkeys(template_fields(template)) if name not in fields]
+
+
+def render_prompt(template: str, subject: Subject) -> str:
+    """The template with {sku}, {category} and manifest columns filled in for a product.
+
+    A field the product has no value for raises MissingColumn naming the product, the template and the
+    column: that product is rejected for that template (with the reason), never the run.
+    """
+    fields = product_fields(subject.sku, subject.category, subject.attributes)
+    missing = missing_columns(template, fields)
+    if missing:
+        raise MissingColumn(missing_reason(template, subject.sku, missing, fields))
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        parts.append(literal)
+        if name is not None:
+            parts.append(fields[name])
     return check_prompt("".join(parts), f"prompt {template!r} for {subject.sku}")
+
+
+def missing_reason(template: str, sku: str, missing: list[str], fields: dict[str, str]) -> str:
+    columns = ", ".join(sorted(set(fields) - {"sku", "category"})) or "none besides sku and category"
+    names = ", ".join(f"'{name}'" for name in missing)
+    return (f"prompt template {template!r} names the column {names}, which {sku} has no value for (its columns: "
+            f"{columns}); add the column to the manifest or use another template")
+
+
+def check_templates(items, templates: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Before any work: each product checked against each template it will be given.
+
+    Returns the SKUs that no template can be filled for (the product is rejected: it would make nothing) and a
+    rejection (item, reason) per product and template that names a column the product lacks."""
+    rejected, unusable = [], []
+    for item in items:
+        fields = product_fields(item.sku, item.category, item.attributes)
+        usable = 0
+        for template in templates:
+            missing = missing_columns(template, fields)
+            if missing:
+                rejected.append((f"{item.sku}: {template}", missing_reason(template, item.sku, missing, fields)))
+            else:
+                usable += 1
+        if not usable:
+            unusable.append(item.sku)
+    return unusable, rejected

@@ -8,7 +8,7 @@ from typing import Iterable
 from sqlalchemy import func, select
 
 from db import claims
-from db.models import Generation, RejectedItem, Run, RunStatus, WorkStatus, utcnow
+from db.models import Generation, RejectedItem, ReviewState, Run, RunStatus, WorkStatus, utcnow
 from db.session import transaction
 from dreamcache.core.images import decode_image
 from flows import liveness
@@ -93,6 +93,23 @@ def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_i
     )
 
 
+def review_counts(session, run_id: int) -> dict[str, int]:
+    """How many of the run's done shots are approved, rejected, and waiting for review."""
+    counts = {state.value: 0 for state in ReviewState}
+    for state, n in session.execute(select(Generation.review, func.count())
+                                    .where(Generation.run_id == run_id, Generation.status == WorkStatus.done)
+                                    .group_by(Generation.review)).all():
+        counts[ReviewState(state).value] = n
+    return counts
+
+
+def record(platform: Platform, run_id: int, **facts) -> None:
+    """Add facts learned after the run's record was finished (its review, its publication) to its summary."""
+    with transaction(platform.sessions) as s:
+        run = s.get(Run, run_id)
+        run.summary = {**run.summary, **facts}
+
+
 def dry_run(params: CatalogueRunParams, inputs) -> dict:
     """What a run would do: inputs listed and validated (`catalogue.prepare`), every image read and decoded,
     images counted; nothing written."""
@@ -107,4 +124,5 @@ def dry_run(params: CatalogueRunParams, inputs) -> dict:
             bad.append((item.uri, str(exc)))
     return dict(dry_run=True, products_listed=len(listing.items), products_valid=good, rejected=len(bad),
                 rejections=[dict(stage="inputs", item=i, reason=r) for i, r in bad[:100]],
-                prompts=len(prompts.templates), images_planned=good * len(prompts.templates) * params.images_per_prompt)
+                prompts=len(prompts.templates), images_planned=good * len(prompts.templates) * params.images_per_prompt
+                * len(params.shop_formats))

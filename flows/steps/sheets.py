@@ -16,6 +16,10 @@ from flows.steps.generate import sidecar_key
 from flows.steps.shared import png, read_image, reference, sha256
 
 
+def _format(gen: Generation) -> str:
+    return "" if gen.aspect == "1:1" and gen.mode == "generate" else f", {gen.mode} {gen.aspect}"
+
+
 def contact_sheets(platform: Platform, subject_ids: Sequence[int], output_prefix: str,
                    per_sheet: int = 12) -> dict[str, str]:
     """One contact sheet per product: reference, then its best shots under `output_prefix` with their scores
@@ -43,7 +47,9 @@ def contact_sheets(platform: Platform, subject_ids: Sequence[int], output_prefix
             for gen, text in gens[:per_sheet]:
                 key = platform.objects.key_of(gen.output_uri)
                 values = "  ".join(f"{k} {v:.2f}" for k, v in sorted(scores.get(gen.id, {}).items()))
-                shots.append((read_image(platform, key), f"{text} (seed {gen.seed}) {values}"))
+                # The id is what a reviewer types to approve or reject it (`dreamcache review`, the paused run's form).
+                label = f"#{gen.id} {text} (seed {gen.seed}{_format(gen)}) {values}"
+                shots.append((read_image(platform, key), label))
                 twin_uri = json.loads(platform.objects.get(sidecar_key(key))).get("text_only_uri")
                 twins.append((read_image(platform, platform.objects.key_of(twin_uri)), f"{text} (seed {gen.seed})")
                              if twin_uri else None)

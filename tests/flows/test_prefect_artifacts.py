@@ -11,6 +11,7 @@ import urllib.request
 from PIL import Image
 
 from flows import catalogue
+from flows.markdown import md
 from tests.flows.test_prefect_run import trigger
 
 PICTURE = re.compile(r"!\[contact sheet of ([^\]]+)\]\(<([^>]+)>\)")
@@ -102,7 +103,7 @@ def test_a_local_stores_sheets_are_embedded_as_pictures(platform_env):
 
 
 def test_skus_and_reasons_are_shown_as_text_not_markdown():
-    assert catalogue._md("a|b *c* [x](y) <img src=z>\nnext") == r"a\|b \*c\* \[x\]\(y\) \<img src=z\> next"
+    assert md("a|b *c* [x](y) <img src=z>\nnext") == r"a\|b \*c\* \[x\]\(y\) \<img src=z\> next"
 
 
 def test_platform_loggers_reach_the_run_logs_once_with_their_info_lines(monkeypatch):

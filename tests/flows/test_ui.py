@@ -6,7 +6,8 @@ import shutil
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # What, how many, how, where: the parameter form's fields from the top.
-FORM_ORDER = ["Source", "Prompts", "Prompt File", "Images Per Prompt", "Seed", "Seed Policy", "Preset", "Sampler", "Eta",
+FORM_ORDER = ["Source", "Prompts", "Prompt File", "Images Per Prompt", "Seed", "Seed Policy", "Mode", "Placement X",
+              "Placement Y", "Placement Scale", "Formats", "Cutout", "Packshot", "Preset", "Sampler", "Eta",
               "Negative Prompt", "Guidance", "Text Scale", "Image Scale", "Steps", "Resolution", "Output Prefix",
               "Execution"]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -43,7 +44,7 @@ def test_custom_run_from_the_ui(served, prefect_server, catalogue, tmp_path):
         assert field(page, "Source").input_value() == "" and field(page, "Prompt File (Optional)").input_value() == ""
 
         field(page, "Source").fill(f"s3://{served['bucket']}/catalogue/")
-        page.get_by_role("button", name="Add item").click()
+        page.get_by_role("button", name="Add item").first.click()  # the first list of the form: Prompts
         field(page, "Prompts (Optional)").fill("a {category} in a sunlit kitchen")
         field(page, "Images Per Prompt (Optional)").fill("1")
         field(page, "Steps (Optional)").fill("2")
@@ -92,3 +93,51 @@ def wait_for_final_state():
                 return runs[0]
             time.sleep(1)
     raise TimeoutError("the run started from the UI did not finish in 4 minutes")
+
+
+def test_a_reviewer_decides_in_the_paused_runs_form(served, prefect_server):
+    """A run with review=pause waits in the UI; the reviewer reads the shots in the form, approves one, rejects
+    another, and resumes it; the decision lands in the database and only the approved shot is published."""
+    from playwright.sync_api import expect, sync_playwright
+    from prefect.deployments import run_deployment
+    from sqlalchemy import create_engine, text
+
+    from tests.flows.test_review_pause import wait_for
+
+    params = dict(source=f"s3://{served['bucket']}/catalogue/", prompts=["a {category} on a beach"],
+                  images_per_prompt=1, steps=2, output_prefix="review-ui", review="pause", review_timeout_minutes=5,
+                  publish_prefix="shop-ui")
+    flow_run = run_deployment("catalogue-run/catalogue", parameters={"params": params}, timeout=0)
+    wait_for(flow_run.id, lambda state: state.is_paused(), "paused for review")
+    engine = create_engine(served["database"])
+    with engine.connect() as db:
+        ids = list(db.scalars(text("SELECT id FROM generations ORDER BY id")))
+    assert len(ids) == 3
+
+    ui = prefect_server.url.removesuffix("/api")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
+        page.get_by_role("button", name="Resume", exact=True).first.click()
+        dialog = page.get_by_role("dialog")
+        # The form's description lists the shots waiting, by the ids the contact sheets show.
+        expect(dialog.get_by_text(f"Review of run")).to_be_visible(timeout=30_000)
+        for generation_id in ids:
+            expect(dialog.get_by_role("cell", name=str(generation_id), exact=True)).to_be_visible()
+        dialog.get_by_role("button", name="Add item").nth(0).click()
+        field(page, "Approve (Optional)").fill(str(ids[0]))  # the form's labels are the dialog's alone
+        dialog.get_by_role("button", name="Add item").nth(1).click()
+        field(page, "Reject (Optional)").fill(str(ids[1]))
+        field(page, "Reviewer (Optional)").fill("ana")
+        dialog.get_by_role("button", name="Submit").click()
+        browser.close()
+
+    final = wait_for(flow_run.id, lambda state: state.is_final(), "finished after the review")
+    assert final.state.is_completed(), final.state
+    with engine.connect() as db:
+        decided = db.execute(text("SELECT id, review, reviewed_by, published_uri FROM generations ORDER BY id")).all()
+    engine.dispose()
+    assert [(d.review, d.reviewed_by) for d in decided] == [("approved", "ana"), ("rejected", "ana"), ("pending", None)]
+    assert decided[0].published_uri.startswith(f"s3://{served['bucket']}/platform/shop-ui/")
+    assert decided[1].published_uri is None and decided[2].published_uri is None

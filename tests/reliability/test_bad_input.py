@@ -27,7 +27,7 @@ from flows.catalogue import run_embedded
 from flows.params import CatalogueRunParams
 from flows.places import InvalidInputs, Places
 from flows.sources import list_source, read_uri
-from flows.steps.prompts import load_prompts, render_prompt
+from flows.steps.prompts import MissingColumn, load_prompts, render_prompt
 from tests.helpers import scene
 
 RED, WHITE = (200, 30, 40), (255, 255, 255)
@@ -273,10 +273,13 @@ def test_unsafe_templates_are_refused_naming_the_template(template, words):
     assert repr(template) in str(error.value)
 
 
-def test_templates_fill_fields_and_keep_unknown_ones():
-    subject = Subject(sku="MUG-1", category="mug", attributes={"color": "red\x07\n"})
-    assert render_prompt("a {color} {category} ({sku}) {{literal}} {unknown}", subject) == \
-        "a red mug (MUG-1) {literal} {unknown}"
+def test_templates_fill_fields_and_name_a_missing_column():
+    subject = Subject(sku="MUG-1", category="mug", attributes={"color": "red\x07\n", "brand": ""})
+    assert render_prompt("a {color} {category} ({sku}) {{literal}}", subject) == "a red mug (MUG-1) {literal}"
+    for template, column in (("a {unknown} mug", "'unknown'"), ("a {brand} mug", "'brand'")):  # empty: no value
+        with pytest.raises(MissingColumn, match=f"names the column {column}, which MUG-1 has no value for "
+                                                r"\(its columns: color\)"):
+            render_prompt(template, subject)
     huge = Subject(sku="MUG-2", category="mug", attributes={"note": "z" * 2000})
     with pytest.raises(ValueError, match=r"prompt 'a \{note\}' for MUG-2 has 2002 characters"):
         render_prompt("a {note}", huge)

@@ -1,0 +1,151 @@
+"""What a shop gets from a run: prompts filled from its manifest columns, its formats, cut-outs and packshots,
+and placed shots whose product pixels are the photo's (embedded runs on the tiny model)."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import create_engine, text
+from typer.testing import CliRunner
+
+from flows.catalogue import run_embedded
+from flows.cli import app
+from flows.params import CatalogueRunParams
+from flows.places import InvalidInputs
+from tests.helpers import scene
+
+RED, YELLOW = (200, 30, 40), (240, 200, 60)
+
+
+def history(home: Path, columns: str):
+    engine = create_engine(f"sqlite:///{home / 'dreamcache.db'}")
+    with engine.connect() as db:
+        rows = db.execute(text(f"SELECT {columns} FROM generation_history ORDER BY generation_id")).all()
+    engine.dispose()
+    return rows
+
+
+def local(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    """Three products; MUG-2 has no colour, only LAMP-1 a brand."""
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    rows = [dict(sku="MUG-1", category="mug", colour="red", brand="", image_uri="mug1.png"),
+            dict(sku="MUG-2", category="mug", colour="", brand="", image_uri="mug2.png"),
+            dict(sku="LAMP-1", category="lamp", colour="yellow", brand="Acme", image_uri="lamp1.png")]
+    for row, color in zip(rows, (RED, (30, 60, 200), YELLOW)):
+        scene(product_color=color, background=(250, 250, 250), size=(96, 96), box=(20, 16, 76, 80))[0].save(
+            folder / row["image_uri"])
+    with open(folder / "products.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "products.csv"
+
+
+def test_templates_are_filled_from_manifest_columns_and_a_missing_column_rejects_the_product_not_the_run(
+        platform_env, manifest, tmp_path):
+    templates = ["a {colour} {category} on a marble counter", "a {brand} {category}"]
+    summary = run_embedded(CatalogueRunParams(source=str(manifest), prompts=templates, images_per_prompt=1, steps=2),
+                           progress=False)
+    assert summary["status"] == "completed"
+    prompts = {(row.sku, row.prompt) for row in history(tmp_path / "home", "sku, prompt")}
+    assert prompts == {("MUG-1", "a red mug on a marble counter"), ("LAMP-1", "a yellow lamp on a marble counter"),
+                       ("LAMP-1", "a Acme lamp")}
+    rejected = {(r["stage"], r["item"]): r["reason"] for r in summary["rejections"]}
+    assert "names the column 'brand', which MUG-1 has no value for (its columns: colour)" in \
+        rejected["prompts", "MUG-1: a {brand} {category}"]
+    assert "which MUG-2 has no value for" in rejected["prompts", "MUG-2: a {colour} {category} on a marble counter"]
+    # MUG-2 can fill no template: it is not ingested at all, and says why.
+    assert "no prompt template can be filled for it" in rejected["ingest", "MUG-2"]
+    assert summary["products_ingested"] == 2
+
+
+def test_a_template_no_product_can_fill_stops_the_run_before_any_work(platform_env, manifest, tmp_path):
+    result = CliRunner().invoke(app, ["run", "--source", str(manifest), "--prompt", "a {material} {category}",
+                                      "--embedded"])
+    assert result.exit_code == 1, result.output
+    assert "no product of" in result.output and "names the column 'material'" in result.output
+    assert not (tmp_path / "home" / "objects").exists()
+
+
+def test_formats_cutouts_and_packshots(platform_env, catalogue, tmp_path):
+    params = CatalogueRunParams(source=str(catalogue / "mug"), prompts=["a {category} on a table"], images_per_prompt=1,
+                                steps=2, formats=["1:1", "4:5@80", "16:9@128"], cutout=True, packshot=True)
+    summary = run_embedded(params, progress=False)
+    assert summary["status"] == "completed" and summary["images_generated"] == 2 * 3
+    rows = history(tmp_path / "home", "sku, aspect, width, height, output_uri")
+    sizes = {(row.aspect, row.width, row.height) for row in rows}
+    assert sizes == {("1:1", 32, 32), ("4:5", 64, 80), ("16:9", 128, 72)}
+    for row in rows:  # delivered at the format's size, whole (the canvas resized, never cropped)
+        assert Image.open(local(row.output_uri)).size == (row.width, row.height)
+        sidecar = json.loads(local(row.output_uri).with_suffix(".json").read_text())
+        assert sidecar["parameters"].get("aspect", "1:1") == row.aspect
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    with engine.connect() as db:
+        assets = db.execute(text("SELECT s.sku, a.kind, a.aspect, a.width, a.height, a.uri FROM product_assets a "
+                                 "JOIN subjects s ON s.id = a.subject_id ORDER BY a.id")).all()
+    engine.dispose()
+    assert {(a.sku, a.kind, a.aspect) for a in assets} == {
+        (sku, kind, aspect) for sku in ("MUG-1", "MUG-2")
+        for kind, aspect in (("cutout", None), ("packshot", "1:1"), ("packshot", "4:5"), ("packshot", "16:9"))}
+    for asset in assets:
+        image = Image.open(local(asset.uri))
+        assert image.size == (asset.width, asset.height)
+        if asset.kind == "cutout":  # the product alone: transparent around it, opaque at its centre
+            alpha = np.asarray(image)[..., 3]
+            assert image.mode == "RGBA" and alpha[0, 0] == 0 and alpha[alpha.shape[0] // 2, alpha.shape[1] // 2] == 255
+            assert abs(image.width - 56) <= 4 and abs(image.height - 64) <= 4  # the ellipse's box, give or take the mask
+        else:  # on pure white, the product whole and centred
+            pixels = np.asarray(image.convert("RGB"))
+            assert (pixels[0, 0] == 255).all() and (pixels[-1, -1] == 255).all()
+            assert not (pixels[image.height // 2, image.width // 2] == 255).all()
+    assert {(a.width, a.height) for a in assets if a.kind == "packshot"} == {(32, 32), (64, 80), (128, 72)}
+
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "home" / "objects").rglob("*.png")}
+    again = run_embedded(params, progress=False)
+    assert again["images_generated"] == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "home" / "objects").rglob("*.png")} == written
+
+
+def test_a_placed_shot_keeps_the_product_photo_pixels_at_the_delivered_size(platform_env, catalogue, tmp_path):
+    one = tmp_path / "one" / "mug"
+    one.mkdir(parents=True)
+    (one / "MUG-1.png").write_bytes((catalogue / "mug" / "MUG-1.png").read_bytes())
+    common = ["run", "--source", str(one.parent), "--prompt", "a {category} on a table",
+              "--images-per-prompt", "1", "--steps", "3", "--format", "16:9@160", "--embedded"]
+    placed = CliRunner().invoke(app, common + ["--mode", "place", "--placement-x", "0.3", "--placement-scale", "0.5",
+                                               "--output-prefix", "placed"])
+    drawn = CliRunner().invoke(app, common + ["--output-prefix", "drawn"])
+    assert placed.exit_code == 0 and drawn.exit_code == 0, placed.output + drawn.output
+    rows = {row.mode: row for row in history(tmp_path / "home", "mode, width, height, output_uri")}
+    assert (rows["place"].width, rows["place"].height) == (160, 90)
+    place = np.asarray(Image.open(local(rows["place"].output_uri)).convert("RGB")).astype(int)
+    draw = np.asarray(Image.open(local(rows["generate"].output_uri)).convert("RGB")).astype(int)
+    # The product's box: fitted into 160x90 times 0.5, centred at (0.3, 0.55); its middle is the photo's red.
+    cx, cy = round(0.3 * 160), round(0.55 * 90)
+    middle = place[cy - 4:cy + 4, cx - 4:cx + 4]
+    assert (middle == RED).all()
+    assert not (draw[cy - 4:cy + 4, cx - 4:cx + 4] == RED).all()  # the drawn shot has no pasted product
+    assert np.abs(place[:, -20:] - place[cy, cx]).sum(axis=2).mean() > 30  # far from the product: a scene, not red
+
+
+def test_bad_formats_and_rules_are_refused_naming_the_field():
+    for field, value, words in (("formats", ["21:5"], "between 1:4 and 4:1"), ("formats", ["wide"], "is not W:H"),
+                                ("approve_if", ["mdino>0.5"], "is not metric>=value"),
+                                ("approve_if", ["sharpness>=0.5"], "unknown metric 'sharpness'")):
+        with pytest.raises(ValueError, match=words):
+            CatalogueRunParams(source="s3://b/", prompts=["a mug"], **{field: value})
+    with pytest.raises(InvalidInputs, match=r"prompt 1: prompt template 'a \{sku.x\}'"):
+        from flows.places import Places
+        from flows.steps.prompts import load_prompts
+
+        load_prompts(CatalogueRunParams(source="s3://b/", prompts=["a {sku.x}"]), Places.for_run("s3://b/", []))
