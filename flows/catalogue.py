@@ -451,7 +451,8 @@ def prepare(params: CatalogueRunParams, places: Places) -> Inputs:
     if unusable and len(unusable) == len(listing.items):
         raise InvalidInputs(f"no product of {params.source} can fill any prompt template (the first, {pairs[0][0]}: "
                             f"{pairs[0][1]})")
-    listing.items[:] = [item for item in listing.items if item.sku not in set(unusable)]
+    dropped = set(unusable)
+    listing.items[:] = [item for item in listing.items if item.sku not in dropped]
     listing.rejected.extend((sku, "no prompt template can be filled for it: each names a column it has no value "
                                   "for (see the rejections at prompts)") for sku in unusable)
     if not listing.items:
@@ -524,12 +525,17 @@ def review_and_publish(params: CatalogueRunParams, summary: dict, on_prefect: bo
                            "`dreamcache review %d`", run_id, summary["review"]["pending"], run_id)
         else:
             decision = wait_for_review(run_id, summary["review"]["pending"], params.review_timeout_minutes)
-            if decision is not None:
-                facts["review_decision"] = review.decide(platform, run_id, decision.approve, decision.reject,
-                                                         decision.rest, decision.reviewer, decision.note)
-                with transaction(platform.sessions) as session:
-                    facts["review"] = runs.review_counts(session, run_id)
-                logger.info("run %d reviewed: %s", run_id, facts["review"])
+            try:
+                if decision is not None:
+                    facts["review_decision"] = review.decide(platform, run_id, decision.approve, decision.reject,
+                                                             decision.rest, decision.reviewer, decision.note)
+                    with transaction(platform.sessions) as session:
+                        facts["review"] = runs.review_counts(session, run_id)
+                    logger.info("run %d reviewed: %s", run_id, facts["review"])
+            except review.ReviewError as exc:  # the form's answer, not the run, is wrong: the shots keep waiting
+                facts["review_error"] = str(exc)
+                logger.error("run %d: the review decision was not applied: %s; decide with `dreamcache review %d`",
+                             run_id, exc, run_id)
     if params.publish_prefix:
         facts["published"] = (publish_task if on_prefect else publish_task.fn)(run_id, params.publish_prefix)
         logger.info("run %d published to %s: %s", run_id, params.publish_prefix, facts["published"])

@@ -19,6 +19,8 @@ REVIEW_METRICS = ("mdino", "mclip_i", "clip_t", "dino", "clip_i")
 MAX_FORMATS = 8
 # An object key prefix a run writes or publishes under: plain parts, no '.' or '..' (checked apart).
 PREFIX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,200}"
+# Where the platform keeps its own objects (ingest's copies, cut-outs, feature caches): no run writes or publishes there.
+RESERVED_PREFIXES = ("products", "subjects", "caches")
 MAX_LONG_SIDE = 4096
 
 
@@ -234,9 +236,7 @@ class CatalogueRunParams(BaseModel):
     @field_validator("output_prefix", "publish_prefix")
     @classmethod
     def _plain_prefix(cls, prefix: str, info) -> str:
-        if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
-            raise ValueError(f"{info.field_name} {prefix!r} must not have empty, '.' or '..' parts")
-        return prefix
+        return check_prefix(prefix, info.field_name) if prefix else prefix
 
     @field_validator("formats")
     @classmethod
@@ -273,6 +273,15 @@ class CatalogueRunParams(BaseModel):
         if self.eta and self.sampler not in ("ddim", "preset"):
             raise ValueError(f"eta {self.eta} applies to the ddim sampler only, not {self.sampler!r}: set eta to 0")
         return self
+
+
+def check_prefix(prefix: str, name: str) -> str:
+    """An object key prefix of plain parts, outside the platform's own; or an error naming it."""
+    if any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise ValueError(f"{name} {prefix!r} must not have empty, '.' or '..' parts")
+    if prefix.split("/")[0] in RESERVED_PREFIXES:
+        raise ValueError(f"{name} {prefix!r} lies in the platform's own {prefix.split('/')[0]}/: choose another prefix")
+    return prefix
 
 
 def prefix_overlap(a: str, b: str) -> bool:

@@ -26,7 +26,7 @@ from db.models import Generation, ReviewState, Run, Subject, WorkStatus, utcnow
 from db.objects import ObjectNotFound, ObjectStoreError
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
-from flows.params import PREFIX_PATTERN, REVIEW_METRICS, prefix_overlap
+from flows.params import PREFIX_PATTERN, REVIEW_METRICS, check_prefix, prefix_overlap
 from flows.platform import Platform, safe_key_part
 
 DEFAULT_PREFIX = "published"
@@ -120,7 +120,10 @@ def _plain_prefix(prefix: str) -> str:
     if not re.fullmatch(PREFIX_PATTERN, cleaned) or any(part in ("", ".", "..") for part in cleaned.split("/")):
         raise PublishError(f"publish prefix {prefix!r}: give a plain key prefix such as shop/spring (letters, digits, "
                            "'.', '_' and '-', parts separated by '/', none of them empty, '.' or '..')")
-    return cleaned
+    try:
+        return check_prefix(cleaned, "publish prefix")
+    except ValueError as exc:
+        raise PublishError(str(exc)) from None
 
 
 def _published_under(under: str):

@@ -216,3 +216,17 @@ def test_the_cli_lists_the_shots_awaiting_review_and_decides(run):
     missing = cli.invoke(app, ["review", "777"])
     assert missing.exit_code == 1 and "run 777 does not exist" in missing.output
     assert _approved(platform, shots.values()) == {a, b, c}  # the refused commands changed nothing
+
+
+def test_a_decision_the_form_cannot_apply_leaves_the_shots_waiting_and_says_why(run, monkeypatch):
+    """The paused run's answer names a shot both approved and rejected: the run does not fail (its shots are made),
+    the decision is not applied, and the summary says why. (The pause itself is Prefect's: test_review_pause.py.)"""
+    from flows import catalogue
+
+    shot = run.shots["MUG-1", 0]
+    monkeypatch.setattr(catalogue, "wait_for_review",
+                        lambda run_id, pending, minutes: ReviewDecision(approve=[shot], reject=[shot], reviewer="ana"))
+    params = CatalogueRunParams(source=run.source, prompts=["a {category} on a beach"], review="pause")
+    summary = catalogue.review_and_publish(params, dict(run_id=run.run_id, review=dict(pending=9)), on_prefect=True)
+    assert f"shot {shot} is both approved and rejected" in summary["review_error"]
+    assert set(_reviews(run.platform, run.shots.values()).values()) == {("pending", None)}

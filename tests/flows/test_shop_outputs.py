@@ -141,7 +141,9 @@ def test_a_placed_shot_keeps_the_product_photo_pixels_at_the_delivered_size(plat
 def test_bad_formats_and_rules_are_refused_naming_the_field():
     for field, value, words in (("formats", ["21:5"], "between 1:4 and 4:1"), ("formats", ["wide"], "is not W:H"),
                                 ("approve_if", ["mdino>0.5"], "is not metric>=value"),
-                                ("approve_if", ["sharpness>=0.5"], "unknown metric 'sharpness'")):
+                                ("approve_if", ["sharpness>=0.5"], "unknown metric 'sharpness'"),
+                                ("publish_prefix", "caches/x", "lies in the platform's own caches/"),
+                                ("output_prefix", "products", "lies in the platform's own products/")):
         with pytest.raises(ValueError, match=words):
             CatalogueRunParams(source="s3://b/", prompts=["a mug"], **{field: value})
     with pytest.raises(InvalidInputs, match=r"prompt 1: prompt template 'a \{sku.x\}'"):
