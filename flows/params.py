@@ -180,8 +180,9 @@ class CatalogueRunParams(BaseModel):
         f"(metrics: {', '.join(REVIEW_METRICS)}). The rest waits for review.")
     keep_best: int = Field(
         default=0, ge=0, le=64,
-        description="Approve at most this many shots per product, prompt and format: the best by masked DINO among "
-        "those that pass approve_if (0: every shot that passes; with no rule and 0, a reviewer decides everything).")
+        description="Approve at most this many shots per product, prompt and format: the best (by masked DINO, else "
+        "DINO, else masked CLIP-I, else CLIP-I) among those that pass approve_if (0: every shot that passes; with no "
+        "rule and 0, a reviewer decides everything).")
     review: Literal["later", "pause"] = Field(
         default="later",
         description="later: shots wait for `dreamcache review`; pause: the flow run pauses for a reviewer's decision in "

@@ -31,8 +31,8 @@ DEFAULT_REVIEWER = "reviewer"
 MAX_REVIEWER_CHARS = 100
 MAX_NOTE_CHARS = 1000
 # keep_best ranks the shots of a group by these scores, best first (then by id): masked DINO judges the
-# product alone; DINO stands in where masking found no product.
-RANKING = ("mdino", "dino")
+# product alone; DINO stands in where masking found no product, and CLIP-I where no DINO model is configured.
+RANKING = ("mdino", "dino", "mclip_i", "clip_i")
 MAX_FORM_ROWS = 200  # shots listed in the review form's table; the rest are counted
 Rest = Literal["pending", "approve", "reject"]
 _STATE = {"approve": ReviewState.approved, "reject": ReviewState.rejected}
