@@ -1,9 +1,10 @@
-"""Plan: every (cache, prompt, seed) of a run recorded once; what is still to do returned."""
+"""Plan: every (cache, prompt, seed, format) of a run recorded once; what is still to do returned."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from typing import Sequence
 
 from sqlalchemy import select, update
@@ -13,7 +14,7 @@ from db.models import Generation, Prompt, Subject, SubjectCache, WorkStatus
 from db.repository import ids_by_key, insert_missing
 from db.session import transaction
 from dreamcache.core.guidance import uses_image_scale
-from dreamcache.core.placement import canvas_size
+from dreamcache.core.placement import Placement, canvas_size
 from flows.params import SQUARE, CatalogueRunParams, Format
 from flows.platform import Platform
 from flows.steps.generate import sidecar_key
@@ -40,7 +41,8 @@ def generation_parameters(platform: Platform, params: CatalogueRunParams, shop_f
         out["negative_prompt"] = params.negative_prompt
     if params.mode == "place":
         out["mode"] = "place"
-        out["placement"] = dict(x=params.placement_x, y=params.placement_y, scale=params.placement_scale)
+        # The blend's own settings too: a shot placed with other ones is another shot.
+        out["placement"] = asdict(Placement(x=params.placement_x, y=params.placement_y, scale=params.placement_scale))
     if shop_format != SQUARE:
         canvas = generation_canvas(shop_format, resolution, pipe.size_multiple)
         out.update(aspect=shop_format.aspect, canvas=list(canvas), size=list(shop_format.size(canvas)))
