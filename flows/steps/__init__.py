@@ -2,9 +2,11 @@
 
 One module per stage, in the order a run takes them: `ingest` (read and record each product image),
 `segment` (cut each product out once), `caches` (its DreamCache features, once per model), `plan`
-(every cache x prompt x seed, recorded once), `generate` (a GPU worker's batch: claim, generate,
-write, score, record), `sheets` (contact sheets); `runs` keeps the run record and its summary,
-`prompts` reads prompt files and fills templates, `shared` holds what several steps use.
+(every cache x prompt x seed x format, recorded once), `generate` (a GPU worker's batch: claim,
+generate, write, score, record), `sheets` (contact sheets), `assets` (cut-outs and packshots); `runs`
+keeps the run record and its summary, `prompts` reads prompt files and fills templates, `shared` holds
+what several steps use. After the steps, `flows/review.py` approves by the run's rules or a person's
+decision, and `flows/publish.py` copies the approved shots to the shop's prefix.
 
 The Prefect flow (flows/catalogue.py) wraps each step as a task (the unit of retry); the embedded
 run (`run_embedded` there) calls them directly. Every step reads its inputs from the database and the
