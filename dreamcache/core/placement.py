@@ -102,9 +102,18 @@ class PlacedProduct:
         rgba = np.dstack([rgb, np.where(inside, 255, 0).astype(np.uint8)])
         return cls(Image.fromarray(rgba, "RGBA"), placement)
 
-    def box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    def box(self, size: tuple[int, int], generated_at: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the product on a canvas of `size` (width, height): contain-fitted
-        times `scale`, centred at (x, y), moved as little as needed to lie wholly inside."""
+        times `scale`, centred at (x, y), moved as little as needed to lie wholly inside.
+
+        `generated_at`: the canvas an image of `size` was resized from (a shot delivered at a shop's exact
+        aspect, a little off the canvas's): the canvas's box scaled with the image, so the product lands
+        where the scene was generated around it."""
+        if generated_at is not None and tuple(generated_at) != tuple(size):
+            sx, sy = size[0] / generated_at[0], size[1] / generated_at[1]
+            left, top, right, bottom = self.box(generated_at)
+            return round(left * sx), round(top * sy), max(round(right * sx), round(left * sx) + 1), \
+                max(round(bottom * sy), round(top * sy) + 1)
         width, height = size
         fit = min(width / self.cutout.width, height / self.cutout.height) * self.placement.scale
         w = min(width, max(1, round(self.cutout.width * fit)))
@@ -127,10 +136,11 @@ class PlacedProduct:
         return image, mask
 
     @lru_cache(maxsize=8)
-    def layer(self, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def layer(self, size: tuple[int, int],
+              generated_at: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """What `composite` pastes on a canvas of `size`: the product's pixels (H, W, 3) uint8 and their
         alpha (H, W) float32, 1 inside the mask eroded by the feather band, ramping to 0 at its edge."""
-        pixels, coverage, (left, top, right, bottom) = self._resampled(size)
+        pixels, coverage, (left, top, right, bottom) = self._resampled(size, generated_at)
         inside = np.pad(np.asarray(coverage) >= 128, 1)  # a border of outside: the box's edge is an edge
         depth = ndimage.distance_transform_edt(inside)[1:-1, 1:-1]  # pixels to the nearest outside one
         band = self.placement.feather * min(size)
@@ -140,16 +150,16 @@ class PlacedProduct:
         rgb[top:bottom, left:right] = np.asarray(pixels)
         return rgb, alpha
 
-    def composite(self, image: Image.Image) -> Image.Image:
+    def composite(self, image: Image.Image, generated_at: tuple[int, int] | None = None) -> Image.Image:
         """`image` with the product's pixels pasted at its box, resampled from the photo at `image`'s size
-        (a shot upscaled to the shop's size gets the photo's detail at that size)."""
-        rgb, alpha = self.layer(tuple(image.size))
+        (a shot upscaled to the shop's size gets the photo's detail at that size); `generated_at` as in `box`."""
+        rgb, alpha = self.layer(tuple(image.size), None if generated_at is None else tuple(generated_at))
         alpha = alpha[..., None].astype(np.float64)
         mixed = np.asarray(image.convert("RGB"), np.float64) * (1 - alpha) + rgb * alpha
         return Image.fromarray(np.round(mixed).astype(np.uint8), "RGB")
 
-    def _resampled(self, size):
-        box = self.box(size)
+    def _resampled(self, size, generated_at=None):
+        box = self.box(size, generated_at)
         w, h = box[2] - box[0], box[3] - box[1]
         pixels = self.cutout.convert("RGB").resize((w, h), Image.Resampling.LANCZOS)
         coverage = self.cutout.getchannel("A").resize((w, h), Image.Resampling.BILINEAR)  # no ringing

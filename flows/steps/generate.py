@@ -238,11 +238,11 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
 def delivered(image: Image.Image, gen: Generation, product: PlacedProduct | None) -> Image.Image:
     """A shot as the shop gets it: resized to its format's size (the scene only; never cropped), and in place
     mode the product's own pixels pasted again at that size, from the full-resolution photo."""
-    size = tuple(gen.parameters.get("size") or image.size)
-    if size != image.size:
+    size, canvas = tuple(gen.parameters.get("size") or image.size), image.size
+    if size != canvas:
         image = image.resize(size, Image.Resampling.LANCZOS)
-        if product is not None:
-            image = product.composite(image)
+        if product is not None:  # where the scene was generated around it, scaled with the scene
+            image = product.composite(image, generated_at=canvas)
     return image
 
 

@@ -133,6 +133,31 @@ def test_composite_pastes_the_photos_pixels_at_any_size():
     assert np.abs(np.asarray(small, float)[inside] - np.asarray(out, float)[inside]).mean() > 10
 
 
+
+def test_a_shot_resized_to_another_aspect_gets_its_product_where_the_canvas_had_it():
+    """A 16:9 canvas (896x512 on SD) is delivered at exactly 16:9 (1920x1080): the product is pasted at the canvas's
+    box scaled with the scene, where the edge band and shadow were generated, not refitted to the new aspect."""
+    placed = PlacedProduct.from_photo(*_photo_and_mask(), Placement(x=0.3, y=0.6, scale=0.8))
+    canvas, delivered = (112, 64), (192, 108)
+    left, top, right, bottom = placed.box(canvas)
+    scaled = (left * 192 / 112, top * 108 / 64, right * 192 / 112, bottom * 108 / 64)
+    assert all(abs(a - b) <= 1 for a, b in zip(placed.box(delivered, generated_at=canvas), scaled))
+    assert any(abs(a - b) > 1 for a, b in zip(placed.box(delivered), scaled))  # refitted: somewhere else
+    _, alpha = placed.layer(delivered, canvas)
+    rows, cols = np.flatnonzero((alpha > 0).any(axis=1)), np.flatnonzero((alpha > 0).any(axis=0))
+    assert abs(cols[0] - scaled[0]) <= 1 and abs(rows[-1] + 1 - scaled[3]) <= 1
+    image = Image.new("RGB", delivered, (0, 0, 0))
+    assert np.array_equal(np.asarray(placed.composite(image, generated_at=canvas)),
+                          np.asarray(placed.composite(image, generated_at=list(canvas))))
+
+
+def _photo_and_mask():
+    photo = Image.new("RGB", (90, 60), (200, 30, 40))
+    mask = np.zeros((60, 90), bool)
+    mask[5:55, 10:80] = True  # a wide product: its box fills the canvas's height at scale 0.8
+    return photo, mask
+
+
 # --- blending the latents -------------------------------------------------------------------
 
 def test_held_cells_are_the_canvas_latent_noised_with_the_rows_own_noise():
