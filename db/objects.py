@@ -145,6 +145,18 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def put_if_changed(store: "ObjectStore", key: str, data: bytes,
+                   content_type: str = "application/octet-stream") -> StoredObject:
+    """Write `data` at `key` unless the store holds those bytes already (a re-run rewrites nothing)."""
+    try:
+        unchanged = store.get(key) == data
+    except ObjectNotFound:
+        unchanged = False
+    if unchanged:
+        return StoredObject(key=clean_key(key), uri=store.uri(key), size=len(data), sha256=sha256_hex(data))
+    return store.put(key, data, content_type)
+
+
 def clean_key(key: str) -> str:
     """The key itself if it is a plain relative path; an error if it could escape the store's root."""
     parts = key.split("/")

@@ -31,7 +31,7 @@ from flows.steps.shared import chunks
 from flows import liveness
 from flows.failures import is_expected, one_line, retry_unless_permanent
 from flows.markdown import md, plain
-from flows.params import SQUARE, CatalogueRunParams, Format, parse_rule
+from flows.params import CatalogueRunParams, parse_rule, shop_formats
 from flows.platform import get_platform
 
 # Named, not __name__: a worker runs this file as the script `catalogue`, and only the platform's loggers
@@ -83,8 +83,8 @@ def contact_sheets_task(subject_ids: list[int], output_prefix: str) -> dict[str,
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 def assets_task(run_id: int, subject_ids: list[int], output_prefix: str, formats: list[str], cutout: bool,
                 packshot: bool) -> dict[str, list[str]]:
-    return assets.product_assets(get_platform(), run_id, subject_ids, output_prefix,
-                                 [Format.parse(text) for text in formats] or [SQUARE], cutout, packshot)
+    return assets.product_assets(get_platform(), run_id, subject_ids, output_prefix, shop_formats(formats), cutout,
+                                 packshot)
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -359,6 +360,28 @@ def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GP
         raise typer.Exit(EXIT_TERMINATED if stopped_by == "SIGTERM" else EXIT_INTERRUPTED)
 
 
+def _migrated_platform():
+    """The configured platform, its database at the code's revision."""
+    from flows.platform import get_platform
+
+    platform = get_platform(library_cli.settings_or_fail())
+    platform.migrate()
+    return platform
+
+
+@contextmanager
+def _expected_errors_in_one_line():
+    """A failure named on purpose (a bad id, an unknown run) ends the command with its one line; a bug raises."""
+    from flows.failures import is_expected, one_line
+
+    try:
+        yield
+    except Exception as exc:
+        if not is_expected(exc):
+            raise
+        library_cli.fail(one_line(exc))
+
+
 def _ids(values: Optional[list[str]], option: str) -> list[int]:
     """Generation ids given as `1,2,3`, or the option repeated."""
     ids = []
@@ -383,20 +406,13 @@ def review(
     shots are published (`dreamcache publish`)."""
     from db.models import Run
     from db.session import transaction
-    from flows.failures import is_expected, one_line
-    from flows.platform import get_platform
     from flows.review import decide, pending_shots
 
-    platform = get_platform(library_cli.settings_or_fail())
-    platform.migrate()
+    platform = _migrated_platform()
     approve_ids, reject_ids = _ids(approve, "--approve"), _ids(reject, "--reject")
     if approve_ids or reject_ids or rest:
-        try:
+        with _expected_errors_in_one_line():
             done = decide(platform, run_id, approve_ids, reject_ids, rest or "pending", by, note)
-        except Exception as exc:
-            if not is_expected(exc):
-                raise
-            library_cli.fail(one_line(exc))
         typer.echo(f"run {run_id}: {done['approved']} approved, {done['rejected']} rejected "
                    f"({done['changed']} changed); {done['pending']} still await review")
         if done["ignored"]:
@@ -427,18 +443,11 @@ def publish(
 ) -> None:
     """Copy the run's approved shots to a prefix of their own with a CSV and JSON manifest of everything
     published there; withdraw shots published there that are no longer approved."""
-    from flows.failures import is_expected, one_line
-    from flows.platform import get_platform
     from flows.publish import publish as run_publish
 
-    platform = get_platform(library_cli.settings_or_fail())
-    platform.migrate()
-    try:
+    platform = _migrated_platform()
+    with _expected_errors_in_one_line():
         done = run_publish(platform, run_id, to)
-    except Exception as exc:
-        if not is_expected(exc):
-            raise
-        library_cli.fail(one_line(exc))
     typer.echo(f"run {run_id}: {done['added']} added, {done['withdrawn']} withdrawn; {done['total']} shots published "
                f"under {done['prefix']}")
     typer.echo(f"manifest: {done['manifest_csv']}\n          {done['manifest_json']}")

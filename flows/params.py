@@ -63,6 +63,11 @@ class Format(NamedTuple):
 SQUARE = Format(1, 1)  # the default format: the model's square canvas, delivered as generated
 
 
+def shop_formats(texts: list[str]) -> list[Format]:
+    """Formats as written in a run's parameters, parsed; the square default when none is given."""
+    return [Format.parse(text) for text in texts] or [SQUARE]
+
+
 def parse_rule(text: str) -> tuple[str, float]:
     """A review rule, `metric>=value` (e.g. `mdino>=0.5`), as (metric, value)."""
     match = re.fullmatch(r"\s*([a-z_]+)\s*>=\s*(-?\d+(?:\.\d+)?)\s*", text)
@@ -198,8 +203,7 @@ class CatalogueRunParams(BaseModel):
 
     @property
     def shop_formats(self) -> list[Format]:
-        """The run's formats, parsed; the square default when none is given."""
-        return [Format.parse(text) for text in self.formats] or [SQUARE]
+        return shop_formats(self.formats)
 
     @property
     def approval_rules(self) -> list[tuple[str, float]]:

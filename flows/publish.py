@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 
 from db import queries
 from db.models import Generation, ReviewState, Run, Subject, WorkStatus, utcnow
-from db.objects import ObjectNotFound, ObjectStoreError
+from db.objects import ObjectStoreError, put_if_changed
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
 from flows.params import PREFIX_PATTERN, REVIEW_METRICS, check_prefix, prefix_overlap
@@ -162,11 +162,4 @@ def _write(platform: Platform, name: str, entries: list[dict]) -> tuple[str, str
     writer.writerows({k: "" if v is None else v for k, v in entry.items()} for entry in entries)
     documents = ((f"{name}.csv", table.getvalue().encode(), "text/csv"),
                  (f"{name}.json", json.dumps(entries, indent=2, ensure_ascii=False).encode(), "application/json"))
-    for key, data, content_type in documents:
-        try:
-            unchanged = platform.objects.get(key) == data
-        except ObjectNotFound:
-            unchanged = False
-        if not unchanged:
-            platform.objects.put(key, data, content_type)
-    return tuple(platform.objects.uri(key) for key, _, _ in documents)
+    return tuple(put_if_changed(platform.objects, key, data, content_type).uri for key, data, content_type in documents)

@@ -8,6 +8,7 @@ import numpy as np
 from sqlalchemy import select, update
 
 from db.models import ProductAsset, Subject
+from db.objects import put_if_changed
 from db.repository import insert_missing
 from db.session import transaction
 from dreamcache.core.images import decode_image
@@ -15,7 +16,7 @@ from dreamcache.perception.segmentation import cutout, packshot
 from flows.params import Format
 from flows.platform import Platform, safe_key_part
 from flows.steps.plan import generation_canvas
-from flows.steps.shared import png, product_image, read_image, reference, sha256
+from flows.steps.shared import png, product_image, read_image, segmentation
 
 
 def product_assets(platform: Platform, run_id: int, subject_ids: Sequence[int], output_prefix: str,
@@ -29,7 +30,7 @@ def product_assets(platform: Platform, run_id: int, subject_ids: Sequence[int], 
     out: dict[str, list[str]] = {}
     with transaction(platform.sessions) as s:
         subjects = s.scalars(select(Subject).where(Subject.id.in_(list(subject_ids))).order_by(Subject.id)).all()
-        masks = {subject.id: reference(platform, s, subject.id)[0].mask_uri for subject in subjects}
+        masks = {subject.id: segmentation(s, subject.id).mask_uri for subject in subjects}
     for subject in subjects:
         photo = decode_image(product_image(platform, subject), subject.source_uri)
         mask = np.asarray(read_image(platform, platform.objects.key_of(masks[subject.id])).convert("L")) > 127
@@ -43,19 +44,11 @@ def product_assets(platform: Platform, run_id: int, subject_ids: Sequence[int], 
                 made.append(("packshot", shop_format.aspect, packshot(photo, mask, size),
                              f"{folder}/packshot-{size[0]}x{size[1]}.png"))
         for kind, aspect, image, key in made:
-            stored = _write(platform, key, png(image))
+            stored = put_if_changed(platform.objects, key, png(image), "image/png")
             with transaction(platform.sessions) as s:
                 row = dict(run_id=run_id, subject_id=subject.id, kind=kind, aspect=aspect, width=image.width,
-                           height=image.height, uri=stored[0], sha256=stored[1], bytes=stored[2])
+                           height=image.height, uri=stored.uri, sha256=stored.sha256, bytes=stored.size)
                 if not insert_missing(s, ProductAsset, [row]):  # the same file, made again from another photo
-                    s.execute(update(ProductAsset).where(ProductAsset.uri == stored[0]).values(**row))
-            out.setdefault(subject.sku, []).append(stored[0])
+                    s.execute(update(ProductAsset).where(ProductAsset.uri == stored.uri).values(**row))
+            out.setdefault(subject.sku, []).append(stored.uri)
     return out
-
-
-def _write(platform: Platform, key: str, data: bytes) -> tuple[str, str, int]:
-    digest = sha256(data)
-    if platform.objects.exists(key) and sha256(platform.objects.get(key)) == digest:
-        return platform.objects.uri(key), digest, len(data)
-    stored = platform.objects.put(key, data, "image/png")
-    return stored.uri, stored.sha256, stored.size

@@ -14,7 +14,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from db import claims
-from db.models import Generation, Prompt, Score, Subject, SubjectCache
+from db.models import Generation, Prompt, Score, Segmentation, Subject, SubjectCache
 from db.repository import insert_missing
 from db.session import transaction
 from dreamcache.core.images import decode_image
@@ -90,13 +90,14 @@ def _generate_claimed(platform: Platform, claimed: list[int], output_prefix: str
             .join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
             .join(Subject, Subject.id == SubjectCache.subject_id).where(Generation.id.in_(claimed))
             .order_by(Generation.id)).all()
-        references = {subject.id: reference(platform, s, subject.id)[1] for _, _, subject in rows}
+        cutouts = {subject.id: reference(platform, s, subject.id) for _, _, subject in rows}  # (segmentation, image)
+    references = {subject_id: image for subject_id, (_, image) in cutouts.items()}
     placed = {}  # (subject id, placement) -> the product to place, for the rows in place mode
     for gen, _, subject in rows:
         where = gen.parameters.get("placement")
         if where is not None and (subject.id, _key(where)) not in placed:
             try:
-                placed[subject.id, _key(where)] = product_to_place(platform, subject, where)
+                placed[subject.id, _key(where)] = product_to_place(platform, subject, cutouts[subject.id][0], where)
             except Exception as exc:  # this product's shots fail (with the reason), not the batch
                 placed[subject.id, _key(where)] = exc
     caches = {}
@@ -184,10 +185,8 @@ def _canvas(gen: Generation) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def product_to_place(platform: Platform, subject: Subject, where: dict) -> PlacedProduct:
-    """A product's photo and mask (its cut-out, as segmented), to be kept pixel-exact where `where` says."""
-    with transaction(platform.sessions) as s:
-        seg, _ = reference(platform, s, subject.id)
+def product_to_place(platform: Platform, subject: Subject, seg: Segmentation, where: dict) -> PlacedProduct:
+    """A product's photo and mask (its cut-out `seg`), to be kept pixel-exact where `where` says."""
     photo = decode_image(product_image(platform, subject), subject.source_uri)
     mask = read_image(platform, platform.objects.key_of(seg.mask_uri)).convert("L")
     return PlacedProduct.from_photo(photo, mask, Placement(**where))

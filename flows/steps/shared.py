@@ -67,9 +67,14 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def segmentation(s, subject_id: int) -> Segmentation:
+    """A subject's usable cut-out (its first, by id)."""
+    return s.scalars(select(Segmentation).where(Segmentation.subject_id == subject_id,
+                                                Segmentation.quality != "rejected").order_by(Segmentation.id)).first()
+
+
 def reference(platform: Platform, s, subject_id: int) -> tuple[Segmentation, Image.Image]:
-    seg = s.scalars(select(Segmentation).where(Segmentation.subject_id == subject_id,
-                                               Segmentation.quality != "rejected").order_by(Segmentation.id)).first()
+    seg = segmentation(s, subject_id)
     data = platform.objects.get(platform.objects.key_of(seg.reference_uri))
     return seg, Image.open(io.BytesIO(data)).convert("RGB")
 

@@ -9,11 +9,12 @@ from sqlalchemy import select
 
 from db import queries
 from db.models import Generation, Prompt, Subject, SubjectCache, WorkStatus
+from db.objects import put_if_changed
 from db.session import transaction
 from dreamcache.perception.contact_sheet import contact_sheet
 from flows.platform import Platform, safe_key_part
 from flows.steps.generate import sidecar_key
-from flows.steps.shared import png, read_image, reference, sha256
+from flows.steps.shared import png, read_image, reference
 
 
 def _format(gen: Generation) -> str:
@@ -57,9 +58,5 @@ def contact_sheets(platform: Platform, subject_ids: Sequence[int], output_prefix
             sheet = contact_sheet(product, shots, title=f"{subject.sku} ({subject.category or 'product'})",
                                   text_only=twins)
             key = f"{output_prefix}/{safe_key_part(subject.sku)}/contact_sheet.png"
-            data = png(sheet)
-            if platform.objects.exists(key) and sha256(platform.objects.get(key)) == sha256(data):
-                sheets[subject.sku] = platform.objects.uri(key)
-            else:
-                sheets[subject.sku] = platform.objects.put(key, data, "image/png").uri
+            sheets[subject.sku] = put_if_changed(platform.objects, key, png(sheet), "image/png").uri
     return sheets
