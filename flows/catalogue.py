@@ -20,7 +20,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from sqlalchemy import select
+
 from db import queries
+from db.models import RejectedItem
 from db.session import transaction
 from flows.places import InvalidInputs, Places
 from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
@@ -389,6 +392,8 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         cache_ids = [i for ids in runner.map(cache_task, [(run_id, g, preparation)
                                                           for g in chunks(usable, INGEST_BATCH)]) for i in ids]
         planned = runner.map(plan_task, [(run_id, cache_ids, params, prompts.templates)])[0]
+        if not planned["planned"]:
+            raise NothingPlanned(nothing_planned(platform, run_id, len(listing.items), len(cache_ids)))
         todo = planned["todo"]
         logger.info("run %d: %d products cached; %d images to generate in batches of %d (%s)", run_id, len(cache_ids),
                     len(todo), params.batch_size, params.execution)
@@ -411,7 +416,7 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         runner.map(approve_task, [(planned["planned"], params.approve_if, params.keep_best)])
         with transaction(platform.sessions) as session:
             caches_open = caches.open_caches(session, platform, usable, preparation)
-        summary = runs.summarise(platform, run_id, len(listing.items), subject_ids, cache_ids, len(todo), sheet_uris,
+        summary = runs.summarise(platform, run_id, len(listing.items) + len(listing.rejected), subject_ids, cache_ids, len(todo), sheet_uris,
                                   params.output_prefix, caches_open)
         summary["run_id"], summary["shots_repaired"] = run_id, planned["repaired"]
         summary["assets"] = asset_uris
@@ -430,6 +435,20 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
     runs.finish_run(platform, run_id, summary)
     runner.report(summary)
     return summary
+
+
+class NothingPlanned(InvalidInputs):
+    """A run whose products and prompts make no image at all: it fails, naming why, rather than completing."""
+
+
+def nothing_planned(platform, run_id: int, listed: int, cached: int) -> str:
+    """Why a run planned no image, in one line: how far its products got, and its first rejection."""
+    with transaction(platform.sessions) as session:
+        first = session.execute(select(RejectedItem.stage, RejectedItem.item, RejectedItem.reason)
+                                .where(RejectedItem.run_id == run_id).order_by(RejectedItem.id.desc())).first()
+    why = f"; the last rejection, at {first.stage}: {first.item}: {first.reason}" if first else ""
+    return (f"run {run_id} planned no image: of {listed} products {cached} were cached, and no prompt could be made "
+            f"for any of them{why}")
 
 
 class Inputs(NamedTuple):

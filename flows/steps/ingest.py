@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from sqlalchemy import select, update
+
 from db.models import Subject
 from db.repository import ids_by_key, insert_missing
 from db.session import transaction
@@ -18,7 +20,8 @@ from flows.steps.shared import product_key, sha256
 
 def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem], places: Places) -> list[int]:
     """Read and validate each image, keep a copy of it in the object store, record each product once per
-    (SKU, content); bad images, and images outside the run's `places`, are rejected.
+    (SKU, content); bad images, and images outside the run's `places`, are rejected. A product already known
+    takes its category and manifest columns from this source: they are the source's, whatever came before.
 
     Every later step reads the copy, never the source again: a source file changed or deleted during
     the run cannot give a product another image than the one its content hash names.
@@ -43,4 +46,11 @@ def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem], places:
     with transaction(platform.sessions) as s:
         insert_missing(s, Subject, rows)
         ids = ids_by_key(s, Subject, ["sku", "content_sha256"], [(r["sku"], r["content_sha256"]) for r in rows])
+        known = {row.id: (row.category, row.attributes) for row in
+                 s.execute(select(Subject.id, Subject.category, Subject.attributes).where(Subject.id.in_(ids.values())))}
+        for r in rows:
+            subject_id = ids[(r["sku"], r["content_sha256"])]
+            if known[subject_id] != (r["category"], r["attributes"]):
+                s.execute(update(Subject).where(Subject.id == subject_id)
+                          .values(category=r["category"], attributes=r["attributes"]))
     return sorted(set(ids.values()))

@@ -10,7 +10,7 @@ from typing import Sequence
 from sqlalchemy import select, update
 
 from db import claims
-from db.models import Generation, Prompt, Subject, SubjectCache, WorkStatus
+from db.models import Generation, Prompt, RejectedItem, Subject, SubjectCache, WorkStatus
 from db.repository import ids_by_key, insert_missing
 from db.session import transaction
 from dreamcache.core.guidance import uses_image_scale
@@ -76,6 +76,9 @@ def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: Cata
         by_format.append((gen_params, sha256(json.dumps(gen_params, sort_keys=True)), columns))
     rows, rejected = [], []
     with transaction(platform.sessions) as s:
+        # Pairs the run rejected before it started (`catalogue.prepare`) are not rejected twice.
+        checked = set(s.scalars(select(RejectedItem.item).where(RejectedItem.run_id == run_id,
+                                                                RejectedItem.stage == "prompts")))
         caches = s.execute(select(SubjectCache.id, Subject).join(Subject, Subject.id == SubjectCache.subject_id)
                            .where(SubjectCache.id.in_(cache_ids))).all()
         texts = {}
@@ -83,8 +86,10 @@ def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: Cata
             for template in templates:
                 try:
                     text = render_prompt(template, subject)
-                except MissingColumn:
-                    continue  # rejected with its reason before the run started (`catalogue.prepare`)
+                except MissingColumn as exc:  # the product's columns changed since the run checked them
+                    if f"{subject.sku}: {template}"[:1024] not in checked:
+                        rejected.append((f"{subject.sku}: {template}", str(exc)))
+                    continue
                 except ValueError as exc:
                     rejected.append((subject.sku, str(exc)))
                     continue

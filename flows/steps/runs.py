@@ -122,7 +122,7 @@ def dry_run(params: CatalogueRunParams, inputs) -> dict:
             good += 1
         except Exception as exc:
             bad.append((item.uri, str(exc)))
-    return dict(dry_run=True, products_listed=len(listing.items), products_valid=good, rejected=len(bad),
+    return dict(dry_run=True, products_listed=len(listing.items) + len(listing.rejected), products_valid=good, rejected=len(bad),
                 rejections=[dict(stage="inputs", item=i, reason=r) for i, r in bad[:100]],
                 prompts=len(prompts.templates), images_planned=good * len(prompts.templates) * params.images_per_prompt
                 * len(params.shop_formats))

@@ -76,6 +76,48 @@ def test_a_template_no_product_can_fill_stops_the_run_before_any_work(platform_e
     assert not (tmp_path / "home" / "objects").exists()
 
 
+def test_a_manifest_gives_its_columns_to_products_a_folder_brought_in_before(platform_env, catalogue, tmp_path):
+    """The same photos first from a folder (no columns), then from a manifest with a colour column: the manifest's
+    columns are used, the run makes what its dry run said, and its summary counts the manifest's rows."""
+    first = run_embedded(CatalogueRunParams(source=str(catalogue), prompts=["a {category} on a table"],
+                                            images_per_prompt=1, steps=2), progress=False)
+    assert first["products_ingested"] == 3
+    (catalogue / "products.csv").write_text("sku,category,colour,image_uri\nMUG-1,mug,red,mug/MUG-1.png\n"
+                                            "MUG-2,mug,blue,mug/MUG-2.png\nLAMP-1,lamp,yellow,lamp/LAMP-1.png\n"
+                                            "MUG-3,mug,green,\n")
+    params = CatalogueRunParams(source=str(catalogue / "products.csv"), images_per_prompt=2, steps=2,
+                                prompts=["a {colour} {category} on a kitchen counter"], output_prefix="manifest")
+    dry = run_embedded(params.model_copy(update={"dry_run": True}), progress=False)
+    assert dry["images_planned"] == 6
+    summary = run_embedded(params, progress=False)
+    assert summary["status"] == "completed" and summary["images_generated"] == 6
+    assert (summary["products_listed"], summary["products_ingested"], summary["rejected"]) == (4, 3, 1)
+    prompts = {row.prompt for row in history(tmp_path / "home", "prompt")}
+    assert {"a red mug on a kitchen counter", "a blue mug on a kitchen counter",
+            "a yellow lamp on a kitchen counter"} <= prompts
+
+
+def test_a_run_that_plans_no_image_fails_saying_why(platform_env, catalogue, tmp_path, monkeypatch):
+    """A product whose template cannot be filled when the plan is made (its columns changed since the run
+    checked them) is rejected at the plan with its reason; a run left with nothing to make is not completed."""
+    from flows.steps import plan
+
+    real = plan.render_prompt
+
+    def columns_gone(template, subject):
+        subject.attributes = {}
+        return real(template, subject)
+
+    monkeypatch.setattr(plan, "render_prompt", columns_gone)
+    (catalogue / "products.csv").write_text("sku,category,colour,image_uri\nMUG-1,mug,red,mug/MUG-1.png\n")
+    result = CliRunner().invoke(app, ["run", "--source", str(catalogue / "products.csv"), "--prompt",
+                                      "a {colour} {category}", "--steps", "2", "--embedded"])
+    assert result.exit_code == 1, result.output
+    assert "planned no image" in result.output and "names the column 'colour', which MUG-1 has no value for" \
+        in result.output
+    assert "Traceback" not in result.output
+
+
 def test_formats_cutouts_and_packshots(platform_env, catalogue, tmp_path):
     params = CatalogueRunParams(source=str(catalogue / "mug"), prompts=["a {category} on a table"], images_per_prompt=1,
                                 steps=2, formats=["1:1", "4:5@80", "16:9@128"], cutout=True, packshot=True)
