@@ -13,6 +13,7 @@ from db import claims
 from db.models import Generation, Prompt, RejectedItem, Subject, SubjectCache, WorkStatus
 from db.repository import ids_by_key, insert_missing
 from db.session import transaction
+from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.guidance import uses_image_scale
 from dreamcache.core.placement import Placement, canvas_size
 from flows.params import SQUARE, CatalogueRunParams, Format
@@ -120,8 +121,8 @@ def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: Cata
     return dict(todo=todo, repaired=repaired, planned=sorted(ids.values()))
 
 
-class OutputsElsewhere(RuntimeError):
-    """Shots of the plan already exist under another output prefix."""
+class OutputsElsewhere(DreamCacheError):
+    """Shots of the plan already exist under another output prefix: refused on purpose, never retried."""
 
 
 def check_done_shots(platform: Platform, s, generation_ids: Sequence[int], output_prefix: str) -> int:

@@ -265,3 +265,33 @@ def test_an_input_error_on_prefect_is_one_line_without_a_traceback(served, tmp_p
     state, logs = asyncio.run(state_and_logs(flow_run.id))
     assert state.is_failed() and "\n" not in state.message and str(tmp_path / "empty") in state.message, state
     assert "Traceback" not in state.message and not [log.message for log in logs if "Traceback" in log.message]
+
+
+def test_a_refusal_inside_a_task_fails_the_run_at_once_without_a_traceback(served):
+    """A documented refusal raised in a task (shots made already under another prefix) is not retried, leaves no
+    traceback in the run's logs, and is the run's state message as it is (no class name before it)."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    def run(prefix: str):
+        params = dict(source=f"s3://{served['bucket']}/catalogue/", prompts=["a {category} on a beach"],
+                      images_per_prompt=1, steps=2, output_prefix=prefix)
+        return run_deployment("catalogue-run/catalogue", parameters={"params": params}, timeout=300, poll_interval=1)
+
+    assert run("first").state.is_completed()
+    flow_run = run("second")
+    state, logs = asyncio.run(state_and_logs(flow_run.id))
+    assert state.is_failed() and state.message.startswith("3 of the 3 shots this run plans were made already, under "
+                                                          "another output prefix"), state
+    assert not [log.message for log in logs if "Traceback" in log.message or "Retry" in log.message]
+
+    async def plan_runs():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        return [r for r in runs if r.name.startswith("plan_task")]
+
+    (plan,) = asyncio.run(plan_runs())
+    assert plan.state.is_failed() and plan.run_count == 1
