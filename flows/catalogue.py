@@ -35,7 +35,7 @@ from flows import liveness
 from flows.failures import is_expected, one_line, retry_unless_permanent
 from flows.markdown import md, plain
 from flows.params import CatalogueRunParams, parse_rule, shop_formats
-from flows.platform import get_platform
+from flows.platform import get_platform, require_named_stores
 
 # Named, not __name__: a worker runs this file as the script `catalogue`, and only the platform's loggers
 # (PLATFORM_LOGGERS) reach the flow run's logs.
@@ -493,6 +493,7 @@ def catalogue_run(params: CatalogueRunParams) -> dict:
 
     log_platform_info()
     try:
+        require_named_stores(get_platform().settings, f"flow run {flow_run.name}")
         summary = orchestrate(params, PrefectRunner(), flow_run_id=str(flow_run.id), name=flow_run.name)
         if summary.get("status") == "completed":
             summary = review_and_publish(params, summary, on_prefect=True)

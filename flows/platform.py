@@ -18,6 +18,7 @@ from db.objects import ObjectStore, open_store
 from db.session import make_engine, session_factory
 from db.tensors import TensorStore
 from dreamcache.core.cache import model_fingerprint
+from dreamcache.core.errors import DreamCacheError
 from dreamcache.app.config import BUNDLED_MODEL, Settings, load_settings
 
 
@@ -129,6 +130,24 @@ class Platform:
             layer_preset=pipe.dreamcache_preset,
             dtype=str(pipe.unet.dtype).removeprefix("torch."),
         )
+
+
+class EmbeddedDefaults(DreamCacheError, ValueError):
+    """Work started by Prefect with no platform database or object store named: refused, never retried."""
+
+
+def require_named_stores(settings: Settings, who: str) -> None:
+    """Refuse to work under Prefect on the embedded defaults (a SQLite file and a folder in this process's own
+    home): a worker started without the platform's settings would write a database and objects nobody else
+    sees, and say Completed. Setting them, even to a sqlite:/// URL and a local folder, says so on purpose."""
+    missing = [f"DREAMCACHE_{name.upper()}" for name in ("database_url", "objects_url")
+               if getattr(settings, name) is None]
+    if missing:
+        raise EmbeddedDefaults(
+            f"{who} has no {' and no '.join(missing)}: under Prefect the platform's database and object store must "
+            f"be named, not the embedded defaults in {settings.home}; set {' and '.join(missing)} where its process "
+            "gets its environment (the worker's, or the deployment's job_variables), to a sqlite:/// URL and a local "
+            "folder if that is meant")
 
 
 _platforms: dict[str, Platform] = {}

@@ -13,6 +13,12 @@ from db.models import Generation
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def embedded_stores_on_purpose(env, tmp_path) -> None:
+    """Under Prefect the stores are named (flows.platform.require_named_stores): here the embedded ones."""
+    env.setenv("DREAMCACHE_DATABASE_URL", f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    env.setenv("DREAMCACHE_OBJECTS_URL", str(tmp_path / "home" / "objects"))
+
+
 def test_batches_go_to_a_task_worker(prefect_server, platform_env, catalogue, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -21,6 +27,7 @@ def test_batches_go_to_a_task_worker(prefect_server, platform_env, catalogue, tm
 
     platform_env.setenv("PREFECT_API_URL", prefect_server.url)
     platform_env.setenv("PREFECT_HOME", str(prefect_server.home))
+    embedded_stores_on_purpose(platform_env, tmp_path)
     log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker"], cwd=ROOT, env=dict(os.environ),
                               stdout=log, stderr=subprocess.STDOUT)
@@ -41,7 +48,7 @@ def test_batches_go_to_a_task_worker(prefect_server, platform_env, catalogue, tm
     assert workers == [f"{os.uname().nodename}:{worker.pid}"]
 
 
-def test_a_large_plan_is_sharded_into_child_runs(prefect_server, platform_env, catalogue):
+def test_a_large_plan_is_sharded_into_child_runs(prefect_server, platform_env, catalogue, tmp_path):
     import asyncio
 
     from prefect import get_client
@@ -52,6 +59,7 @@ def test_a_large_plan_is_sharded_into_child_runs(prefect_server, platform_env, c
     from flows.params import CatalogueRunParams
 
     platform_env.setenv("PREFECT_API_URL", prefect_server.url)
+    embedded_stores_on_purpose(platform_env, tmp_path)
     params = CatalogueRunParams(source=str(catalogue), prompts=["a {category} on a table"], images_per_prompt=2,
                                 steps=2, batch_size=2, shard_size=4, output_prefix="sharded")
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):

@@ -295,3 +295,25 @@ def test_a_refusal_inside_a_task_fails_the_run_at_once_without_a_traceback(serve
 
     (plan,) = asyncio.run(plan_runs())
     assert plan.state.is_failed() and plan.run_count == 1
+
+
+def test_a_prefect_run_without_the_platform_stores_is_refused_naming_them(prefect_server, platform_env, catalogue,
+                                                                           tmp_path):
+    """A flow run under Prefect on the embedded defaults (a worker started without the platform's settings) fails
+    in one line naming the missing settings, and writes nothing in its own home."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.catalogue import catalogue_run
+    from flows.params import CatalogueRunParams
+
+    platform_env.setenv("PREFECT_API_URL", prefect_server.url)
+    params = CatalogueRunParams(source=str(catalogue), prompts=["a {category} on a beach"], steps=2)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
+        state = catalogue_run(params, return_state=True)
+        assert state.is_failed() and "\n" not in state.message, state
+        assert state.message.startswith("flow run catalogue-shots has no DREAMCACHE_DATABASE_URL and no "
+                                        "DREAMCACHE_OBJECTS_URL: under Prefect"), state.message
+        assert not (tmp_path / "home").exists()
+        platform_env.setenv("DREAMCACHE_DATABASE_URL", f"sqlite:///{tmp_path / 'platform.db'}")
+        state = catalogue_run(params, return_state=True)
+        assert state.is_failed() and "has no DREAMCACHE_OBJECTS_URL: " in state.message, state.message

@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def worker_env(prefect_server, platform_env):
+def worker_env(prefect_server, platform_env, tmp_path):
     platform_env.setenv("PREFECT_API_URL", prefect_server.url)
+    # Under Prefect the stores are named, here the embedded ones on purpose (flows.platform.require_named_stores).
+    platform_env.setenv("DREAMCACHE_DATABASE_URL", f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    platform_env.setenv("DREAMCACHE_OBJECTS_URL", str(tmp_path / "home" / "objects"))
     platform_env.setenv("PREFECT_HOME", str(prefect_server.home))
     return platform_env
 
