@@ -349,7 +349,9 @@ def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GP
 
         log_platform_info()  # its batches' lines go to their task runs' logs
 
-        get_platform(library_cli.settings_or_fail()).pipeline  # load the model before taking work
+        platform = get_platform(library_cli.settings_or_fail())
+        _check_stores(platform, "dreamcache worker")  # before the model loads and the worker subscribes
+        platform.pipeline  # load the model before taking work
         stopped_by = serve_until_stopped(generate_task, limit=limit)
     except (Cancelled, KeyboardInterrupt) as exc:
         stopped_by, held = str(exc) or "SIGINT", " before taking any work"
@@ -358,6 +360,31 @@ def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GP
     if stopped_by:
         typer.secho(f"worker stopped by {stopped_by}{held}", err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(EXIT_TERMINATED if stopped_by == "SIGTERM" else EXIT_INTERRUPTED)
+
+
+def _check_stores(platform, who: str) -> None:
+    """The worker's database and object store named (not the embedded defaults) and reachable, or one line naming
+    what is wrong: a worker that cannot record its work must not wait for work."""
+    from sqlalchemy import text
+
+    from flows.failures import database_problem, is_expected, one_line
+    from flows.platform import require_named_stores
+
+    settings = platform.settings
+    try:
+        require_named_stores(settings, who)
+    except ValueError as exc:
+        library_cli.fail(str(exc))
+    try:
+        with platform.sessions() as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:
+        library_cli.fail(database_problem(settings.resolved_database_url, exc))
+    try:
+        platform.objects.sizes("products/.worker-check")  # a listing that finds nothing: bucket, endpoint, rights
+    except Exception as exc:
+        library_cli.fail(f"object store {settings.resolved_objects_url}: {one_line(exc)}" if not is_expected(exc)
+                         else one_line(exc))
 
 
 def _migrated_platform():

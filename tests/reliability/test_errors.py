@@ -317,3 +317,33 @@ def test_a_prefect_run_without_the_platform_stores_is_refused_naming_them(prefec
         platform_env.setenv("DREAMCACHE_DATABASE_URL", f"sqlite:///{tmp_path / 'platform.db'}")
         state = catalogue_run(params, return_state=True)
         assert state.is_failed() and "has no DREAMCACHE_OBJECTS_URL: " in state.message, state.message
+
+
+@pytest.mark.parametrize("database, expected", [
+    ("postgresql+psycopg://postgres@127.0.0.1:{port}/nowhere",
+     "error: database postgresql+psycopg://postgres@127.0.0.1:{port}/nowhere: "),
+    (None, "error: dreamcache worker has no DREAMCACHE_DATABASE_URL: under Prefect"),
+])
+def test_a_worker_without_its_database_fails_at_start_in_one_line(prefect_server, postgres_server, platform_env,
+                                                                  s3_bucket, database, expected):
+    """`dreamcache worker` checks its database and object store before it subscribes: it never waits for work it
+    could not record."""
+    platform_env.setenv("PREFECT_API_URL", prefect_server.url)
+    platform_env.setenv("DREAMCACHE_OBJECTS_URL", f"s3://{s3_bucket}/platform")
+    if database:
+        platform_env.setenv("DREAMCACHE_DATABASE_URL", database.format(port=postgres_server.port))
+    result = dreamcache("worker")
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = only_line(result.stderr)
+    assert line.startswith(expected.format(port=postgres_server.port)), line
+    assert "Subscribing" not in result.stdout + result.stderr
+
+
+def test_a_worker_whose_bucket_is_missing_fails_at_start_in_one_line(prefect_server, platform_env, postgres_url,
+                                                                     s3_bucket):
+    platform_env.setenv("PREFECT_API_URL", prefect_server.url)
+    platform_env.setenv("DREAMCACHE_DATABASE_URL", postgres_url)
+    platform_env.setenv("DREAMCACHE_OBJECTS_URL", f"s3://{s3_bucket}-gone/platform")
+    result = dreamcache("worker")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "NoSuchBucket" in only_line(result.stderr) and f"{s3_bucket}-gone" in result.stderr
