@@ -140,6 +140,8 @@ def run(
     # SIGINT cancels too, even when this process was started with it ignored (a background job of a shell
     # script, a test runner's child): Python then leaves it ignored, and an operator's SIGINT would do nothing.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if use_prefect:
+        _check_prefect_server()
     try:
         if use_prefect:
             from flows.catalogue import catalogue_run
@@ -166,6 +168,20 @@ def run(
     _print_summary(summary, settings)
     if summary.get("status") == "incomplete":
         raise typer.Exit(EXIT_INCOMPLETE)
+
+
+def _check_prefect_server() -> None:
+    """A Prefect server that does not answer: one line naming its URL and what to do, before any work."""
+    import httpx
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:  # no server named: Prefect starts a temporary one
+        return
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as exc:
+        library_cli.fail(f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(exc).__name__}): start "
+                         "it (`prefect server start`), or unset PREFECT_API_URL (or pass --embedded) for an embedded run")
 
 
 # Exit codes of `dreamcache run` (documented in docs/catalogue-runs.md, for schedulers): 0 completed, 1 failed

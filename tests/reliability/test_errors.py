@@ -347,3 +347,12 @@ def test_a_worker_whose_bucket_is_missing_fails_at_start_in_one_line(prefect_ser
     result = dreamcache("worker")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "NoSuchBucket" in only_line(result.stderr) and f"{s3_bucket}-gone" in result.stderr
+
+
+def test_a_prefect_server_that_does_not_answer_is_named_with_what_to_do(platform_env):
+    platform_env.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    result = CliRunner().invoke(app, ["run", "-p", "a {category}", "--dry-run"])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1].startswith("error: the Prefect server at PREFECT_API_URL=http://127.0.0.1:9/api "
+                                                     "does not answer (ConnectError): start it"), result.output
+    assert "unset PREFECT_API_URL" in result.output and "Traceback" not in result.output
