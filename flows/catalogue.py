@@ -378,6 +378,9 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         listing, prompts, places = inputs
         runs.reject(platform, run_id, "ingest", listing.rejected)
         runs.reject(platform, run_id, "prompts", prompts.rejected)
+        if listing.skipped:
+            logger.warning("run %d: %d files of %s are not product images and are skipped (e.g. %s)", run_id,
+                           len(listing.skipped), params.source, ", ".join(listing.skipped[:5]))
         logger.info("run %d: %d products listed from %s (%d rejected), %d prompts", run_id, len(listing.items),
                     params.source, len(listing.rejected), len(prompts.templates))
         batches = chunks(listing.items, INGEST_BATCH)
@@ -420,6 +423,7 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
                                   params.output_prefix, caches_open)
         summary["run_id"], summary["shots_repaired"] = run_id, planned["repaired"]
         summary["assets"] = asset_uris
+        summary["files_skipped"], summary["skipped"] = len(listing.skipped), listing.skipped[:20]
         with transaction(platform.sessions) as session:
             summary["products"] = queries.best_scores(session, run_id)
             summary["review"] = runs.review_counts(session, run_id)

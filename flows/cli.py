@@ -197,6 +197,7 @@ def _print_summary(summary: dict, settings: Settings) -> None:
                    f"{summary['images_planned']} images would be generated")
         for r in summary["rejections"]:
             typer.echo(f"  rejected {r['item']}: {r['reason']}")
+        _print_skipped(summary)
         return
     typer.echo(
         f"\nrun {summary['run_id']}: {summary['products_listed']} products listed, {summary['products_ingested']} ingested, "
@@ -207,6 +208,7 @@ def _print_summary(summary: dict, settings: Settings) -> None:
         + ")")
     for r in summary["rejections"]:
         typer.secho(f"  rejected at {r['stage']}: {r['item']}: {r['reason']}", fg=typer.colors.YELLOW)
+    _print_skipped(summary)
     if summary.get("status") == "incomplete":
         typer.secho(f"incomplete: {summary['images_open']} images and {summary['caches_open']} product caches are still "
                     "open", fg=typer.colors.YELLOW)
@@ -232,6 +234,13 @@ def _print_summary(summary: dict, settings: Settings) -> None:
     typer.echo(f"database: {_safe(url)}")
     typer.echo("try: dreamcache history   (or in SQL: SELECT sku, prompt, seed, mdino, output_uri FROM generation_history "
                "ORDER BY generation_id DESC LIMIT 10;)")
+
+
+def _print_skipped(summary: dict) -> None:
+    if summary.get("files_skipped"):
+        shown = ", ".join(summary["skipped"]) + (", ..." if summary["files_skipped"] > len(summary["skipped"]) else "")
+        typer.secho(f"  skipped {summary['files_skipped']} files that are not product images: {shown}",
+                    fg=typer.colors.YELLOW)
 
 
 @app.command()

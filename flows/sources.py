@@ -34,6 +34,7 @@ class SourceItem:
 class Listing:
     items: list[SourceItem]
     rejected: list[tuple[str, str]]  # (item, reason)
+    skipped: list[str] = field(default_factory=list)  # files of a folder or prefix that are not images
 
 
 def read_uri(uri: str) -> bytes:
@@ -54,11 +55,15 @@ def list_source(source: str, places: Places | None = None) -> Listing:
     if Path(urlparse(source).path).suffix.lower() in MANIFEST_SUFFIXES:
         return _manifest(source, places)
     if source.startswith("s3://"):
-        return _unique(_s3_images(source))
+        images, skipped = _s3_images(source)
+        listing = _unique(images)
+        listing.skipped = skipped
+        return listing
     folder = Path(urlparse(source).path if source.startswith("file://") else source).expanduser().absolute()
     if not folder.is_dir():
         raise MissingInput(f"source {source} is neither a folder, an s3:// prefix nor a .csv/.jsonl manifest")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     outside = []
     for p in list(images):
         try:
@@ -68,7 +73,13 @@ def list_source(source: str, places: Places | None = None) -> Listing:
             images.remove(p)
     listing = _unique([_item(p.relative_to(folder).as_posix(), str(p)) for p in images])
     listing.rejected[:0] = outside
+    listing.skipped = [p.relative_to(folder).as_posix() for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     return listing
+
+
+def _hidden(relative: Path) -> bool:
+    """A dot file or folder (.DS_Store, .git): not the catalogue's, not counted as skipped."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _problem(sku: str, uri: str, category: str | None) -> str | None:
@@ -105,20 +116,24 @@ def _item(relative: str, uri: str) -> SourceItem:
     return SourceItem(sku=Path(parts[-1]).stem, uri=uri, category=parts[-2] if len(parts) > 1 else None)
 
 
-def _s3_images(source: str) -> list[SourceItem]:
+def _s3_images(source: str) -> tuple[list[SourceItem], list[str]]:
+    """The images under an S3 prefix, and the other keys (skipped)."""
     import boto3
 
     parsed = urlparse(source)
     prefix = parsed.path.lstrip("/")
-    items = []
+    items, skipped = [], []
     from db.objects import s3_errors  # S3's errors as one line naming the bucket, prefix, code and what to do
 
     with s3_errors(parsed.netloc, prefix, "list"):
         for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=parsed.netloc, Prefix=prefix):
             for obj in page.get("Contents", []):
+                relative = obj["Key"][len(prefix):].lstrip("/")
                 if Path(obj["Key"]).suffix.lower() in IMAGE_SUFFIXES:
-                    items.append(_item(obj["Key"][len(prefix):].lstrip("/"), f"s3://{parsed.netloc}/{obj['Key']}"))
-    return sorted(items, key=lambda i: i.uri)
+                    items.append(_item(relative, f"s3://{parsed.netloc}/{obj['Key']}"))
+                elif relative and not obj["Key"].endswith("/") and not _hidden(Path(relative)):
+                    skipped.append(relative)
+    return sorted(items, key=lambda i: i.uri), sorted(skipped)
 
 
 def _manifest(source: str, places: Places) -> Listing:

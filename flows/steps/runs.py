@@ -124,5 +124,6 @@ def dry_run(params: CatalogueRunParams, inputs) -> dict:
             bad.append((item.uri, str(exc)))
     return dict(dry_run=True, products_listed=len(listing.items) + len(listing.rejected), products_valid=good, rejected=len(bad),
                 rejections=[dict(stage="inputs", item=i, reason=r) for i, r in bad[:100]],
+                files_skipped=len(listing.skipped), skipped=listing.skipped[:20],
                 prompts=len(prompts.templates), images_planned=good * len(prompts.templates) * params.images_per_prompt
                 * len(params.shop_formats))

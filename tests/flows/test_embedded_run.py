@@ -83,6 +83,17 @@ def test_the_cli_runs_and_reports(platform_env, catalogue, tmp_path):
     assert history.exit_code == 0 and "a lamp at dusk" in history.output and "MUG-1" not in history.output
 
 
+def test_files_that_are_not_images_are_counted_as_skipped(platform_env, catalogue, tmp_path):
+    (catalogue / "notes.txt").write_text("photographed in May")
+    (catalogue / "mug" / ".DS_Store").write_bytes(b"\0")
+    dry = CliRunner().invoke(app, ["run", "--source", str(catalogue), "-p", "a {category}", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "skipped 1 files that are not product images: notes.txt\n" in dry.output and ".DS_Store" not in dry.output
+    summary = run_embedded(CatalogueRunParams(source=str(catalogue), prompts=["a {category}"], steps=2),
+                           progress=False)
+    assert (summary["files_skipped"], summary["skipped"]) == (1, ["notes.txt"])
+
+
 def test_bad_parameters_are_refused_before_anything_runs(platform_env, catalogue):
     result = CliRunner().invoke(app, ["run", "--source", str(catalogue), "-p", "x", "--steps", "-1"])
     assert result.exit_code == 1 and "steps: Input should be greater than or equal to 0" in result.output
