@@ -555,14 +555,18 @@ def review_and_publish(params: CatalogueRunParams, summary: dict, on_prefect: bo
                                                              decision.rest, decision.reviewer, decision.note)
                     with transaction(platform.sessions) as session:
                         facts["review"] = runs.review_counts(session, run_id)
-                    logger.info("run %d reviewed: %s", run_id, facts["review"])
+                    counts = facts["review"]
+                    logger.info("run %d reviewed: %d approved, %d rejected, %d still waiting", run_id,
+                                counts["approved"], counts["rejected"], counts["pending"])
             except review.ReviewError as exc:  # the form's answer, not the run, is wrong: the shots keep waiting
                 facts["review_error"] = str(exc)
                 logger.error("run %d: the review decision was not applied: %s; decide with `dreamcache review %d`",
                              run_id, exc, run_id)
     if params.publish_prefix:
         facts["published"] = (publish_task if on_prefect else publish_task.fn)(run_id, params.publish_prefix)
-        logger.info("run %d published to %s: %s", run_id, params.publish_prefix, facts["published"])
+        published = facts["published"]
+        logger.info("run %d published to %s: %d added, %d withdrawn, %d in all", run_id, params.publish_prefix,
+                    published.get("added", 0), published.get("withdrawn", 0), published.get("total", 0))
     if facts:
         runs.record(platform, run_id, **facts)
     return {**summary, **facts}

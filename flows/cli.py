@@ -483,7 +483,10 @@ def review(
         scores = " ".join(f"{r['scores'][m]:6.3f}" if m in r["scores"] else "     -" for m in ("mdino", "clip_t"))
         typer.echo(f"{r['id']:>6} {r['sku'][:16]:<16} {r['seed']:>5} {scores}  {r['prompt']}\n"
                    f"{'':>45}{r['output_uri']}")
-    typer.echo(f"{len(rows)} shots await review: decide with `dreamcache review {run_id} --approve 1,2 --reject 3` "
+    ids = [str(r["id"]) for r in rows]  # the hint names this run's own ids: two approved, the next rejected
+    approve_ids = ids[:max(1, min(2, len(ids) - 1))]
+    example = f"--approve {','.join(approve_ids)}" + (f" --reject {ids[len(approve_ids)]}" if len(ids) > 1 else "")
+    typer.echo(f"{len(rows)} shots await review: decide with `dreamcache review {run_id} {example}` "
                "(--rest approve or --rest reject for all the others)")
 
 

@@ -1,5 +1,6 @@
 """The review gate: score rules approve what passes (at most keep_best per group), people decide the rest."""
 
+import re
 from typing import NamedTuple
 
 import pytest
@@ -195,6 +196,8 @@ def test_the_cli_lists_the_shots_awaiting_review_and_decides(run):
     assert listed.exit_code == 0, listed.output
     assert "9 shots await review" in listed.output and "a lamp on a beach" in listed.output
     assert f"{shots['MUG-1', 0]:>6} MUG-1" in listed.output and " 0.900 " in listed.output
+    hint = re.search(rf"dreamcache review {run_id} --approve (\d+),(\d+) --reject (\d+)`", listed.output)
+    assert hint and {int(i) for i in hint.groups()} <= set(shots.values()), listed.output  # this run's own ids
 
     a, b, c, d = shots["MUG-1", 0], shots["MUG-1", 1], shots["LAMP-1", 0], shots["LAMP-1", 1]
     decided = cli.invoke(app, ["review", str(run_id), "--approve", f"{a},{b}", "--approve", str(c), "--reject", str(d),
