@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from flows.places import MANIFEST_SUFFIXES, InvalidInputs, MissingInput, OutsidePlaces, Places, locate, read_s3
+from flows.places import (MANIFEST_SUFFIXES, InvalidInputs, MissingInput, OutsidePlaces, Places, locate, open_resolved,
+                          read_s3)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 REQUIRED_COLUMNS = ("sku", "image_uri")
@@ -58,17 +60,63 @@ def list_source(source: str, places: Places | None = None) -> Listing:
     folder = Path(urlparse(source).path if source.startswith("file://") else source).expanduser().absolute()
     if not folder.is_dir():
         raise MissingInput(f"source {source} is neither a folder, an s3:// prefix nor a .csv/.jsonl manifest")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    outside = []
-    for p in list(images):
+    found, unlisted = _folder_images(places.check(str(folder), f"source {source}").path, f"source {source}")
+    images, outside = [], []
+    for relative in found:
         try:
-            places.check(str(p), f"{p.relative_to(folder).as_posix()} (a link)")
+            places.check(str(folder / relative), f"{relative} (a link)")
         except OutsidePlaces as exc:  # a symlink out of the catalogue: refused, and not followed
-            outside.append((p.relative_to(folder).as_posix(), str(exc)))
-            images.remove(p)
-    listing = _unique([_item(p.relative_to(folder).as_posix(), str(p)) for p in images])
-    listing.rejected[:0] = outside
+            outside.append((relative, str(exc)))
+            continue
+        images.append(_item(relative, str(folder / relative)))
+    listing = _unique(images)
+    listing.rejected[:0] = unlisted + outside
     return listing
+
+
+# Deeper than any catalogue's categories; a deeper tree is refused folder by folder, not walked.
+MAX_FOLDER_DEPTH = 32
+
+
+def _folder_images(path: str, what: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files under the folder at the resolved `path` (relative, sorted), and the folders that could
+    not be listed with their reason. The walk goes from each folder's descriptor and never follows a link:
+    a link with an image's name is listed (where it points is checked later, as for any item, whether or
+    not its target exists); a link to a folder is not entered."""
+    found, unlisted = [], []
+
+    def walk(fd: int, prefix: str, depth: int) -> None:
+        try:
+            with os.scandir(fd) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            unlisted.append((prefix or ".", f"folder cannot be listed ({exc.strerror}); it is skipped"))
+            return
+        for entry in entries:
+            relative = prefix + entry.name
+            image = Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+            try:
+                if entry.is_symlink() or (image and entry.is_file(follow_symlinks=False)):
+                    if image:
+                        found.append(relative)
+                elif entry.is_dir(follow_symlinks=False):
+                    if depth >= MAX_FOLDER_DEPTH:
+                        unlisted.append((relative, f"folder is deeper than {MAX_FOLDER_DEPTH} levels; it is skipped"))
+                        continue
+                    child = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    try:
+                        walk(child, relative + "/", depth + 1)
+                    finally:
+                        os.close(child)
+            except OSError as exc:  # replaced or removed while listed
+                unlisted.append((relative, f"changed while the folder was listed ({exc.strerror}); it is skipped"))
+
+    root = open_resolved(path, what, folder=True)
+    try:
+        walk(root, "", 0)
+    finally:
+        os.close(root)
+    return sorted(found, key=lambda relative: relative.split("/")), unlisted
 
 
 def _problem(sku: str, uri: str, category: str | None) -> str | None:
