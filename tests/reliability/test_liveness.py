@@ -192,3 +192,47 @@ def test_a_heartbeat_renews_what_its_worker_holds_and_its_runs(catalogue, engine
     soon = utcnow() + platform.lease - timedelta(seconds=5)
     assert all(lease.replace(tzinfo=soon.tzinfo) > soon for lease in leases)
     assert heartbeat.replace(tzinfo=soon.tzinfo) > utcnow() - timedelta(seconds=5)
+
+
+def test_two_dreamcache_runs_at_once_on_sqlite_both_end_truthfully(catalogue, engine):
+    # The first run is stopped (SIGSTOP) mid-generation while it holds images: alive, with a fresh heartbeat
+    # and an hour's lease, so it is running for the whole of the second run, however long that takes.
+    env = dict(os.environ, DREAMCACHE_LEASE_SECONDS="3600")
+    first = subprocess.Popen([sys.executable, "-m", "flows.cli", *cli_args(catalogue)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    me = f"{socket.gethostname()}:{first.pid}"
+    try:
+        while first.poll() is None:
+            time.sleep(0.05)
+            try:
+                with engine.connect() as db:
+                    mine = db.scalar(select(func.count()).where(Generation.status == "running",
+                                                                Generation.claimed_by == me))
+            except Exception:
+                continue  # the schema may not exist yet
+            if mine:
+                first.send_signal(signal.SIGSTOP)
+                break
+        second = subprocess.run([sys.executable, "-m", "flows.cli", *cli_args(catalogue)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    output = first.communicate(timeout=300)[0].decode()
+    assert first.returncode == 0, output
+    assert second.returncode == EXIT_INCOMPLETE, second.stdout.decode()
+    assert "Traceback" not in second.stdout.decode() and f"held by {me} until" in second.stdout.decode()
+    a, b = runs(engine)
+    assert (a.status, b.status) == ("completed", "incomplete")  # neither taken for crashed: both were alive
+    assert counts(engine) == {"done": PLANNED}
+    with engine.connect() as db:
+        assert len(set(db.scalars(select(Generation.output_uri)).all())) == PLANNED  # each image once
+
+
+def test_a_run_without_a_heartbeat_for_longer_than_the_lease_is_crashed_on_sqlite(catalogue, engine):
+    assert run_embedded(params(catalogue), progress=False)["status"] == "completed"
+    with engine.begin() as db:  # a run of a worker on another host, silent for two hours
+        db.execute(update(Run).values(status="running", owner="elsewhere:1",
+                                      heartbeat_at=utcnow() - timedelta(hours=2)))
+    assert run_embedded(params(catalogue), progress=False)["status"] == "completed"
+    silent, rerun = runs(engine)
+    assert silent.status == "crashed" and "no heartbeat from elsewhere:1 since" in silent.error
