@@ -237,7 +237,8 @@ def verify(
     for p in report.problems:
         typer.secho(f"  {p['kind']} {p['item']}: {p['uri']} is {p['problem']}", fg=typer.colors.YELLOW)
     if not report.problems:
-        typer.echo("all whole")
+        typer.echo(f"no damage found; {report.waiting} shots found damaged before wait to be made again by the next "
+                   "run over their catalogue" if report.waiting else "all whole")
     elif repair:
         repaired = ", ".join(f"{n} {kind}s" for kind, n in sorted(report.repaired.items()))
         typer.echo(f"repaired: {repaired}; shots, caches and cut-outs made pending are made again by the next run "
