@@ -158,6 +158,8 @@ def _s3_images(source: str) -> list[SourceItem]:
 
     parsed = urlparse(source)
     prefix = parsed.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):  # a prefix is a folder: s3://shop/catalogue never lists catalogue-private/
+        prefix += "/"
     items = []
     from db.objects import s3_errors  # S3's errors as one line naming the bucket, prefix, code and what to do
 

@@ -306,3 +306,24 @@ def test_a_folder_swapped_for_a_link_while_listed_costs_an_item_not_the_run(flip
         if raced >= 20:
             break
     assert raced >= 20
+
+
+# --- probing: what a run's answers reveal about the world outside its places -----------------------------------
+
+def test_links_out_of_the_catalogue_are_refused_alike_whether_or_not_their_target_exists(tmp_path, catalogue):
+    (tmp_path / "there.png").write_bytes((catalogue / "mug" / "MUG-1.png").read_bytes())
+    (catalogue / "mug" / "THERE.png").symlink_to(tmp_path / "there.png")
+    (catalogue / "mug" / "NOWHERE.png").symlink_to(tmp_path / "nowhere.png")  # no such file
+    reasons = dict(list_source(str(catalogue)).rejected)
+    assert reasons["mug/THERE.png"].replace("THERE", "X") == reasons["mug/NOWHERE.png"].replace("NOWHERE", "X")
+    assert "outside the places" in reasons["mug/NOWHERE.png"]
+
+
+def test_an_s3_prefix_is_a_folder_not_the_start_of_a_name(s3_bucket):
+    s3 = boto3.client("s3")
+    image = (Path(__file__).parents[2] / "flows" / "examples").rglob("*.png").__next__().read_bytes()
+    s3.put_object(Bucket=s3_bucket, Key="catalogue/mug/MUG-1.png", Body=image)
+    s3.put_object(Bucket=s3_bucket, Key="catalogue-private/mug/SECRET.png", Body=image)
+    listing = list_source(f"s3://{s3_bucket}/catalogue")
+    assert [item.sku for item in listing.items] == ["MUG-1"]
+    assert not [item for item, reason in listing.rejected if "private" in item + reason]
