@@ -179,19 +179,38 @@ def _manifest(source: str, places: Places) -> Listing:
     except UnicodeDecodeError as exc:
         raise InvalidInputs(f"manifest {source} is not UTF-8 text (byte {exc.start}): save it as UTF-8 CSV or JSON "
                          "lines") from None
+    # One row is one item: a row that cannot be read is rejected with its line, and the run goes on.
     if source.lower().endswith(".jsonl"):
         rows = []
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    rows.append((n, json.loads(line)))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    rows.append((n, {"__error__": f"not valid JSON ({exc.msg})"}))
-        columns = set().union(*(r.keys() for _, r in rows)) if rows else set()
+                    row = {"__error__": f"not valid JSON ({exc.msg})"}
+                except RecursionError:
+                    row = {"__error__": "nested too deeply to read; give one flat JSON object a line"}
+                if not isinstance(row, dict):
+                    kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(row), "a number")
+                    row = {"__error__": f"{kind}, not a JSON object; give one JSON object a line"}
+                rows.append((n, row))
+        columns = set().union(*(r.keys() for _, r in rows if "__error__" not in r)) if rows else set()
     else:
         reader = csv.DictReader(io.StringIO(text))
-        columns = set(reader.fieldnames or [])
-        rows = list(enumerate(reader, start=2))
+        try:
+            columns = set(reader.fieldnames or [])
+        except csv.Error as exc:
+            raise InvalidInputs(f"manifest {source} line 1 (its header) cannot be read ({exc})") from None
+        rows = []
+        while True:
+            line = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # a field over the csv module's limit, a NUL byte, ...
+                row = {"__error__": f"not a readable CSV row ({exc})"}
+            rows.append((line, row))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise InvalidInputs(f"manifest {source} lacks the column(s) {', '.join(missing)} (it has: {sorted(columns)})")
