@@ -14,6 +14,8 @@ from flows.places import (MANIFEST_SUFFIXES, InvalidInputs, MissingInput, Outsid
                           read_s3)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# Photo formats a catalogue may hold that the platform does not read: rejected by name, not passed over.
+UNREAD_IMAGE_SUFFIXES = {".avif", ".heic", ".heif", ".jxl", ".jp2", ".svg", ".psd", ".raw", ".cr2", ".nef", ".dng"}
 REQUIRED_COLUMNS = ("sku", "image_uri")
 # A manifest is read whole; 100 MB holds about a million rows.
 MAX_MANIFEST_BYTES = 100_000_000
@@ -95,6 +97,10 @@ def _folder_images(path: str, what: str) -> tuple[list[str], list[tuple[str, str
         for entry in entries:
             relative = prefix + entry.name
             image = Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+            if Path(entry.name).suffix.lower() in UNREAD_IMAGE_SUFFIXES:
+                unlisted.append((relative, f"{Path(entry.name).suffix.lower()} images are not read; convert it to "
+                                           "PNG, JPEG or WebP"))
+                continue
             try:
                 if entry.is_symlink() or (image and entry.is_file(follow_symlinks=False)):
                     if image:
@@ -198,9 +204,14 @@ def _manifest(source: str, places: Places) -> Listing:
     else:
         reader = csv.DictReader(io.StringIO(text))
         try:
-            columns = set(reader.fieldnames or [])
+            header = reader.fieldnames or []
         except csv.Error as exc:
             raise InvalidInputs(f"manifest {source} line 1 (its header) cannot be read ({exc})") from None
+        columns = set(header)
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise InvalidInputs(f"manifest {source} names the column(s) {', '.join(map(repr, twice))} twice; "
+                                "keep one of each")
         rows = []
         while True:
             line = reader.line_num + 1
@@ -210,6 +221,9 @@ def _manifest(source: str, places: Places) -> Listing:
                 break
             except csv.Error as exc:  # a field over the csv module's limit, a NUL byte, ...
                 row = {"__error__": f"not a readable CSV row ({exc})"}
+            if None in row:  # more fields than the header has columns
+                row = {"__error__": f"{len(row[None])} more field(s) than the header's {len(header)} columns; "
+                                    "quote values that hold commas"}
             rows.append((line, row))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:

@@ -412,3 +412,19 @@ def test_an_embedded_run_over_the_whole_corpus_finishes_the_good_and_accounts_fo
     assert accounted == attempted
     for image in images:  # the sidecar of each names its product
         assert json.loads(image.with_suffix(".json").read_text())["sku"] in good
+
+
+def test_unread_formats_and_odd_csv_columns_are_named_not_passed_over(tmp_path):
+    from flows.places import InvalidInputs
+
+    (tmp_path / "shop" / "mug").mkdir(parents=True)
+    (tmp_path / "shop" / "mug" / "MUG-9.avif").write_bytes(b"\x00\x00\x00\x1cftypavif")
+    listing = list_source(str(tmp_path / "shop"))
+    assert listing.rejected == [("mug/MUG-9.avif", ".avif images are not read; convert it to PNG, JPEG or WebP")]
+    (tmp_path / "a.png").write_bytes(b"a")
+    (tmp_path / "m.csv").write_text("sku,image_uri\nA,a.png\nB,b, red.png\n")
+    ((item, reason),) = list_source(str(tmp_path / "m.csv")).rejected
+    assert item.endswith("m.csv line 3") and reason.startswith("1 more field(s) than the header's 2 columns")
+    (tmp_path / "m.csv").write_text("sku,image_uri,sku\nA,a.png,B\n")
+    with pytest.raises(InvalidInputs, match=r"m\.csv names the column\(s\) 'sku' twice; keep one of each"):
+        list_source(str(tmp_path / "m.csv"))
