@@ -134,12 +134,17 @@ def run(
     from flows.liveness import Cancelled
 
     def stop(signum, frame):  # SIGTERM (Kubernetes, systemd, kill): stop as cleanly as on Ctrl-C
+        # Once: a second signal would cut short the giving back of claims and the run's record (SIGKILL still works).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Cancelled(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
     # SIGINT cancels too, even when this process was started with it ignored (a background job of a shell
     # script, a test runner's child): Python then leaves it ignored, and an operator's SIGINT would do nothing.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, stop)
     try:
         if use_prefect:
             from flows.catalogue import catalogue_run

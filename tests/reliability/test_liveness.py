@@ -62,7 +62,15 @@ def dead_worker() -> str:
     return f"{socket.gethostname()}:{gone.pid}"
 
 
-def stop_mid_generation(catalogue, engine, signum, ignore_sigint: bool = False) -> subprocess.CompletedProcess:
+def run_stopping(engine) -> None:
+    """Wait until the run's first claims have been given back (it is stopping, not yet stopped)."""
+    while True:
+        with engine.connect() as db:
+            if db.scalar(select(func.count()).where(Generation.status == "running")) < 2:
+                return
+
+
+def stop_mid_generation(catalogue, engine, signum, ignore_sigint: bool = False, times: int = 1) -> subprocess.CompletedProcess:
     """A `dreamcache run` in its own process, sent `signum` once it has finished some images and holds others.
 
     ignore_sigint: start it with SIGINT ignored, as a shell script's background job is."""
@@ -80,7 +88,10 @@ def stop_mid_generation(catalogue, engine, signum, ignore_sigint: bool = False) 
         except Exception:
             continue  # the schema may not exist yet
         if done >= 2 and mine >= 1:  # images finished, and a batch of this process's in hand
-            run.send_signal(signum)
+            for n in range(times):
+                run.send_signal(signum)
+                if n + 1 < times:  # the next one while the run is stopping
+                    run_stopping(engine)
             break
     output, _ = run.communicate(timeout=60)
     return subprocess.CompletedProcess(run.args, run.returncode, output.decode())
@@ -236,3 +247,11 @@ def test_a_run_without_a_heartbeat_for_longer_than_the_lease_is_crashed_on_sqlit
     assert run_embedded(params(catalogue), progress=False)["status"] == "completed"
     silent, rerun = runs(engine)
     assert silent.status == "crashed" and "no heartbeat from elsewhere:1 since" in silent.error
+
+
+def test_a_second_sigterm_while_the_run_gives_its_claims_back_prints_no_traceback(catalogue, engine):
+    stopped = stop_mid_generation(catalogue, engine, signal.SIGTERM, times=2)
+    assert stopped.returncode == EXIT_TERMINATED, stopped.stdout
+    assert "Traceback" not in stopped.stdout and "the run is cancelled" in stopped.stdout
+    (run,) = runs(engine)
+    assert run.status == "cancelled" and "running" not in counts(engine)
