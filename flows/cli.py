@@ -134,12 +134,17 @@ def run(
     from flows.liveness import Cancelled
 
     def stop(signum, frame):  # SIGTERM (Kubernetes, systemd, kill): stop as cleanly as on Ctrl-C
+        # Once: a second signal would cut short the giving back of claims and the run's record (SIGKILL still works).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Cancelled(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
     # SIGINT cancels too, even when this process was started with it ignored (a background job of a shell
     # script, a test runner's child): Python then leaves it ignored, and an operator's SIGINT would do nothing.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, stop)
     try:
         if use_prefect:
             from flows.catalogue import catalogue_run
@@ -237,7 +242,8 @@ def verify(
     for p in report.problems:
         typer.secho(f"  {p['kind']} {p['item']}: {p['uri']} is {p['problem']}", fg=typer.colors.YELLOW)
     if not report.problems:
-        typer.echo("all whole")
+        typer.echo(f"no damage found; {report.waiting} shots found damaged before wait to be made again by the next "
+                   "run over their catalogue" if report.waiting else "all whole")
     elif repair:
         repaired = ", ".join(f"{n} {kind}s" for kind, n in sorted(report.repaired.items()))
         typer.echo(f"repaired: {repaired}; shots, caches and cut-outs made pending are made again by the next run "

@@ -14,6 +14,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import torch
 from pydantic import Field, ValidationError, field_validator
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
         "S3 endpoint and credentials come from the standard AWS environment and config.",
     )
     lease_seconds: int = Field(
-        default=60, ge=5, description="How long a claimed item and a run stay a worker's without a heartbeat (renewed "
+        default=60, ge=5, le=86_400, description="How long a claimed item and a run stay a worker's without a heartbeat (renewed "
         "every quarter of it while the worker lives); then others may take the items, and the run counts as crashed.",
     )
     allowed_sources: Annotated[list[str], NoDecode] = Field(
@@ -127,7 +128,34 @@ class Settings(BaseSettings):
     def _split_places(cls, value):
         if isinstance(value, str):  # from the environment: a JSON list or comma-separated
             value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        if not isinstance(value, list) or not all(isinstance(place, str) for place in value):
+            raise ValueError("give the places as text: comma-separated, or a list of strings")
         return [place.strip() for place in value if place.strip()]
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _a_device(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                torch.device(value)
+            except (RuntimeError, ValueError):
+                raise ValueError("not a device: use auto, cpu, cuda or cuda:N") from None
+        return value
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _a_database_url(cls, value: str | None) -> str | None:
+        # Checked here, so that a typo is one line now rather than the driver's traceback later; the URL is
+        # never repeated in the message (it may hold a password).
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme.split("+")[0] not in ("sqlite", "postgresql"):
+                raise ValueError("the URL's scheme is neither sqlite:// nor postgresql+psycopg://")
+            try:
+                parts.port
+            except ValueError:
+                raise ValueError("the URL's port is not a number from 1 to 65535") from None
+        return value
 
     @field_validator("home", mode="after")
     @classmethod
@@ -223,6 +251,9 @@ def load_settings(**overrides) -> Settings:
     """The settings (`overrides`, then the environment, then the config file, then the defaults), or a
     SettingsError whose message is one line naming the variable, or the config file and line, at fault."""
     config_file = os.environ.get("DREAMCACHE_CONFIG") or None
+    unknown = _unknown_variables()
+    if unknown:
+        raise SettingsError("; ".join(unknown))
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -240,6 +271,25 @@ def load_settings(**overrides) -> Settings:
         if config_file and not Path(config_file).is_file():
             raise SettingsError(f"DREAMCACHE_CONFIG: {config_file} is not a file") from None
         raise SettingsError(f"config file {config_file}: cannot be read ({exc.strerror or exc})") from None
+
+
+# DREAMCACHE_ names that are not settings: the config file's name, and the deployment's (infra/).
+OTHER_VARIABLES = ("DREAMCACHE_CONFIG", "DREAMCACHE_DB_PASSWORD", "DREAMCACHE_CODE_DIR", "DREAMCACHE_IMAGE",
+                   "DREAMCACHE_TAG")
+
+
+def _unknown_variables() -> list[str]:
+    """A problem for each DREAMCACHE_ variable that is no setting (a typo would otherwise be ignored), with the
+    nearest known name; never its value."""
+    known = [f"DREAMCACHE_{name.upper()}" for name in Settings.model_fields]
+    problems = []
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if upper.startswith("DREAMCACHE_") and upper not in known and upper not in OTHER_VARIABLES:
+            close = difflib.get_close_matches(upper, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
+            problems.append(f"unknown setting {name} ({hint}); unset it")
+    return problems
 
 
 def _describe(exc: ValidationError, overrides: dict, config_file: str | None) -> str:
@@ -261,9 +311,6 @@ def _describe(exc: ValidationError, overrides: dict, config_file: str | None) ->
                 problems.append(f"config file {config_file}{_line_of(file_text, field) or ''}: unknown setting "
                                 f"{field!r}{hint}")
             continue
-        value = error.get("input")
-        if not isinstance(value, (dict, list)) and str(value) not in message:
-            message += f" (got {value!r})"
         if field in overrides:
             where = field
         elif variable in environment:

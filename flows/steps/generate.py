@@ -11,7 +11,7 @@ from functools import partial
 from typing import Callable, Sequence
 
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from db import claims
 from db.models import Generation, Prompt, Score, Segmentation, Subject, SubjectCache
@@ -264,6 +264,8 @@ def _write_part(platform, part, images, twins, scores, products, output_prefix: 
             stored = platform.objects.put(key, png(image), "image/png")
             platform.objects.put(sidecar_key(key), sidecar(gen, subject, text, score_rows, twin_uri), "application/json")
             with transaction(platform.sessions) as s:
+                # A shot made again (it was lost or damaged) is scored again: its old image's scores go.
+                s.execute(delete(Score).where(Score.generation_id == gen.id))
                 insert_missing(s, Score, score_rows)
                 claims.complete(s, Generation, gen.id, me, output_uri=stored.uri, output_sha256=stored.sha256,
                                 output_bytes=stored.size, duration_s=seconds)
