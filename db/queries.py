@@ -15,7 +15,8 @@ IDS_PER_QUERY = 10_000
 
 
 def scores_by_generation(session: Session, generation_ids: Sequence[int]) -> dict[int, dict[str, float]]:
-    """generation id -> {metric label: value}, masked metrics prefixed "m" (mdino, mclip_i)."""
+    """generation id -> {score name: value}, masked metrics prefixed "m" (mdino, mclip_i): the names of
+    `dreamcache.perception.scoring.METRICS`, spelled as `metric_name` does (this layer does not load the models)."""
     out: dict[int, dict[str, float]] = {}
     ids = list(generation_ids)
     for start in range(0, len(ids), IDS_PER_QUERY):

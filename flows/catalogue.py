@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from db import queries
 from db.session import transaction
+from dreamcache.perception.scoring import METRICS
 from flows.places import InvalidInputs, Places
 from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
 from flows.steps.prompts import Prompts, check_templates, load_prompts
@@ -183,8 +184,6 @@ class PrefectRunner(Runner):
                     summary.get("images_generated"), summary.get("images_failed"), summary.get("output"))
 
 
-# Masked scores first: they judge the product, not the scene around it.
-SCORE_ORDER = ("mdino", "mclip_i", "clip_t", "dino", "clip_i")
 # Contact sheets shown as pictures in a run's summary artifact; the others are listed as links.
 MAX_PICTURES = 24
 # A local store's sheet is embedded in the artifact, shrunk to this many pixels on its longer side.
@@ -196,7 +195,7 @@ def product_rows(products: list[dict], failed: dict[str, int], sheets: dict[str,
     from the first row): images made and failed, the best score of each metric recorded, its contact sheet."""
     best = {row["sku"]: row for row in products}
     recorded = {key.removeprefix("best_") for row in products for key in row if key.startswith("best_")}
-    metrics = [m for m in SCORE_ORDER if m in recorded] + sorted(recorded - set(SCORE_ORDER))
+    metrics = [m for m in METRICS if m in recorded] + sorted(recorded - set(METRICS))
     rows = []
     for sku in sorted(set(best) | set(failed) | set(sheets)):
         row = dict(sku=md(sku), images=best.get(sku, {}).get("images", 0), failed=failed.get(sku, 0))

@@ -180,7 +180,7 @@ def test_shots_are_scored_when_scorer_models_are_configured(platform_env, catalo
     assert len(rows) == 3 and all(r.dino is not None and r.clip_i is not None and r.clip_t is not None for r in rows)
     assert sorted(models) == [clip, dino]
     sidecar = json.loads(Path(rows[0].output_uri.removeprefix("file://")).with_suffix(".json").read_text())
-    assert {"dino", "clip-i", "clip-t"} <= set(sidecar["scores"]) and sorted(sidecar["scorer_models"]) == [clip, dino]
+    assert {"dino", "clip_i", "clip_t"} <= set(sidecar["scores"]) and sorted(sidecar["scorer_models"]) == [clip, dino]
     assert {p["sku"] for p in summary["products"]} == {"MUG-1", "MUG-2", "LAMP-1"}
     assert all("best_dino" in p for p in summary["products"])
 

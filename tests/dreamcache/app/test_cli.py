@@ -116,4 +116,4 @@ def test_score_prints_every_metric(tmp_path, monkeypatch):
     result = runner.invoke(app, ["score", str(image), str(image), "--prompt", "a mug", "--category", "mug", "--json"])
     assert result.exit_code == 0, result.output
     values = json.loads(result.output.strip().splitlines()[-1])
-    assert set(values) == {"clip-i", "clip-t", "dino", "mclip-i", "mdino"} and values["dino"] == pytest.approx(1.0)
+    assert set(values) == {"clip_i", "clip_t", "dino", "mclip_i", "mdino"} and values["dino"] == pytest.approx(1.0)
