@@ -161,6 +161,8 @@ class PrefectRunner(Runner):
         lines = [f"# Catalogue run {summary.get('run_id')}: {summary.get('status')}", "",
                  f"{summary['images_generated']} images generated, {summary['images_failed']} failed, "
                  f"{summary['rejected']} inputs rejected; output `{summary['output']}`.", ""]
+        if summary.get("products_not_found"):
+            lines += [not_found_line(summary), ""]
         if summary.get("status") == "incomplete":
             lines += [f"**Incomplete**: {summary['images_open']} images and {summary['caches_open']} product caches "
                       "are still open; run again once they are free.", "", "| generation | held by | free at |",
@@ -188,6 +190,12 @@ class PrefectRunner(Runner):
 MAX_PICTURES = 24
 # A local store's sheet is embedded in the artifact, shrunk to this many pixels on its longer side.
 PICTURE_SIDE = 1024
+
+
+def not_found_line(summary: dict) -> str:
+    """The one line a run's summary gives to shots in which the segmenter found no product."""
+    return (f"product not found in {summary['products_not_found']} of {summary['images_generated']} shots: "
+            "they have no masked scores (mdino, mclip_i)")
 
 
 def product_rows(products: list[dict], failed: dict[str, int], sheets: dict[str, str]) -> list[dict]:
@@ -417,6 +425,7 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         with transaction(platform.sessions) as session:
             summary["products"] = queries.best_scores(session, run_id)
             summary["review"] = runs.review_counts(session, run_id)
+            summary["products_not_found"] = queries.shots_without_masked_scores(session, run_id)
     except KeyboardInterrupt:
         runs.cancel_run(platform, run_id, "interrupted (SIGINT)")
         raise

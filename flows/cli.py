@@ -199,6 +199,10 @@ def _print_summary(summary: dict, settings: Settings) -> None:
                         fg=typer.colors.YELLOW)
         typer.secho("  run again once they are free (a live worker finishes them; a dead one's are taken over at once)",
                     fg=typer.colors.YELLOW)
+    if summary.get("products_not_found"):
+        from flows.catalogue import not_found_line
+
+        typer.echo(not_found_line(summary))
     typer.echo(f"images and sidecars: {summary['output']}")
     for sku, uri in summary["contact_sheets"].items():
         typer.echo(f"contact sheet {sku}: {uri}")

@@ -128,11 +128,14 @@ class Scorer:
         return self.clip is not None or self.dino is not None
 
     def masked_subject(self, image: Image.Image, category: str | None, name: str) -> Image.Image | None:
-        """The subject cut out on white, or None (with a warning) when it cannot be segmented."""
+        """The subject cut out on white, or None when it cannot be segmented.
+
+        Logged at info, not as a warning: a shot without its product is the generator's miss, not a fault,
+        and the shot simply has no masked scores (a catalogue run counts them in its summary)."""
         try:
             return self.segmenter.segment(image, category, name).subject_on_white(image, MASKED_SIZE)
         except SegmentationError as exc:
-            logger.warning("masked scores skipped: %s", exc)
+            logger.info("masked scores skipped: %s", exc)
             return None
 
     def score(

@@ -201,15 +201,20 @@ def _cosine(start: float, end: float, progress: float) -> float:
 
 
 def train(output: Path | None, config: TrainConfig = TrainConfig(), model_config: DinoConfig = DinoConfig(),
-          log_every: int = 25) -> tuple[Dino, dict]:
+          log_every: int = 25, init: Path | None = None) -> tuple[Dino, dict]:
     """Student and teacher from one initialisation; the student learns, the teacher follows it by EMA.
 
     Stops at the step count or the time box; the schedules (learning rate, teacher momentum) run
-    over the steps the time box allows, estimated after the warm-up."""
+    over the steps the time box allows, estimated after the warm-up. With `init`, the backbone starts
+    from the one saved there (a fresh head: only the backbone is shipped)."""
     import copy
+
+    from transformers import ViTModel
 
     torch.manual_seed(config.seed)
     student = Dino(model_config)
+    if init:
+        student.backbone = ViTModel.from_pretrained(init, add_pooling_layer=False, dtype=torch.float32)
     teacher = copy.deepcopy(student).requires_grad_(False)
     center = torch.zeros(model_config.out_dim)
     decay = [p for n, p in student.named_parameters() if p.ndim > 1 and "prototypes" not in n]
@@ -322,13 +327,17 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the project's machines have two cores)")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--init", type=Path, help="go on training the backbone saved in this directory")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the model in --output, do not train")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     record = {}
     if not args.evaluate_only:
-        _, record = train(args.output, TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size))
+        _, record = train(args.output, TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
+                                                   lr=args.lr, seed=args.seed), init=args.init)
     record["gate"] = evaluate(args.output)
     print(json.dumps(record, indent=2))
 

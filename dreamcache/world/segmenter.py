@@ -194,11 +194,12 @@ class TrainConfig:
 
 
 def train(output: Path | None, config: TrainConfig = TrainConfig(), model_config: SegmenterConfig = SegmenterConfig(),
-          log_every: int = 50) -> tuple[UNet, dict]:
+          log_every: int = 50, init: Path | None = None) -> tuple[UNet, dict]:
     """Train on freshly rendered training images (never the same one twice) until the step count or
-    the time box; a cosine schedule over whichever the time box allows, estimated after the warm-up."""
+    the time box; a cosine schedule over whichever the time box allows, estimated after the warm-up.
+    With `init`, training goes on from the weights saved there (on images it has not seen)."""
     torch.manual_seed(config.seed)
-    model = UNet(model_config)
+    model = UNet.from_pretrained(init).train() if init else UNet(model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(config.seed)
     start, losses, planned = time.monotonic(), [], config.steps
@@ -211,7 +212,7 @@ def train(output: Path | None, config: TrainConfig = TrainConfig(), model_config
         lr_scale = min(1.0, (step + 1) / config.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / planned)))
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_scale
-        seeds = range(step * config.batch_size, (step + 1) * config.batch_size)
+        seeds = range((config.seed + step) * config.batch_size, (config.seed + step + 1) * config.batch_size)
         pixels, masks = augment(*batch(seeds, model_config.resolution), generator)
         loss = model.loss(pixels, masks)
         optimizer.zero_grad(set_to_none=True)
@@ -274,6 +275,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the project's machines have two cores)")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="also where the training images start")
+    parser.add_argument("--init", type=Path, help="go on training the model saved in this directory")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the model in --output, do not train")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -282,7 +286,8 @@ def main(argv=None) -> None:
         segmenter = WorldSegmenter.from_pretrained(args.output)
         record = {}
     else:
-        _, record = train(args.output, TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size))
+        _, record = train(args.output, TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
+                                                   lr=args.lr, seed=args.seed), init=args.init)
         segmenter = WorldSegmenter.from_pretrained(args.output)  # the shipped fp16 weights, not the training copy
     record["gate"] = evaluate(segmenter)
     print(json.dumps(record, indent=2))
