@@ -227,7 +227,7 @@ def train(output: Path | None, config: TrainConfig = TrainConfig(), model_config
         if step == config.warmup:
             pace = (time.monotonic() - start) / step
             planned = min(config.steps, max(step + 1, int(config.minutes * 60 / pace)))
-        if step >= planned:
+        if step >= planned or time.monotonic() - start > config.minutes * 60:  # the pace can drop on shared cores
             break
         progress = step / planned
         for group in optimizer.param_groups:

@@ -207,7 +207,7 @@ def train(output: Path | None, config: TrainConfig = TrainConfig(), model_config
         if step == config.warmup:  # the steps the time box allows, at the measured pace
             pace = (time.monotonic() - start) / step
             planned = min(config.steps, max(step + 1, int(config.minutes * 60 / pace)))
-        if step >= planned:
+        if step >= planned or time.monotonic() - start > config.minutes * 60:  # the pace can drop on shared cores
             break
         lr_scale = min(1.0, (step + 1) / config.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / planned)))
         for group in optimizer.param_groups:
