@@ -93,6 +93,8 @@ def test_segment_writes_masks_and_reports_rejections(tmp_path, monkeypatch):
     from tests.helpers import scene
 
     monkeypatch.delenv("DREAMCACHE_SAM_CHECKPOINT", raising=False)
+    # Another base than the bundled one: the border-colour segmenter (the world's own is for world scenes).
+    monkeypatch.setenv("DREAMCACHE_BASE_MODEL", str(tmp_path))
     good = tmp_path / "mug.png"
     scene(background=(240, 240, 240))[0].save(good)
     blank = tmp_path / "blank.png"
