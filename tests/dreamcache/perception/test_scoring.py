@@ -46,10 +46,12 @@ def test_scores_carry_the_scorer_model(scorer):
 def test_an_unsegmentable_shot_gets_no_masked_score(scorer, caplog):
     product, _ = scene()
     blank = Image.new("RGB", product.size, (128, 128, 128))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         (scores,) = scorer.score([blank], [product], ["a mug"], ["mug"], names=["MUG-1 seed 3"])
     assert set(by_name(scores)) == {"clip_i", "clip_t", "dino"}
-    assert "MUG-1 seed 3 (generated): mask is blank" in caplog.text
+    said = [r for r in caplog.records if "MUG-1 seed 3 (generated): mask is blank" in r.getMessage()]
+    # Said, quietly: a shot without its product is no fault (a run counts them in one summary line).
+    assert said and all(r.levelno == logging.INFO for r in said)
 
 
 def test_without_models_nothing_is_recorded(caplog):
