@@ -145,8 +145,11 @@ class WorldSegmenter:
 # --- data ------------------------------------------------------------------------------------
 
 def sample(seed: int, size: int, held_out: bool = False) -> tuple[Image.Image, np.ndarray]:
-    """A world image with its exact mask: a product in a scene, or one in four on white (a reference)."""
+    """A world image with its exact mask: a product in a scene, one in four on white (a reference), and
+    one in sixteen a scene with no product at all (an empty mask: a shot may lack its product)."""
     t = world.triplet(seed, size, held_out=held_out)
+    if seed % 16 == 1:
+        return world.background(t.scene, size, np.random.default_rng([seed, 6])), np.zeros((size, size), dtype=bool)
     if seed % 4:
         return t.target, t.mask
     rng = np.random.default_rng([seed, t.product.index, 3])
