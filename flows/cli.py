@@ -204,6 +204,10 @@ def _print_summary(summary: dict, settings: Settings) -> None:
                         fg=typer.colors.YELLOW)
         typer.secho("  run again once they are free (a live worker finishes them; a dead one's are taken over at once)",
                     fg=typer.colors.YELLOW)
+    if summary.get("products_not_found"):
+        from flows.catalogue import not_found_line
+
+        typer.echo(not_found_line(summary))
     typer.echo(f"images and sidecars: {summary['output']}")
     for sku, uri in summary["contact_sheets"].items():
         typer.echo(f"contact sheet {sku}: {uri}")
@@ -285,7 +289,7 @@ def history(
     if not rows:
         typer.echo("no generations yet: try `dreamcache run`")
         return
-    typer.echo(f"{'id':>6} {'run':>4} {'sku':<16} {'seed':>5} {'status':<8} {'mdino':>6} {'clip-t':>6}  prompt / output")
+    typer.echo(f"{'id':>6} {'run':>4} {'sku':<16} {'seed':>5} {'status':<8} {'mdino':>6} {'clip_t':>6}  prompt / output")
     for r in rows:
         scores = " ".join(f"{v:6.3f}" if v is not None else "     -" for v in (r.mdino, r.clip_t))
         typer.echo(f"{r.generation_id:>6} {r.run_id or '-':>4} {r.sku[:16]:<16} {r.seed:>5} {r.status:<8} {scores}  "
@@ -432,7 +436,7 @@ def review(
     if not rows:
         typer.echo(f"run {run_id} has no shots awaiting review")
         return
-    typer.echo(f"{'id':>6} {'sku':<16} {'seed':>5} {'mdino':>6} {'clip-t':>6}  prompt / shot")
+    typer.echo(f"{'id':>6} {'sku':<16} {'seed':>5} {'mdino':>6} {'clip_t':>6}  prompt / shot")
     for r in rows:
         scores = " ".join(f"{r['scores'][m]:6.3f}" if m in r["scores"] else "     -" for m in ("mdino", "clip_t"))
         typer.echo(f"{r['id']:>6} {r['sku'][:16]:<16} {r['seed']:>5} {scores}  {r['prompt']}\n"

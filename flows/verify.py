@@ -20,6 +20,7 @@ everything, for a schedule or after an incident.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from db.objects import CorruptObject, ObjectNotFound, ObjectStoreError
 from db.session import transaction
 from db.tensors import requeue_cache
 from flows.platform import Platform
-from flows.steps.generate import sidecar, sidecar_key, text_only_key
+from flows.steps.generate import read_sidecar, sidecar, sidecar_key, text_only_key
 from flows.steps.shared import SourceChanged, product_image, product_key
 
 
@@ -97,12 +98,22 @@ def _shots(platform: Platform, s, report: Report, repair: bool) -> None:
             written = platform.objects.get(sidecar_key(key))
         except ObjectNotFound:
             written = None
-        if written != expected:
+        if not _same_sidecar(written, expected):
             report.add("sidecar", gen.id, platform.objects.uri(sidecar_key(key)),
                        "missing" if written is None else "differs from the database")
             if repair:
                 platform.objects.put(sidecar_key(key), expected, "application/json")
                 report.repaired["sidecar"] += 1
+
+
+def _same_sidecar(written: bytes | None, expected: bytes) -> bool:
+    """The sidecar stored says what the database says; one in the older spelling of score names ("mclip-i") does too."""
+    if written is None or written == expected:
+        return written is not None
+    try:
+        return read_sidecar(written) == json.loads(expected)
+    except (ValueError, TypeError, AttributeError):  # not JSON, or not a sidecar's shape: damaged
+        return False
 
 
 def _caches(platform: Platform, s, report: Report, repair: bool) -> None:

@@ -27,13 +27,15 @@ from dreamcache.core.weights import Recommended, read_adapter_config
 
 BUNDLED_MODEL = "bundled:product-world"
 # The project's own model of the procedural product world (docs/toy-world.md), shipped in the package
-# and read in place: a Stable Diffusion directory, its DreamCache adapters and the world's CLIP scorer.
+# and read in place: a Stable Diffusion directory, its DreamCache adapters, the world's CLIP and DINO
+# scorers and its segmenter.
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "assets" / "product-world"
 # The bundled adapters' working point (docs/toy-world.md): the toy adapters need a far larger image
 # scale than the authors' 0.35 on Stable Diffusion before the product shows.
 BUNDLED_IMAGE_SCALE = 5.0
 # Each part of the bundled model and the file that shows it is there.
-BUNDLED_PARTS = {"base": "model_index.json", "adapter": "adapter_config.json", "clip": "config.json"}
+BUNDLED_PARTS = {"base": "model_index.json", "adapter": "adapter_config.json", "clip": "config.json",
+                 "dino": "config.json", "segmenter": "segmenter_config.json"}
 
 
 class SettingsError(DreamCacheError, ValueError):
@@ -50,14 +52,14 @@ class BundledModelMissing(DreamCacheError, FileNotFoundError):
 
 
 def bundled_part(name: str) -> Path:
-    """The folder of one part of the bundled model (base, adapter, clip), or an error naming what is missing."""
+    """The folder of one part of the bundled model (BUNDLED_PARTS), or an error naming what is missing."""
     folder = BUNDLED_DIR / name
     marker = folder / BUNDLED_PARTS[name]
     if not marker.is_file():
         raise BundledModelMissing(
             f"the bundled model's {name}/ is incomplete: {marker} is missing. Reinstall the package "
             "(a checkout needs the committed dreamcache/assets/product-world/), or set DREAMCACHE_BASE_MODEL "
-            "(and DREAMCACHE_ADAPTER, DREAMCACHE_CLIP_MODEL) to a model of your own")
+            "(and DREAMCACHE_ADAPTER, DREAMCACHE_CLIP_MODEL, DREAMCACHE_DINO_MODEL) to a model of your own")
     return folder
 
 
@@ -110,7 +112,8 @@ class Settings(BaseSettings):
         "'off': eager passes, as plain diffusers runs them.",
     )
     sam_checkpoint: Path | None = Field(
-        default=None, description="Segment Anything checkpoint (.pth or .safetensors); unset: the border-colour segmenter."
+        default=None, description="Segment Anything checkpoint (.pth or .safetensors); unset: the bundled model's "
+        "segmenter with the bundled model, else the border-colour segmenter."
     )
     sam_model_type: Literal["vit_h", "vit_l", "vit_b"] | None = Field(
         default=None, description="SAM size; unset: read from the checkpoint's file name."
@@ -121,7 +124,9 @@ class Settings(BaseSettings):
     clip_model: str | None = Field(
         default=None, description="CLIP ViT-B/32 scorer: local directory or hub id; unset with the bundled model: "
         "the product world's CLIP.")
-    dino_model: str | None = Field(default=None, description="DINO ViT-S/16 scorer: local directory or hub id.")
+    dino_model: str | None = Field(
+        default=None, description="DINO ViT-S/16 scorer: local directory or hub id; unset with the bundled model: "
+        "the product world's DINO.")
 
     @field_validator("allowed_sources", mode="before")
     @classmethod
@@ -235,6 +240,19 @@ class Settings(BaseSettings):
         if self.clip_model or self.base_model != BUNDLED_MODEL:
             return self.clip_model
         return str(bundled_part("clip"))
+
+    @property
+    def resolved_dino_model(self) -> str | None:
+        if self.dino_model or self.base_model != BUNDLED_MODEL:
+            return self.dino_model
+        return str(bundled_part("dino"))
+
+    @property
+    def resolved_world_segmenter(self) -> Path | None:
+        """The bundled world's segmenter: with the bundled model, unless a SAM checkpoint is configured."""
+        if self.sam_checkpoint or self.base_model != BUNDLED_MODEL:
+            return None
+        return bundled_part("segmenter")
 
     @property
     def recommended(self) -> Recommended:

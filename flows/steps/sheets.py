@@ -13,6 +13,7 @@ from db.models import Generation, Prompt, Subject, SubjectCache, WorkStatus
 from db.objects import CorruptObject, ObjectNotFound, put_if_changed
 from db.session import transaction
 from dreamcache.perception.contact_sheet import contact_sheet
+from dreamcache.perception.scoring import ranking_key
 from flows.platform import Platform, safe_key_part
 from flows.steps.generate import text_only_key
 from flows.steps.plan import remake
@@ -49,7 +50,7 @@ def contact_sheets(platform: Platform, subject_ids: Sequence[int], output_prefix
             if not gens:
                 continue
             scores = queries.scores_by_generation(s, [g.id for g, _ in gens])
-            gens = sorted(gens, key=lambda g: -scores.get(g[0].id, {}).get("mdino", scores.get(g[0].id, {}).get("dino", 0)))
+            gens = sorted(gens, key=lambda g: (*ranking_key(scores.get(g[0].id, {})), g[0].id))
             shots, twins = [], []
             for gen, text in gens:
                 if len(shots) == per_sheet:

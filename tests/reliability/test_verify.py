@@ -195,3 +195,12 @@ def test_verify_checks_the_product_copies_and_repair_restores_them(made, tmp_pat
     repaired = CliRunner().invoke(app, ["verify", "--repair"])
     assert repaired.exit_code == 0 and "restored from the source" in repaired.output
     assert CliRunner().invoke(app, ["verify"]).exit_code == 0
+
+
+def test_a_sidecar_that_spells_scores_the_older_way_is_whole():
+    from flows.verify import _same_sidecar
+
+    expected = json.dumps(dict(sku="MUG-1", scores={"clip_i": 0.5, "mclip_i": 0.7}), indent=2).encode()
+    assert _same_sidecar(json.dumps(dict(sku="MUG-1", scores={"clip-i": 0.5, "mclip-i": 0.7})).encode(), expected)
+    assert not _same_sidecar(json.dumps(dict(sku="MUG-1", scores={"clip-i": 0.6, "mclip-i": 0.7})).encode(), expected)
+    assert not _same_sidecar(b"not json", expected) and not _same_sidecar(None, expected)
