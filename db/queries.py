@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import Integer, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Generation, Prompt, Score, Subject, SubjectCache, WorkStatus
@@ -15,13 +15,22 @@ IDS_PER_QUERY = 10_000
 
 
 def scores_by_generation(session: Session, generation_ids: Sequence[int]) -> dict[int, dict[str, float]]:
-    """generation id -> {metric label: value}, masked metrics prefixed "m" (mdino, mclip_i)."""
+    """generation id -> {score name: value}, masked metrics prefixed "m" (mdino, mclip_i): the names of
+    `dreamcache.perception.scoring.METRICS`, spelled as `metric_name` does (this layer does not load the models)."""
     out: dict[int, dict[str, float]] = {}
     ids = list(generation_ids)
     for start in range(0, len(ids), IDS_PER_QUERY):
         for score in session.scalars(select(Score).where(Score.generation_id.in_(ids[start:start + IDS_PER_QUERY]))):
             out.setdefault(score.generation_id, {})[("m" if score.masked else "") + score.metric] = score.value
     return out
+
+
+def shots_without_masked_scores(session: Session, run_id: int) -> int:
+    """The run's done shots that were scored but got no masked score: the segmenter found no product in them."""
+    scored = select(Score.generation_id).group_by(Score.generation_id).having(
+        func.max(Score.masked.cast(Integer)) == 0)
+    return session.scalar(select(func.count()).select_from(Generation).where(
+        Generation.run_id == run_id, Generation.status == WorkStatus.done, Generation.id.in_(scored))) or 0
 
 
 def score_rows(session: Session, generation_ids: Sequence[int]) -> dict[int, list[dict]]:

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from db import queries
 from db.models import RejectedItem
 from db.session import transaction
+from dreamcache.perception.scoring import METRICS
 from flows.places import InvalidInputs, Places
 from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
 from flows.steps.prompts import Prompts, check_templates, load_prompts
@@ -163,6 +164,8 @@ class PrefectRunner(Runner):
         lines = [f"# Catalogue run {summary.get('run_id')}: {summary.get('status')}", "",
                  f"{summary['images_generated']} images generated, {summary['images_failed']} failed, "
                  f"{summary['rejected']} inputs rejected; output `{summary['output']}`.", ""]
+        if summary.get("products_not_found"):
+            lines += [not_found_line(summary), ""]
         if summary.get("status") == "incomplete":
             lines += [f"**Incomplete**: {summary['images_open']} images and {summary['caches_open']} product caches "
                       "are still open; run again once they are free.", "", "| generation | held by | free at |",
@@ -186,12 +189,16 @@ class PrefectRunner(Runner):
                     summary.get("images_generated"), summary.get("images_failed"), summary.get("output"))
 
 
-# Masked scores first: they judge the product, not the scene around it.
-SCORE_ORDER = ("mdino", "mclip_i", "clip_t", "dino", "clip_i")
 # Contact sheets shown as pictures in a run's summary artifact; the others are listed as links.
 MAX_PICTURES = 24
 # A local store's sheet is embedded in the artifact, shrunk to this many pixels on its longer side.
 PICTURE_SIDE = 1024
+
+
+def not_found_line(summary: dict) -> str:
+    """The one line a run's summary gives to shots in which the segmenter found no product."""
+    return (f"product not found in {summary['products_not_found']} of {summary['images_generated']} shots: "
+            "they have no masked scores (mdino, mclip_i)")
 
 
 def product_rows(products: list[dict], failed: dict[str, int], sheets: dict[str, str]) -> list[dict]:
@@ -199,7 +206,7 @@ def product_rows(products: list[dict], failed: dict[str, int], sheets: dict[str,
     from the first row): images made and failed, the best score of each metric recorded, its contact sheet."""
     best = {row["sku"]: row for row in products}
     recorded = {key.removeprefix("best_") for row in products for key in row if key.startswith("best_")}
-    metrics = [m for m in SCORE_ORDER if m in recorded] + sorted(recorded - set(SCORE_ORDER))
+    metrics = [m for m in METRICS if m in recorded] + sorted(recorded - set(METRICS))
     rows = []
     for sku in sorted(set(best) | set(failed) | set(sheets)):
         row = dict(sku=md(sku), images=best.get(sku, {}).get("images", 0), failed=failed.get(sku, 0))
@@ -427,6 +434,7 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         with transaction(platform.sessions) as session:
             summary["products"] = queries.best_scores(session, run_id)
             summary["review"] = runs.review_counts(session, run_id)
+            summary["products_not_found"] = queries.shots_without_masked_scores(session, run_id)
     except KeyboardInterrupt:
         runs.cancel_run(platform, run_id, "interrupted (SIGINT)")
         raise

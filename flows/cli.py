@@ -134,12 +134,17 @@ def run(
     from flows.liveness import Cancelled
 
     def stop(signum, frame):  # SIGTERM (Kubernetes, systemd, kill): stop as cleanly as on Ctrl-C
+        # Once: a second signal would cut short the giving back of claims and the run's record (SIGKILL still works).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Cancelled(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
     # SIGINT cancels too, even when this process was started with it ignored (a background job of a shell
     # script, a test runner's child): Python then leaves it ignored, and an operator's SIGINT would do nothing.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, stop)
     if use_prefect:
         _check_prefect_server()
     try:
@@ -217,6 +222,10 @@ def _print_summary(summary: dict, settings: Settings) -> None:
                         fg=typer.colors.YELLOW)
         typer.secho("  run again once they are free (a live worker finishes them; a dead one's are taken over at once)",
                     fg=typer.colors.YELLOW)
+    if summary.get("products_not_found"):
+        from flows.catalogue import not_found_line
+
+        typer.echo(not_found_line(summary))
     typer.echo(f"images and sidecars: {summary['output']}")
     for sku, uri in summary["contact_sheets"].items():
         typer.echo(f"contact sheet {sku}: {uri}")
@@ -262,7 +271,8 @@ def verify(
     for p in report.problems:
         typer.secho(f"  {p['kind']} {p['item']}: {p['uri']} is {p['problem']}", fg=typer.colors.YELLOW)
     if not report.problems:
-        typer.echo("all whole")
+        typer.echo(f"no damage found; {report.waiting} shots found damaged before wait to be made again by the next "
+                   "run over their catalogue" if report.waiting else "all whole")
     elif repair:
         repaired = ", ".join(f"{n} {kind}s" for kind, n in sorted(report.repaired.items()))
         typer.echo(f"repaired: {repaired}; shots, caches and cut-outs made pending are made again by the next run "
@@ -304,7 +314,7 @@ def history(
     if not rows:
         typer.echo("no generations yet: try `dreamcache run`")
         return
-    typer.echo(f"{'id':>6} {'run':>4} {'sku':<16} {'seed':>5} {'status':<8} {'mdino':>6} {'clip-t':>6}  prompt / output")
+    typer.echo(f"{'id':>6} {'run':>4} {'sku':<16} {'seed':>5} {'status':<8} {'mdino':>6} {'clip_t':>6}  prompt / output")
     for r in rows:
         scores = " ".join(f"{v:6.3f}" if v is not None else "     -" for v in (r.mdino, r.clip_t))
         typer.echo(f"{r.generation_id:>6} {r.run_id or '-':>4} {r.sku[:16]:<16} {r.seed:>5} {r.status:<8} {scores}  "
@@ -478,7 +488,7 @@ def review(
     if not rows:
         typer.echo(f"run {run_id} has no shots awaiting review")
         return
-    typer.echo(f"{'id':>6} {'sku':<16} {'seed':>5} {'mdino':>6} {'clip-t':>6}  prompt / shot")
+    typer.echo(f"{'id':>6} {'sku':<16} {'seed':>5} {'mdino':>6} {'clip_t':>6}  prompt / shot")
     for r in rows:
         scores = " ".join(f"{r['scores'][m]:6.3f}" if m in r["scores"] else "     -" for m in ("mdino", "clip_t"))
         typer.echo(f"{r['id']:>6} {r['sku'][:16]:<16} {r['seed']:>5} {scores}  {r['prompt']}\n"

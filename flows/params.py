@@ -8,14 +8,13 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from dreamcache.core.schedulers import SAMPLERS
+from dreamcache.perception.scoring import METRICS
 from dreamcache.core.weights import AUTHORS_INFERENCE, Recommended
 from dreamcache.core.guidance import (
     COMBINED, DEFAULT_GUIDANCE, DEFAULT_TEXT_SCALE, JOINT, MAX_IMAGE_SCALE, MAX_TEXT_SCALE, Guidance,
 )
 
 MAX_PROMPT_CHARS = 1000
-# The scores a review rule may name (docs/sql.md): masked metrics judge the product, clip_t the prompt.
-REVIEW_METRICS = ("mdino", "mclip_i", "clip_t", "dino", "clip_i")
 MAX_FORMATS = 8
 # An object key prefix a run writes or publishes under: plain parts, no '.' or '..' (checked apart).
 PREFIX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,200}"
@@ -74,8 +73,8 @@ def parse_rule(text: str) -> tuple[str, float]:
     if not match:
         raise ValueError(f"review rule {text!r} is not metric>=value, e.g. mdino>=0.5")
     metric, value = match[1], float(match[2])
-    if metric not in REVIEW_METRICS:
-        raise ValueError(f"review rule {text!r}: unknown metric {metric!r}; choose one of {', '.join(REVIEW_METRICS)}")
+    if metric not in METRICS:
+        raise ValueError(f"review rule {text!r}: unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     if not -1.0 <= value <= 1.0:
         raise ValueError(f"review rule {text!r}: scores lie between -1 and 1")
     return metric, value
@@ -180,9 +179,9 @@ class CatalogueRunParams(BaseModel):
     )
     # Review and publishing
     approve_if: list[str] = Field(
-        default_factory=list, max_length=len(REVIEW_METRICS),
+        default_factory=list, max_length=len(METRICS),
         description="Score rules a shot must pass to be approved without a reviewer, e.g. mdino>=0.5, clip_t>=0.25 "
-        f"(metrics: {', '.join(REVIEW_METRICS)}). The rest waits for review.")
+        f"(metrics: {', '.join(METRICS)}). The rest waits for review.")
     keep_best: int = Field(
         default=0, ge=0, le=64,
         description="Approve at most this many shots per product, prompt and format: the best (by masked DINO, else "

@@ -11,13 +11,19 @@ allowed places before it is read:
 
 Local paths are resolved (symlinks, `..`) before the check, so no link leads out of a place; S3 keys
 with `.` or `..` parts are refused outright (S3 does not resolve them, but proxies and SDKs may).
+A checked local file is then opened once, along its resolved path, one component at a time from `/`
+without following any link (`O_NOFOLLOW` from each folder's descriptor), and what was opened is
+checked with `fstat`: a folder swapped for a link between the check and the read (a race) is refused,
+never followed, and no path is looked up twice.
 Refusals name the rule and the item as given, never the resolved target: whether a file exists
 outside the allowed places is not something a run can find out.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +37,9 @@ URI_SCHEMES = ("s3://", "file://")
 RULE_SETTING = "DREAMCACHE_ALLOWED_SOURCES"
 RULE_DEFAULT = (f"a run reads only its catalogue's own folder or prefix and the project's examples; the operator "
                 f"allows more with {RULE_SETTING}")
+
+CHANGED = ("changed while it was read (a link appeared in its path): it is not read; run again once the catalogue "
+           "is not being changed")
 
 
 class OutsidePlaces(DreamCacheError, PermissionError):
@@ -111,7 +120,10 @@ class Places:
 
     def check(self, uri: str, what: str) -> Location:
         """Where `uri` points, if that is inside an allowed place; else OutsidePlaces naming `what` and the rule."""
-        location = locate(uri)
+        try:
+            location = locate(uri)
+        except OSError:  # a link in the path replaced while it was resolved
+            raise OutsidePlaces(f"{what} {CHANGED}") from None
         if not any(location.within(root) for root in self.roots):
             raise OutsidePlaces(f"{what} is outside the places this run may read: {self.rule}")
         return location
@@ -122,11 +134,41 @@ class Places:
         if location.is_s3:
             data = read_s3(location.bucket, location.key, limit)
         else:
-            with open(location.path, "rb") as f:
+            with os.fdopen(open_resolved(location.path, what), "rb") as f:
                 data = f.read(limit + 1 if limit else -1)
         if limit is not None and len(data) > limit:
             raise InvalidInputs(f"{what} is larger than {limit:,} bytes")
         return data
+
+
+def open_resolved(path: str, what: str, folder: bool = False) -> int:
+    """A read-only descriptor of the regular file (or with `folder`, the folder) at the resolved `path`, opened
+    one component at a time from `/` without following links: a component that is (or has just become) a
+    link is refused, not followed. Errors name `what`, never the resolved path; a missing file is
+    FileNotFoundError, as open() gives."""
+    parts = [part for part in path.split(os.sep) if part]
+    fd = os.open(os.sep, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for n, part in enumerate(parts):
+            last = n == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_NONBLOCK if last and not folder else os.O_DIRECTORY)
+            try:
+                child = os.open(part, flags, dir_fd=fd)
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), what) from None
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                    raise OutsidePlaces(f"{what} {CHANGED}") from None
+                raise OSError(exc.errno, os.strerror(exc.errno), what) from None
+            os.close(fd)
+            fd = child
+        if not (stat.S_ISDIR if folder else stat.S_ISREG)(os.fstat(fd).st_mode):
+            raise InvalidInputs(f"{what} is not a {'folder' if folder else 'regular file'}")
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_s3(bucket: str, key: str, limit: int | None = None) -> bytes:

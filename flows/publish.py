@@ -26,12 +26,13 @@ from db.models import Generation, ReviewState, Run, Subject, WorkStatus, utcnow
 from db.objects import ObjectStoreError, put_if_changed
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
-from flows.params import PREFIX_PATTERN, REVIEW_METRICS, check_prefix, prefix_overlap
+from dreamcache.perception.scoring import METRICS
+from flows.params import PREFIX_PATTERN, check_prefix, prefix_overlap
 from flows.platform import Platform, safe_key_part
 
 DEFAULT_PREFIX = "published"
 # The manifests' columns, in order (CSV header, JSON keys): the shot, its scores, where it is and who approved it.
-COLUMNS = ("generation_id", "sku", "category", "prompt", "seed", "mode", "aspect", "width", "height", *REVIEW_METRICS,
+COLUMNS = ("generation_id", "sku", "category", "prompt", "seed", "mode", "aspect", "width", "height", *METRICS,
            "uri", "source_uri", "reviewed_by", "reviewed_at", "published_at")
 
 
@@ -141,7 +142,7 @@ def _entries(platform: Platform, under: str) -> list[dict]:
 def _entry(gen: Generation, subject: Subject, prompt: str, scores: dict[str, float]) -> dict:
     entry = dict(generation_id=gen.id, sku=subject.sku, category=subject.category, prompt=prompt, seed=gen.seed,
                  mode=gen.mode, aspect=gen.aspect, width=gen.width, height=gen.height,
-                 **{metric: scores.get(metric) for metric in REVIEW_METRICS},
+                 **{metric: scores.get(metric) for metric in METRICS},
                  uri=gen.published_uri, source_uri=gen.output_uri, reviewed_by=gen.reviewed_by,
                  reviewed_at=_utc(gen.reviewed_at), published_at=_utc(gen.published_at))
     return {column: entry[column] for column in COLUMNS}

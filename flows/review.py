@@ -21,6 +21,7 @@ from db import queries
 from db.models import Generation, ReviewState, Run, WorkStatus, utcnow
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
+from dreamcache.perception.scoring import ranking_key
 from flows.markdown import md
 
 if TYPE_CHECKING:  # the platform module loads the model library: this one stays cheap to import
@@ -30,9 +31,6 @@ RULE = "rule:"  # how `reviewed_by` begins when the run's rules approved a shot,
 DEFAULT_REVIEWER = "reviewer"
 MAX_REVIEWER_CHARS = 100
 MAX_NOTE_CHARS = 1000
-# keep_best ranks the shots of a group by these scores, best first (then by id): masked DINO judges the
-# product alone; DINO stands in where masking found no product, and CLIP-I where no DINO model is configured.
-RANKING = ("mdino", "dino", "mclip_i", "clip_i")
 MAX_FORM_ROWS = 200  # shots listed in the review form's table; the rest are counted
 Rest = Literal["pending", "approve", "reject"]
 _STATE = {"approve": ReviewState.approved, "reject": ReviewState.rejected}
@@ -81,14 +79,14 @@ def _passes(scores: dict[str, float], rules: Sequence[tuple[str, float]]) -> boo
 
 
 def _rank(generation_id: int, scores: dict[str, float]) -> tuple:
-    return (*((0, -scores[m]) if m in scores else (1, 0.0) for m in RANKING), generation_id)
+    return (*ranking_key(scores), generation_id)
 
 
 def auto_approve(platform: Platform, generation_ids: Sequence[int], rules: Sequence[tuple[str, float]],
                  keep_best: int) -> dict:
     """Approve the done shots among `generation_ids` that no person has decided and that pass every rule (a
     missing score fails), at most `keep_best` per product, prompt, aspect and mode (0: no limit), the best
-    by RANKING first; approved shots of the group, whoever approved them, take their places first. Without
+    by the scores' RANKING first (dreamcache.perception.scoring); approved shots of the group, whoever approved them, take their places first. Without
     rules and limit nothing is approved: a person decides. Only ever approves, so running it again changes
     nothing; returns how many shots it approved and how many still await review."""
     label = rule_label(rules, keep_best) if rules or keep_best else None

@@ -5,13 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from flows.places import MANIFEST_SUFFIXES, InvalidInputs, MissingInput, OutsidePlaces, Places, locate, read_s3
+from flows.places import (MANIFEST_SUFFIXES, InvalidInputs, MissingInput, OutsidePlaces, Places, locate, open_resolved,
+                          read_s3)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# Photo formats a catalogue may hold that the platform does not read: rejected by name, not passed over.
+UNREAD_IMAGE_SUFFIXES = {".avif", ".heic", ".heif", ".jxl", ".jp2", ".svg", ".psd", ".raw", ".cr2", ".nef", ".dng"}
 REQUIRED_COLUMNS = ("sku", "image_uri")
 # A manifest is read whole; 100 MB holds about a million rows.
 MAX_MANIFEST_BYTES = 100_000_000
@@ -62,19 +66,71 @@ def list_source(source: str, places: Places | None = None) -> Listing:
     folder = Path(urlparse(source).path if source.startswith("file://") else source).expanduser().absolute()
     if not folder.is_dir():
         raise MissingInput(f"source {source} is neither a folder, an s3:// prefix nor a .csv/.jsonl manifest")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    outside = []
-    for p in list(images):
+    found, unlisted, skipped = _folder_images(places.check(str(folder), f"source {source}").path, f"source {source}")
+    images, outside = [], []
+    for relative in found:
         try:
-            places.check(str(p), f"{p.relative_to(folder).as_posix()} (a link)")
+            places.check(str(folder / relative), f"{relative} (a link)")
         except OutsidePlaces as exc:  # a symlink out of the catalogue: refused, and not followed
-            outside.append((p.relative_to(folder).as_posix(), str(exc)))
-            images.remove(p)
-    listing = _unique([_item(p.relative_to(folder).as_posix(), str(p)) for p in images])
-    listing.rejected[:0] = outside
-    listing.skipped = [p.relative_to(folder).as_posix() for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+            outside.append((relative, str(exc)))
+            continue
+        images.append(_item(relative, str(folder / relative)))
+    listing = _unique(images)
+    listing.rejected[:0] = unlisted + outside
+    listing.skipped = skipped
     return listing
+
+
+# Deeper than any catalogue's categories; a deeper tree is refused folder by folder, not walked.
+MAX_FOLDER_DEPTH = 32
+
+
+def _folder_images(path: str, what: str) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """The image files under the folder at the resolved `path` (relative, sorted), and the folders that could
+    not be listed with their reason. The walk goes from each folder's descriptor and never follows a link:
+    a link with an image's name is listed (where it points is checked later, as for any item, whether or
+    not its target exists); a link to a folder is not entered."""
+    found, unlisted, skipped = [], [], []
+
+    def walk(fd: int, prefix: str, depth: int) -> None:
+        try:
+            with os.scandir(fd) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            unlisted.append((prefix or ".", f"folder cannot be listed ({exc.strerror}); it is skipped"))
+            return
+        for entry in entries:
+            relative = prefix + entry.name
+            image = Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+            if Path(entry.name).suffix.lower() in UNREAD_IMAGE_SUFFIXES:
+                unlisted.append((relative, f"{Path(entry.name).suffix.lower()} images are not read; convert it to "
+                                           "PNG, JPEG or WebP"))
+                continue
+            try:
+                if entry.is_symlink() or (image and entry.is_file(follow_symlinks=False)):
+                    if image:
+                        found.append(relative)
+                elif entry.is_file(follow_symlinks=False):
+                    if not _hidden(Path(relative)):  # not an image: counted and named in the summary
+                        skipped.append(relative)
+                elif entry.is_dir(follow_symlinks=False):
+                    if depth >= MAX_FOLDER_DEPTH:
+                        unlisted.append((relative, f"folder is deeper than {MAX_FOLDER_DEPTH} levels; it is skipped"))
+                        continue
+                    child = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    try:
+                        walk(child, relative + "/", depth + 1)
+                    finally:
+                        os.close(child)
+            except OSError as exc:  # replaced or removed while listed
+                unlisted.append((relative, f"changed while the folder was listed ({exc.strerror}); it is skipped"))
+
+    root = open_resolved(path, what, folder=True)
+    try:
+        walk(root, "", 0)
+    finally:
+        os.close(root)
+    return sorted(found, key=lambda relative: relative.split("/")), unlisted, sorted(skipped)
 
 
 def _hidden(relative: Path) -> bool:
@@ -122,6 +178,8 @@ def _s3_images(source: str) -> tuple[list[SourceItem], list[str]]:
 
     parsed = urlparse(source)
     prefix = parsed.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):  # a prefix is a folder: s3://shop/catalogue never lists catalogue-private/
+        prefix += "/"
     items, skipped = [], []
     from db.objects import s3_errors  # S3's errors as one line naming the bucket, prefix, code and what to do
 
@@ -144,19 +202,46 @@ def _manifest(source: str, places: Places) -> Listing:
     except UnicodeDecodeError as exc:
         raise InvalidInputs(f"manifest {source} is not UTF-8 text (byte {exc.start}): save it as UTF-8 CSV or JSON "
                          "lines") from None
+    # One row is one item: a row that cannot be read is rejected with its line, and the run goes on.
     if source.lower().endswith(".jsonl"):
         rows = []
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    rows.append((n, json.loads(line)))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    rows.append((n, {"__error__": f"not valid JSON ({exc.msg})"}))
-        columns = set().union(*(r.keys() for _, r in rows)) if rows else set()
+                    row = {"__error__": f"not valid JSON ({exc.msg})"}
+                except RecursionError:
+                    row = {"__error__": "nested too deeply to read; give one flat JSON object a line"}
+                if not isinstance(row, dict):
+                    kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(row), "a number")
+                    row = {"__error__": f"{kind}, not a JSON object; give one JSON object a line"}
+                rows.append((n, row))
+        columns = set().union(*(r.keys() for _, r in rows if "__error__" not in r)) if rows else set()
     else:
         reader = csv.DictReader(io.StringIO(text))
-        columns = set(reader.fieldnames or [])
-        rows = list(enumerate(reader, start=2))
+        try:
+            header = reader.fieldnames or []
+        except csv.Error as exc:
+            raise InvalidInputs(f"manifest {source} line 1 (its header) cannot be read ({exc})") from None
+        columns = set(header)
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise InvalidInputs(f"manifest {source} names the column(s) {', '.join(map(repr, twice))} twice; "
+                                "keep one of each")
+        rows = []
+        while True:
+            line = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # a field over the csv module's limit, a NUL byte, ...
+                row = {"__error__": f"not a readable CSV row ({exc})"}
+            if None in row:  # more fields than the header has columns
+                row = {"__error__": f"{len(row[None])} more field(s) than the header's {len(header)} columns; "
+                                    "quote values that hold commas"}
+            rows.append((line, row))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise InvalidInputs(f"manifest {source} lacks the column(s) {', '.join(missing)} (it has: {sorted(columns)})")

@@ -8,6 +8,10 @@ What is checked, and what `--repair` does with what is damaged or missing:
 | shot sidecar | the sidecar written again from the database (the row, its prompt and scores) | written again, from the database |
 | feature cache | its sha256 (the tensor store's key) | the cache goes back to pending: the next run computes it again |
 | mask, reference on white | the segmentation's recorded sha256 | the segmentation is forgotten: the next run cuts the product out again |
+| product copy (`products/<sha>`) | the subject's content sha256 | restored from the product's source when the source still has that content; otherwise named, to be ingested again |
+
+Shots sent back to pending (by `--repair`, a re-run's check or a contact sheet) are counted as waiting
+for a run: verify says so rather than "all whole" until a run has made them again.
 
 Every re-run also checks its own plan's shots cheaply (present, recorded size, sidecar present: one
 listing) and makes broken ones again (`flows/steps/plan.py`); `verify` is the thorough check of
@@ -16,10 +20,11 @@ everything, for a schedule or after an incident.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from db import queries
 from db.models import Generation, Prompt, Segmentation, Subject, SubjectCache, WorkStatus
@@ -27,12 +32,14 @@ from db.objects import CorruptObject, ObjectNotFound, ObjectStoreError
 from db.session import transaction
 from db.tensors import requeue_cache
 from flows.platform import Platform
-from flows.steps.generate import sidecar, sidecar_key, text_only_key
+from flows.steps.generate import read_sidecar, sidecar, sidecar_key, text_only_key
+from flows.steps.shared import SourceChanged, product_image, product_key
 
 
 @dataclass
 class Report:
     checked: Counter = field(default_factory=Counter)  # kind -> objects checked
+    waiting: int = 0  # shots found damaged earlier, pending until a run makes them again
     problems: list[dict] = field(default_factory=list)  # kind, item, uri, problem
     repaired: Counter = field(default_factory=Counter)
 
@@ -59,6 +66,9 @@ def verify(platform: Platform, repair: bool = False) -> Report:
         _shots(platform, s, report, repair)
         _caches(platform, s, report, repair)
         _segmentations(platform, s, report, repair)
+        _products(platform, s, report, repair)
+        report.waiting = s.scalar(select(func.count()).where(Generation.status == WorkStatus.pending,
+                                                             Generation.error.startswith("made again")))
     return report
 
 
@@ -88,12 +98,22 @@ def _shots(platform: Platform, s, report: Report, repair: bool) -> None:
             written = platform.objects.get(sidecar_key(key))
         except ObjectNotFound:
             written = None
-        if written != expected:
+        if not _same_sidecar(written, expected):
             report.add("sidecar", gen.id, platform.objects.uri(sidecar_key(key)),
                        "missing" if written is None else "differs from the database")
             if repair:
                 platform.objects.put(sidecar_key(key), expected, "application/json")
                 report.repaired["sidecar"] += 1
+
+
+def _same_sidecar(written: bytes | None, expected: bytes) -> bool:
+    """The sidecar stored says what the database says; one in the older spelling of score names ("mclip-i") does too."""
+    if written is None or written == expected:
+        return written is not None
+    try:
+        return read_sidecar(written) == json.loads(expected)
+    except (ValueError, TypeError, AttributeError):  # not JSON, or not a sidecar's shape: damaged
+        return False
 
 
 def _caches(platform: Platform, s, report: Report, repair: bool) -> None:
@@ -121,3 +141,21 @@ def _segmentations(platform: Platform, s, report: Report, repair: bool) -> None:
             s.execute(update(SubjectCache).where(SubjectCache.segmentation_id == row.id).values(segmentation_id=None))
             s.execute(delete(Segmentation).where(Segmentation.id == row.id))
             report.repaired["segmentation"] += 1
+
+
+def _products(platform: Platform, s, report: Report, repair: bool) -> None:
+    for subject in s.scalars(select(Subject).order_by(Subject.id)):
+        report.checked["product"] += 1
+        key = product_key(subject.content_sha256)
+        problem = _problem(platform, platform.objects.uri(key), subject.content_sha256)
+        if not problem:
+            continue
+        if repair:
+            try:
+                product_image(platform, subject)  # restores the copy from the source, when it has that content
+                report.repaired["product"] += 1
+                report.add("product", subject.id, platform.objects.uri(key), f"{problem}; restored from the source")
+                continue
+            except SourceChanged as exc:
+                problem = f"{problem} and cannot be restored: {exc}"
+        report.add("product", subject.id, platform.objects.uri(key), problem)

@@ -180,7 +180,7 @@ def score(
                                  names=[str(generated)])
     except DreamCacheError as exc:
         fail(str(exc))
-    values = {s.label: round(s.value, 4) for s in scores}
+    values = {s.name: round(s.value, 4) for s in scores}
     typer.echo(json.dumps(values) if json_output else "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
 
 

@@ -14,6 +14,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import torch
 from pydantic import Field, ValidationError, field_validator
@@ -26,13 +27,15 @@ from dreamcache.core.weights import Recommended, read_adapter_config
 
 BUNDLED_MODEL = "bundled:product-world"
 # The project's own model of the procedural product world (docs/toy-world.md), shipped in the package
-# and read in place: a Stable Diffusion directory, its DreamCache adapters and the world's CLIP scorer.
+# and read in place: a Stable Diffusion directory, its DreamCache adapters, the world's CLIP and DINO
+# scorers and its segmenter.
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "assets" / "product-world"
 # The bundled adapters' working point (docs/toy-world.md): the toy adapters need a far larger image
 # scale than the authors' 0.35 on Stable Diffusion before the product shows.
 BUNDLED_IMAGE_SCALE = 5.0
 # Each part of the bundled model and the file that shows it is there.
-BUNDLED_PARTS = {"base": "model_index.json", "adapter": "adapter_config.json", "clip": "config.json"}
+BUNDLED_PARTS = {"base": "model_index.json", "adapter": "adapter_config.json", "clip": "config.json",
+                 "dino": "config.json", "segmenter": "segmenter_config.json"}
 
 
 class SettingsError(DreamCacheError, ValueError):
@@ -49,14 +52,14 @@ class BundledModelMissing(DreamCacheError, FileNotFoundError):
 
 
 def bundled_part(name: str) -> Path:
-    """The folder of one part of the bundled model (base, adapter, clip), or an error naming what is missing."""
+    """The folder of one part of the bundled model (BUNDLED_PARTS), or an error naming what is missing."""
     folder = BUNDLED_DIR / name
     marker = folder / BUNDLED_PARTS[name]
     if not marker.is_file():
         raise BundledModelMissing(
             f"the bundled model's {name}/ is incomplete: {marker} is missing. Reinstall the package "
             "(a checkout needs the committed dreamcache/assets/product-world/), or set DREAMCACHE_BASE_MODEL "
-            "(and DREAMCACHE_ADAPTER, DREAMCACHE_CLIP_MODEL) to a model of your own")
+            "(and DREAMCACHE_ADAPTER, DREAMCACHE_CLIP_MODEL, DREAMCACHE_DINO_MODEL) to a model of your own")
     return folder
 
 
@@ -78,7 +81,7 @@ class Settings(BaseSettings):
         "S3 endpoint and credentials come from the standard AWS environment and config.",
     )
     lease_seconds: int = Field(
-        default=60, ge=5, description="How long a claimed item and a run stay a worker's without a heartbeat (renewed "
+        default=60, ge=5, le=86_400, description="How long a claimed item and a run stay a worker's without a heartbeat (renewed "
         "every quarter of it while the worker lives); then others may take the items, and the run counts as crashed.",
     )
     allowed_sources: Annotated[list[str], NoDecode] = Field(
@@ -109,7 +112,8 @@ class Settings(BaseSettings):
         "'off': eager passes, as plain diffusers runs them.",
     )
     sam_checkpoint: Path | None = Field(
-        default=None, description="Segment Anything checkpoint (.pth or .safetensors); unset: the border-colour segmenter."
+        default=None, description="Segment Anything checkpoint (.pth or .safetensors); unset: the bundled model's "
+        "segmenter with the bundled model, else the border-colour segmenter."
     )
     sam_model_type: Literal["vit_h", "vit_l", "vit_b"] | None = Field(
         default=None, description="SAM size; unset: read from the checkpoint's file name."
@@ -120,14 +124,43 @@ class Settings(BaseSettings):
     clip_model: str | None = Field(
         default=None, description="CLIP ViT-B/32 scorer: local directory or hub id; unset with the bundled model: "
         "the product world's CLIP.")
-    dino_model: str | None = Field(default=None, description="DINO ViT-S/16 scorer: local directory or hub id.")
+    dino_model: str | None = Field(
+        default=None, description="DINO ViT-S/16 scorer: local directory or hub id; unset with the bundled model: "
+        "the product world's DINO.")
 
     @field_validator("allowed_sources", mode="before")
     @classmethod
     def _split_places(cls, value):
         if isinstance(value, str):  # from the environment: a JSON list or comma-separated
             value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        if not isinstance(value, list) or not all(isinstance(place, str) for place in value):
+            raise ValueError("give the places as text: comma-separated, or a list of strings")
         return [place.strip() for place in value if place.strip()]
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _a_device(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                torch.device(value)
+            except (RuntimeError, ValueError):
+                raise ValueError("not a device: use auto, cpu, cuda or cuda:N") from None
+        return value
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _a_database_url(cls, value: str | None) -> str | None:
+        # Checked here, so that a typo is one line now rather than the driver's traceback later; the URL is
+        # never repeated in the message (it may hold a password).
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme.split("+")[0] not in ("sqlite", "postgresql"):
+                raise ValueError("the URL's scheme is neither sqlite:// nor postgresql+psycopg://")
+            try:
+                parts.port
+            except ValueError:
+                raise ValueError("the URL's port is not a number from 1 to 65535") from None
+        return value
 
     @field_validator("home", mode="after")
     @classmethod
@@ -209,6 +242,19 @@ class Settings(BaseSettings):
         return str(bundled_part("clip"))
 
     @property
+    def resolved_dino_model(self) -> str | None:
+        if self.dino_model or self.base_model != BUNDLED_MODEL:
+            return self.dino_model
+        return str(bundled_part("dino"))
+
+    @property
+    def resolved_world_segmenter(self) -> Path | None:
+        """The bundled world's segmenter: with the bundled model, unless a SAM checkpoint is configured."""
+        if self.sam_checkpoint or self.base_model != BUNDLED_MODEL:
+            return None
+        return bundled_part("segmenter")
+
+    @property
     def recommended(self) -> Recommended:
         """The model's recommended sampling settings (from its adapter config), read without loading the model."""
         adapter = self.resolved_adapter
@@ -223,6 +269,9 @@ def load_settings(**overrides) -> Settings:
     """The settings (`overrides`, then the environment, then the config file, then the defaults), or a
     SettingsError whose message is one line naming the variable, or the config file and line, at fault."""
     config_file = os.environ.get("DREAMCACHE_CONFIG") or None
+    unknown = _unknown_variables()
+    if unknown:
+        raise SettingsError("; ".join(unknown))
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -240,6 +289,25 @@ def load_settings(**overrides) -> Settings:
         if config_file and not Path(config_file).is_file():
             raise SettingsError(f"DREAMCACHE_CONFIG: {config_file} is not a file") from None
         raise SettingsError(f"config file {config_file}: cannot be read ({exc.strerror or exc})") from None
+
+
+# DREAMCACHE_ names that are not settings: the config file's name, and the deployment's (infra/).
+OTHER_VARIABLES = ("DREAMCACHE_CONFIG", "DREAMCACHE_DB_PASSWORD", "DREAMCACHE_CODE_DIR", "DREAMCACHE_IMAGE",
+                   "DREAMCACHE_TAG")
+
+
+def _unknown_variables() -> list[str]:
+    """A problem for each DREAMCACHE_ variable that is no setting (a typo would otherwise be ignored), with the
+    nearest known name; never its value."""
+    known = [f"DREAMCACHE_{name.upper()}" for name in Settings.model_fields]
+    problems = []
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if upper.startswith("DREAMCACHE_") and upper not in known and upper not in OTHER_VARIABLES:
+            close = difflib.get_close_matches(upper, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
+            problems.append(f"unknown setting {name} ({hint}); unset it")
+    return problems
 
 
 def _describe(exc: ValidationError, overrides: dict, config_file: str | None) -> str:
@@ -261,9 +329,6 @@ def _describe(exc: ValidationError, overrides: dict, config_file: str | None) ->
                 problems.append(f"config file {config_file}{_line_of(file_text, field) or ''}: unknown setting "
                                 f"{field!r}{hint}")
             continue
-        value = error.get("input")
-        if not isinstance(value, (dict, list)) and str(value) not in message:
-            message += f" (got {value!r})"
         if field in overrides:
             where = field
         elif variable in environment:

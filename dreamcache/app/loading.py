@@ -37,10 +37,15 @@ def load_pipeline(settings: Settings, progress: bool = False) -> DreamCachePipel
 
 
 def load_segmenter(settings: Settings) -> Segmenter:
+    world = settings.resolved_world_segmenter
+    if world is not None:
+        from dreamcache.world.segmenter import WorldSegmenter
+
+        return WorldSegmenter.from_pretrained(world)
     return build_segmenter(settings.sam_checkpoint, settings.sam_model_type, settings.detector_model,
                            settings.torch_device)
 
 
 def load_scorer(settings: Settings, segmenter: Segmenter | None = None) -> Scorer:
-    return Scorer(settings.resolved_clip_model, settings.dino_model, segmenter or load_segmenter(settings),
+    return Scorer(settings.resolved_clip_model, settings.resolved_dino_model, segmenter or load_segmenter(settings),
                   settings.torch_device)

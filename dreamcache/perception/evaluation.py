@@ -22,12 +22,11 @@ from tqdm.auto import tqdm
 from dreamcache.core.guidance import DEFAULT_GUIDANCE, DEFAULT_TEXT_SCALE, Guidance
 from dreamcache.core.images import open_image
 from dreamcache.core.pipeline import DreamCachePipeline
-from dreamcache.perception.scoring import Scorer
+from dreamcache.perception.scoring import METRICS, Scorer
 from dreamcache.perception.segmentation import Segmenter
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = frozenset({"cat", "dog"})  # DreamBench's live subjects get the live-subject prompts
-METRICS = ("dino", "clip_i", "clip_t", "mdino", "mclip_i")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
@@ -143,7 +142,7 @@ def run_eval(
             row = {"subject": subject.name, "class": subject.class_name, "prompt": prompt, "seed": seed,
                    "image": str(path.relative_to(output_dir))}
             row.update({m: None for m in METRICS})
-            row.update({("m" if s.masked else "") + s.metric: s.value for s in image_scores})
+            row.update({s.name: s.value for s in image_scores})
             result.rows.append(row)
     result.means = {m: _mean(r[m] for r in result.rows) for m in METRICS}
     _write(result, settings, model_label, pipe)

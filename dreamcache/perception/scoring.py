@@ -30,6 +30,28 @@ logger = logging.getLogger(__name__)
 
 MASKED_SIZE = 224  # side of the square a segmented subject is padded to before embedding
 
+# The scores' names, one spelling everywhere: sidecars, SQL views' columns, the CLI, review rules, the
+# Prefect form. Listed masked first: they judge the product, clip_t the prompt, the others the whole shot.
+METRICS = ("mdino", "mclip_i", "clip_t", "dino", "clip_i")
+# Best shot first by these (then by id): masked DINO judges the product alone; DINO stands in where
+# masking found no product, and the CLIP scores where no DINO model is configured.
+RANKING = ("mdino", "dino", "mclip_i", "clip_i")
+
+
+def metric_name(metric: str, masked: bool) -> str:
+    """The score's name: `metric` ("dino", "clip_i", "clip_t") prefixed "m" when masked."""
+    return ("m" if masked else "") + metric
+
+
+def canonical_name(name: str) -> str:
+    """A score's name as older sidecars and `dreamcache score` wrote it ("mclip-i") in today's spelling."""
+    return name.replace("-", "_")
+
+
+def ranking_key(scores: dict[str, float]) -> tuple:
+    """Sort key of a shot by RANKING, best first: the first metric it has decides; shots without one come after."""
+    return tuple((0, -scores[m]) if m in scores else (1, 0.0) for m in RANKING)
+
 
 @dataclass(frozen=True)
 class Score:
@@ -39,8 +61,8 @@ class Score:
     scorer_model_id: str
 
     @property
-    def label(self) -> str:
-        return ("m" if self.masked else "") + self.metric.replace("_", "-")
+    def name(self) -> str:
+        return metric_name(self.metric, self.masked)
 
 
 class ClipEmbedder:
@@ -106,11 +128,14 @@ class Scorer:
         return self.clip is not None or self.dino is not None
 
     def masked_subject(self, image: Image.Image, category: str | None, name: str) -> Image.Image | None:
-        """The subject cut out on white, or None (with a warning) when it cannot be segmented."""
+        """The subject cut out on white, or None when it cannot be segmented.
+
+        Logged at info, not as a warning: a shot without its product is the generator's miss, not a fault,
+        and the shot simply has no masked scores (a catalogue run counts them in its summary)."""
         try:
             return self.segmenter.segment(image, category, name).subject_on_white(image, MASKED_SIZE)
         except SegmentationError as exc:
-            logger.warning("masked scores skipped: %s", exc)
+            logger.info("masked scores skipped: %s", exc)
             return None
 
     def score(

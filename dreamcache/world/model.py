@@ -33,6 +33,7 @@ and the classifier, loaded by the same code paths as real Stable Diffusion and i
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import shutil
@@ -91,6 +92,30 @@ class WorldModelConfig:
     middle_adapter_minutes: float = 0.0
     seed: int = 0
     workers: int = 0  # processes rendering the world (use most CPU cores on a GPU machine); 0: none at all
+    # A finished model directory (e.g. dreamcache/assets/product-world) to continue from: every stage
+    # starts from its weights instead of fresh ones, and a stage given 0 steps keeps them as they are,
+    # so that the device time of several sessions adds up to one model. Empty: train from scratch.
+    init_from: str = ""
+    # Speed levers, comma-separated (BENCHMARKS.md, "Training throughput"): `compile` (torch.compile of
+    # the UNet stage's model and of the adapter stage's UNet), `channels-last`, `fused-adamw`, and
+    # `latents-once` (the adapter stage's target latents encoded once, as the UNet stage's are). Each
+    # applies on CUDA only, so CPU runs are the eager ones; "none" is the fourth training's settings.
+    levers: str = "compile,channels-last,fused-adamw,latents-once"
+
+    def __post_init__(self):
+        unknown = self.lever_names() - LEVERS
+        if unknown:
+            raise ValueError(f"unknown speed lever(s) {', '.join(sorted(unknown))}: choose from {', '.join(sorted(LEVERS))} or none")
+
+    def lever_names(self) -> set[str]:
+        return {name.strip() for name in self.levers.split(",") if name.strip() and name.strip() != "none"}
+
+    def levers_on(self, device: torch.device) -> set[str]:
+        """The levers in force on `device`: none off CUDA."""
+        return self.lever_names() if device.type == "cuda" else set()
+
+
+LEVERS = {"compile", "channels-last", "fused-adamw", "latents-once"}
 
 
 def make_vae(config: WorldModelConfig) -> AutoencoderKL:
@@ -177,12 +202,15 @@ class _Progress:
     at its step count or time budget (every process at the same step)."""
 
     def __init__(self, stage: str, optimizer: torch.optim.Optimizer, processes: Processes, steps: int,
-                 minutes: float = 0, warmup: int = 0, log_every: int = 250):
+                 minutes: float = 0, warmup: int = 0, log_every: int = 250, batch: int = 0):
         self.stage, self.optimizer, self.processes = stage, optimizer, processes
         self.steps, self.minutes, self.warmup, self.log_every = steps, minutes, warmup, log_every
+        self.batch = batch  # global samples per step, for the throughput
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.losses: list[float] = []
         self.started = time.perf_counter()
+        # Throughput is timed from this step on: the first steps compile and tune kernels.
+        self.timed_from, self.timed_at = min(20, steps // 5), None
 
     def __iter__(self):
         for n in range(self.steps):
@@ -193,6 +221,8 @@ class _Progress:
 
     def step(self, loss: torch.Tensor) -> None:
         n = len(self.losses)
+        if n == self.timed_from:
+            self.timed_at = self._synchronized_time()
         if self.warmup:  # linear warm-up, then constant
             for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
                 group["lr"] = lr * min(1.0, (n + 1) / self.warmup)
@@ -208,33 +238,80 @@ class _Progress:
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
+    def _synchronized_time(self) -> float:
+        if self.processes.device.type == "cuda":
+            torch.cuda.synchronize(self.processes.device)
+        return time.perf_counter()
+
     def summary(self) -> dict:
+        if not self.losses:  # a stage given no steps: the weights it started from, unchanged
+            return dict(steps=0, seconds=0.0, processes=self.processes.count)
         losses = torch.stack(self.losses).float().cpu().tolist()
         tail = losses[-100:]
-        return dict(steps=len(losses), seconds=round(self.seconds, 1), processes=self.processes.count,
-                    first_loss=losses[0], final_loss=sum(tail) / len(tail), losses_every_50=losses[::50])
+        summary = dict(steps=len(losses), seconds=round(self.seconds, 1), processes=self.processes.count,
+                       first_loss=losses[0], final_loss=sum(tail) / len(tail), losses_every_50=losses[::50])
+        timed = len(losses) - self.timed_from
+        if self.batch and self.timed_at is not None and timed > 0:
+            summary["samples_per_s"] = round(self.batch * timed / (self._synchronized_time() - self.timed_at), 1)
+        return summary
 
 
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def _continued(config: WorldModelConfig, part: str, load):
+    """`part` of the model named by `config.init_from` (e.g. "base/unet"), loaded with `load` in
+    float32, or None when training from scratch."""
+    if not config.init_from:
+        return None
+    folder = Path(config.init_from) / part
+    if not folder.is_dir():
+        raise FileNotFoundError(f"init_from {config.init_from} has no {part}/: continue from a finished world "
+                                "model directory (base/, clip/, classifier/, adapter/), such as dreamcache/assets/product-world")
+    return load(folder).float()
+
+
+def _adamw(params, lr: float, config: WorldModelConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused kernel updates every tensor in one launch; the default launches a few per tensor.
+    return torch.optim.AdamW(params, lr=lr, fused="fused-adamw" in config.levers_on(device))
+
+
+def _fast(model: torch.nn.Module, p: Processes, config: WorldModelConfig) -> torch.nn.Module:
+    """`model` (converted in place) in channels-last memory, where convolutions skip a layout change
+    each, then wrapped for the processes and compiled, which fuses the GroupNorm and SiLU chains that
+    dominate at these widths."""
+    levers = config.levers_on(p.device)
+    if "channels-last" in levers:
+        model.to(memory_format=torch.channels_last)
+    model = p.wrap(model)
+    return torch.compile(model) if "compile" in levers else model
+
+
+def _layout(images: torch.Tensor, config: WorldModelConfig) -> torch.Tensor:
+    """Inputs in the memory format of the model they feed."""
+    return images.contiguous(memory_format=torch.channels_last) if "channels-last" in config.levers_on(images.device) else images
+
+
 # --- the stages ---------------------------------------------------------------------------
 
 def train_vae(pool: WorldPool, config: WorldModelConfig, p: Processes) -> tuple[AutoencoderKL, dict]:
     torch.manual_seed(config.seed)  # the same initial weights on every process
-    vae = make_vae(config).to(p.device).train()
-    model = p.wrap(_VaeRoundTrip(vae))
-    progress = _Progress("vae", torch.optim.AdamW(vae.parameters(), lr=config.learning_rate), p, config.vae_steps,
-                         config.vae_minutes)
+    vae = _continued(config, "base/vae", AutoencoderKL.from_pretrained)
+    vae = (vae if vae is not None else make_vae(config)).to(p.device).train()
+    model = _fast(_VaeRoundTrip(vae), p, config)
+    progress = _Progress("vae", _adamw(vae.parameters(), config.learning_rate, config, p.device), p, config.vae_steps,
+                         config.vae_minutes, batch=config.batch_size)
     g = p.generator(config.seed)
     half = p.share(config.batch_size) // 2
     for _ in progress:
         images = pixels(torch.cat([pool.targets[pool.sample(g, half)], pool.references[pool.sample(g, half)]]))
         with _autocast(p.device):
-            reconstruction, kl = model(images)
+            reconstruction, kl = model(_layout(images, config))
         progress.step(F.l1_loss(reconstruction.float(), images) + 1e-6 * kl.float().mean())
-    vae.eval()
+    vae = vae.eval().to(memory_format=torch.contiguous_format)
+    if not progress.losses:  # continued for no steps: its latents, and their scale, stay the UNet's
+        return vae, progress.summary()
     with torch.no_grad():  # SD's convention: scaled latents have about unit variance
         sample = pixels(pool.targets[pool.sample(torch.Generator().manual_seed(config.seed), 1024)])
         std = vae.encode(sample).latent_dist.mean.std().item()
@@ -273,10 +350,11 @@ def clip_pixels(images: torch.Tensor) -> torch.Tensor:
 def train_clip(pool: WorldPool, config: WorldModelConfig, p: Processes) -> tuple[CLIPModel, dict]:
     torch.manual_seed(config.seed + 1)
     tokenizer = tiny_tokenizer()
-    clip = make_clip(tokenizer, config).to(p.device).train()
+    clip = _continued(config, "clip", CLIPModel.from_pretrained)
+    clip = (clip if clip is not None else make_clip(tokenizer, config)).to(p.device).train()
     model = p.wrap(clip)
-    progress = _Progress("clip", torch.optim.AdamW(clip.parameters(), lr=config.learning_rate), p,
-                         config.clip_steps, config.clip_minutes)
+    progress = _Progress("clip", _adamw(clip.parameters(), config.learning_rate, config, p.device), p,
+                         config.clip_steps, config.clip_minutes, batch=config.batch_size)
     tokens = caption_tokens(tokenizer, world.CAPTIONS, p.device)  # all 48 captions, every step
     g = p.generator(config.seed + 1)
     for _ in progress:
@@ -322,10 +400,11 @@ def product_weights(masks: torch.Tensor, latent_size: int, weight: float) -> tor
 def train_unet(pool: WorldPool, config: WorldModelConfig, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                p: Processes, ema_decay: float = 0.999) -> tuple[UNet2DConditionModel, dict]:
     torch.manual_seed(config.seed + 2)
-    unet = make_unet(config).to(p.device).train()
-    ema = make_unet(config).to(p.device).requires_grad_(False)
-    ema.load_state_dict(unet.state_dict())
-    model = p.wrap(unet)
+    unet = _continued(config, "base/unet", UNet2DConditionModel.from_pretrained)
+    # Continued, the EMA starts from the shipped (EMA) weights too, and the new steps average into it.
+    unet = (unet if unet is not None else make_unet(config)).to(p.device).train()
+    model = _fast(unet, p, config)
+    ema = copy.deepcopy(unet).requires_grad_(False)  # in the same memory format: its update is elementwise
     vae, text_encoder = vae.to(p.device).eval(), text_encoder.to(p.device).eval()
     with torch.no_grad():  # 48 captions and the empty one: encoded once, looked up per sample
         table = text_encoder(caption_tokens(tiny_tokenizer(), world.CAPTIONS + ("",), p.device))[0]
@@ -333,8 +412,10 @@ def train_unet(pool: WorldPool, config: WorldModelConfig, vae: AutoencoderKL, te
     weights = product_weights(pool.masks, means.shape[-1], config.product_weight)
     scale = vae.config.scaling_factor
     noise_scheduler = DDPMScheduler.from_config(scheduler().config)
-    progress = _Progress("unet", torch.optim.AdamW(unet.parameters(), lr=config.learning_rate), p, config.unet_steps,
-                         config.unet_minutes, warmup=500)
+    # A continued UNet needs no warm-up: its optimiser state is new, its weights are not.
+    progress = _Progress("unet", _adamw(unet.parameters(), config.learning_rate, config, p.device), p,
+                         config.unet_steps, config.unet_minutes, warmup=0 if config.init_from else 500,
+                         batch=config.unet_batch_size)
     g = p.generator(config.seed + 3)
     # Noise is drawn where it is used: megabytes a step, too many to make on the CPU and copy over.
     noise_g = torch.Generator(p.device).manual_seed(g.initial_seed())
@@ -349,23 +430,26 @@ def train_unet(pool: WorldPool, config: WorldModelConfig, vae: AutoencoderKL, te
         noise = torch.randn(latents.shape, generator=noise_g, device=p.device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=noise_g, device=p.device)
         with _autocast(p.device):
-            prediction = model(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=table[captions]).sample
+            noisy = _layout(noise_scheduler.add_noise(latents, noise, t), config)
+            prediction = model(noisy, t, encoder_hidden_states=table[captions]).sample
         weight = weights[index]
         error = (prediction.float() - noise_scheduler.get_velocity(latents, noise, t)) ** 2
         progress.step((weight * error).mean() / weight.mean())
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - ema_decay)
-    return ema.eval(), progress.summary()
+    return ema.eval().to(memory_format=torch.contiguous_format), progress.summary()
 
 
 def train_classifier(pool: WorldPool, config: WorldModelConfig, vae: AutoencoderKL,
                      p: Processes) -> tuple[AttributeClassifier, dict]:
     torch.manual_seed(config.seed + 4)
-    classifier = AttributeClassifier(config.resolution).to(p.device).train()
+    classifier = _continued(config, "classifier", AttributeClassifier.from_pretrained)
+    classifier = (classifier if classifier is not None else AttributeClassifier(config.resolution)).to(p.device).train()
     model = p.wrap(classifier)
     vae = vae.to(p.device).eval()
-    progress = _Progress("classifier", torch.optim.AdamW(classifier.parameters(), lr=1e-3), p,
-                         config.classifier_steps, config.classifier_minutes, warmup=200)
+    progress = _Progress("classifier", _adamw(classifier.parameters(), 1e-3, config, p.device), p,
+                         config.classifier_steps, config.classifier_minutes, warmup=0 if config.init_from else 200,
+                         batch=config.batch_size)
     g = p.generator(config.seed + 4)
     b = p.share(config.batch_size)
     for _ in progress:
@@ -387,7 +471,11 @@ def train_adapters(base: Path, output: Path, preset: str, pool: WorldPool, confi
     from dreamcache.training.trainer import TrainConfig, Trainer
 
     run = output.parent / "runs" / output.name
+    levers = config.levers_on(accelerator.device)
+    init = Path(config.init_from) / output.name if config.init_from else None
     train_config = TrainConfig(base_model=str(base), output_dir=str(run), preset=preset,
+                               init_adapter=str(init) if init else None,
+                               channels_last="channels-last" in levers, fused_optimizer="fused-adamw" in levers,
                                batch_size=config.adapter_batch_size // accelerator.num_processes,
                                learning_rate=config.adapter_learning_rate, max_steps=steps,
                                max_minutes=minutes or None,
@@ -397,7 +485,12 @@ def train_adapters(base: Path, output: Path, preset: str, pool: WorldPool, confi
                                log_every=50, mixed_precision="bf16" if torch.cuda.is_available() else "no",
                                checkpoint_every=max(1, steps // 10), validate_every=max(1, steps // 20))
     started = time.perf_counter()
-    trainer = Trainer(train_config, accelerator=accelerator, dataset=PoolTriplets(pool))
+    latents = None
+    if "latents-once" in levers:  # the targets are not augmented: each one's posterior is the same every step
+        vae = AutoencoderKL.from_pretrained(base / "vae").float().to(accelerator.device).eval()
+        latents = encode_pool(vae, pool)
+        del vae
+    trainer = Trainer(train_config, accelerator=accelerator, dataset=PoolTriplets(pool, latents=latents))
     final = trainer.train(resume="latest")  # an interrupted stage goes on from its last checkpoint
     if accelerator.is_main_process:
         shutil.copytree(final, output, dirs_exist_ok=True)
@@ -405,9 +498,19 @@ def train_adapters(base: Path, output: Path, preset: str, pool: WorldPool, confi
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log]
     return dict(steps=trainer.step, seconds=round(time.perf_counter() - started, 1), preset=preset,
-                processes=accelerator.num_processes, samples_per_s=log[-1]["samples_per_s"],
+                processes=accelerator.num_processes, samples_per_s=_steady_rate(log, config.adapter_batch_size),
                 first_loss=losses[0], final_loss=losses[-1], logged_losses=losses,
                 cache_effect=[[r["step"], r["cache_effect"]] for r in log if "cache_effect" in r])
+
+
+def _steady_rate(log: list[dict], batch: int) -> float:
+    """Samples per second between the log record a fifth of the way in and the last (the first steps
+    tune kernels); the whole run's rate when it logged too little for that."""
+    start = next((r for r in log if r["step"] >= log[-1]["step"] / 5 and r is not log[-1]), None)
+    if start is None:
+        return round(log[-1]["samples_per_s"], 1)
+    end = log[-1]
+    return round(batch * (end["step"] - start["step"]) / (end["elapsed_s"] - start["elapsed_s"]), 1)
 
 
 def save_pipeline(vae, clip: CLIPModel, unet, directory: Path) -> Path:
@@ -453,6 +556,9 @@ def train_world_model(output: Path, config: WorldModelConfig, accelerator=None,
     device_name = torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else "cpu"
     record.update(config=asdict(config), device=f"{device_name} x{p.count}", torch=torch.__version__)
     stages = record.setdefault("stages", {})
+    if "earlier_sessions" not in record:  # what the model continued from had already seen
+        before = Path(config.init_from) / "training.json" if config.init_from else None
+        record["earlier_sessions"] = json.loads(before.read_text())["sessions"] if before and before.exists() else []
 
     def done(name: str, summary: dict) -> None:
         if p.main:
@@ -460,6 +566,9 @@ def train_world_model(output: Path, config: WorldModelConfig, accelerator=None,
                 on_disk = json.loads(record_path.read_text()).get("stages", {})
                 stages.update({k: v for k, v in on_disk.items() if k not in stages})
             stages[name] = summary
+            record["sessions"] = record["earlier_sessions"] + [dict(device=record["device"], samples=_samples(config, stages))]
+            record["samples"] = {stage: sum(s["samples"].get(stage, 0) for s in record["sessions"])
+                                 for stage in _BATCH_FIELDS}
             record_path.write_text(json.dumps(record, indent=1) + "\n")
         p.barrier()
 
@@ -476,6 +585,17 @@ def train_world_model(output: Path, config: WorldModelConfig, accelerator=None,
             done(name, train_adapters(output / "base", output / name, ADAPTERS[name], pool, config, accelerator,
                                       steps, minutes))
     return record
+
+
+# Each stage's global batch, to count the samples it has seen across sessions.
+_BATCH_FIELDS = {"vae": "batch_size", "clip": "batch_size", "unet": "unet_batch_size", "classifier": "batch_size",
+                 "adapter": "adapter_batch_size", "adapter-middle": "adapter_batch_size"}
+
+
+def _samples(config: WorldModelConfig, stages: dict) -> dict[str, int]:
+    """Samples each stage trained on in this session."""
+    return {name: stages[name].get("steps", 0) * getattr(config, field)
+            for name, field in _BATCH_FIELDS.items() if name in stages}
 
 
 def _train_base(output: Path, config: WorldModelConfig, pool: WorldPool, p: Processes, done) -> None:

@@ -157,8 +157,10 @@ class PoolTriplets:
     the sample's generator), `pixels` once per batch on the device.
     """
 
-    def __init__(self, pool: WorldPool, augment: bool = True):
+    def __init__(self, pool: WorldPool, augment: bool = True,
+                 latents: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.pool = pool
+        self.latents = latents  # every target's VAE posterior (mean, std), encoded once, or None
         # `draw` runs in data workers, which must not touch the GPU: the captions they read stay on the CPU.
         self.captions = pool.captions.cpu()
         self.augmentation = DeviceReferenceAugmentation(pool.resolution) if augment else None
@@ -179,6 +181,12 @@ class PoolTriplets:
         else:
             references = references.float() / 255
         return pixels(targets), references * 2 - 1
+
+    def target_latents(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.latents is None:
+            return None
+        indices = indices.to(self.latents[0].device)
+        return self.latents[0][indices], self.latents[1][indices]
 
 
 class WorldTriplets:

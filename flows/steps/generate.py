@@ -11,7 +11,7 @@ from functools import partial
 from typing import Callable, Sequence
 
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from db import claims
 from db.models import Generation, Prompt, Score, Segmentation, Subject, SubjectCache
@@ -20,6 +20,7 @@ from db.session import transaction
 from dreamcache.core.images import decode_image
 from dreamcache.core.placement import PlacedProduct, Placement
 from dreamcache.core.schedulers import SAMPLERS
+from dreamcache.perception.scoring import canonical_name, metric_name
 from flows import liveness
 from flows.platform import Platform, safe_key_part, worker_id
 from flows.steps.caches import load_cache
@@ -49,12 +50,18 @@ def sidecar(gen: Generation, subject: Subject, prompt: str, scores: Sequence[dic
     `scores` are score rows (metric, masked, value, scorer_model_id)."""
     document = dict(generation_id=gen.id, sku=subject.sku, category=subject.category, prompt=prompt, seed=gen.seed,
                     parameters=gen.parameters,
-                    scores=dict(sorted((("m" if sc["masked"] else "") + sc["metric"].replace("_", "-"), sc["value"])
-                                       for sc in scores)),
+                    scores=dict(sorted((metric_name(sc["metric"], sc["masked"]), sc["value"]) for sc in scores)),
                     scorer_models=sorted({sc["scorer_model_id"] for sc in scores}))
     if text_only_uri:
         document["text_only_uri"] = text_only_uri
     return json.dumps(document, indent=2).encode()
+
+
+def read_sidecar(data: bytes) -> dict:
+    """A sidecar as written by any version: score names in today's spelling (older sidecars wrote "mclip-i")."""
+    document = json.loads(data)
+    document["scores"] = {canonical_name(name): value for name, value in document.get("scores", {}).items()}
+    return document
 
 
 def text_only_key(shot_key: str) -> str:
@@ -264,6 +271,8 @@ def _write_part(platform, part, images, twins, scores, products, output_prefix: 
             stored = platform.objects.put(key, png(image), "image/png")
             platform.objects.put(sidecar_key(key), sidecar(gen, subject, text, score_rows, twin_uri), "application/json")
             with transaction(platform.sessions) as s:
+                # A shot made again (it was lost or damaged) is scored again: its old image's scores go.
+                s.execute(delete(Score).where(Score.generation_id == gen.id))
                 insert_missing(s, Score, score_rows)
                 claims.complete(s, Generation, gen.id, me, output_uri=stored.uri, output_sha256=stored.sha256,
                                 output_bytes=stored.size, duration_s=seconds)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
-from db.models import Subject
+from db.models import Generation, ReviewState, Subject, SubjectCache, utcnow
 from db.repository import ids_by_key, insert_missing
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
@@ -53,4 +53,32 @@ def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem], places:
             if known[subject_id] != (r["category"], r["attributes"]):
                 s.execute(update(Subject).where(Subject.id == subject_id)
                           .values(category=r["category"], attributes=r["attributes"]))
+        supersede(s, {r["sku"]: r["content_sha256"] for r in rows})
     return sorted(set(ids.values()))
+
+
+SUPERSEDED = "superseded"
+
+
+def supersede(s, current: dict[str, str]) -> None:
+    """The rule for a changed source image: the image a SKU was last ingested with is its product. The shots
+    of its other images are kept (nothing made is lost) but superseded: rejected for review and publishing
+    (`reviewed_by` "superseded", the note says why), and left off the contact sheet. Shots superseded earlier
+    whose image is current again go back to pending review."""
+    changed = set(s.scalars(select(Subject.sku).where(Subject.sku.in_(list(current)))
+                            .group_by(Subject.sku).having(func.count() > 1)))
+    now = utcnow()
+    for sku in sorted(changed):
+        shots = (select(Generation.id).join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
+                 .join(Subject, Subject.id == SubjectCache.subject_id).where(Subject.sku == sku))
+        s.execute(update(Generation).where(
+            Generation.id.in_(shots.where(Subject.content_sha256 != current[sku])),
+            Generation.reviewed_by.is_distinct_from(SUPERSEDED)).values(
+            review=ReviewState.rejected, reviewed_by=SUPERSEDED, reviewed_at=now,
+            review_note=f"{sku}'s image changed (now content {current[sku][:12]}): this shot shows the old one")
+            .execution_options(synchronize_session=False))
+        s.execute(update(Generation).where(
+            Generation.id.in_(shots.where(Subject.content_sha256 == current[sku])),
+            Generation.reviewed_by == SUPERSEDED).values(
+            review=ReviewState.pending, reviewed_by=None, reviewed_at=None, review_note=None)
+            .execution_options(synchronize_session=False))

@@ -153,8 +153,14 @@ def check_done_shots(platform: Platform, s, generation_ids: Sequence[int], outpu
         elif sidecar_key(key) not in sizes:
             broken[generation_id] = f"the sidecar of {uri} is missing"
     for generation_id, reason in broken.items():
-        logger.warning("generation %d is made again: %s", generation_id, reason)
-        s.execute(update(Generation).where(Generation.id == generation_id)
-                  .values(status=WorkStatus.pending, output_uri=None, output_sha256=None, output_bytes=None,
-                          error=f"made again: {reason}").execution_options(synchronize_session=False))
+        remake(s, generation_id, reason)
     return len(broken)
+
+
+def remake(s, generation_id: int, reason: str) -> None:
+    """A done shot found missing or damaged goes back to pending, to be made again by the next run; the
+    warning names it and why."""
+    logger.warning("generation %d is made again: %s", generation_id, reason)
+    s.execute(update(Generation).where(Generation.id == generation_id)
+              .values(status=WorkStatus.pending, output_uri=None, output_sha256=None, output_bytes=None,
+                      error=f"made again: {reason}").execution_options(synchronize_session=False))

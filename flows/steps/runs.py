@@ -66,13 +66,25 @@ def cancel_run(platform: Platform, run_id: int, reason: str) -> int:
     return released
 
 
+# A run's log names the first rejections of each stage; a manifest of 10,000 bad rows is one line more.
+LOGGED_REJECTIONS = 20
+
+
 def reject(platform: Platform, run_id: int, stage: str, rejected: Iterable[tuple[str, str]]) -> None:
     rows = [dict(run_id=run_id, stage=stage, item=item[:1024], reason=reason) for item, reason in rejected]
     if rows:
         with transaction(platform.sessions) as s:
             s.execute(RejectedItem.__table__.insert(), rows)
-        for row in rows:
-            logger.warning("rejected at %s: %s: %s", stage, row["item"], row["reason"])
+        for row in rows[:LOGGED_REJECTIONS]:
+            logger.warning("rejected at %s: %s: %s", stage, one_line(row["item"]), one_line(row["reason"]))
+        if len(rows) > LOGGED_REJECTIONS:
+            logger.warning("rejected at %s: %d more; every one is in rejected_items (run %s)", stage,
+                           len(rows) - LOGGED_REJECTIONS, run_id)
+
+
+def one_line(text: str) -> str:
+    """`text` fit for one log line: a newline or other control character in a file name shown escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_ids, planned: int,

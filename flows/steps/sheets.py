@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-import json
+import io
 from typing import Sequence
 
+from PIL import Image
 from sqlalchemy import select
 
 from db import queries
 from db.models import Generation, Prompt, Subject, SubjectCache, WorkStatus
-from db.objects import put_if_changed
+from db.objects import CorruptObject, ObjectNotFound, put_if_changed
 from db.session import transaction
 from dreamcache.perception.contact_sheet import contact_sheet
+from dreamcache.perception.scoring import ranking_key
 from flows.platform import Platform, safe_key_part
-from flows.steps.generate import sidecar_key
+from flows.steps.generate import text_only_key
+from flows.steps.plan import remake
 from flows.steps.shared import png, read_image, reference
 
 
 def _format(gen: Generation) -> str:
     return "" if gen.aspect == "1:1" and gen.mode == "generate" else f", {gen.mode} {gen.aspect}"
+
+
+def _damage(exc: Exception) -> str:
+    return "missing" if isinstance(exc, ObjectNotFound) else "damaged (sha256 differs)"
 
 
 def contact_sheets(platform: Platform, subject_ids: Sequence[int], output_prefix: str,
@@ -43,17 +50,26 @@ def contact_sheets(platform: Platform, subject_ids: Sequence[int], output_prefix
             if not gens:
                 continue
             scores = queries.scores_by_generation(s, [g.id for g, _ in gens])
-            gens = sorted(gens, key=lambda g: -scores.get(g[0].id, {}).get("mdino", scores.get(g[0].id, {}).get("dino", 0)))
+            gens = sorted(gens, key=lambda g: (*ranking_key(scores.get(g[0].id, {})), g[0].id))
             shots, twins = [], []
-            for gen, text in gens[:per_sheet]:
+            for gen, text in gens:
+                if len(shots) == per_sheet:
+                    break
                 key = platform.objects.key_of(gen.output_uri)
+                try:  # checked against its recorded sha256: a damaged shot is never shown, it is made again
+                    shot = Image.open(io.BytesIO(platform.objects.get(key, expected_sha256=gen.output_sha256)))
+                except (CorruptObject, ObjectNotFound) as exc:
+                    remake(s, gen.id, f"its image {gen.output_uri} is {_damage(exc)} (found by the contact sheet)")
+                    continue
                 values = "  ".join(f"{k} {v:.2f}" for k, v in sorted(scores.get(gen.id, {}).items()))
                 # The id is what a reviewer types to approve or reject it (`dreamcache review`, the paused run's form).
                 label = f"#{gen.id} {text} (seed {gen.seed}{_format(gen)}) {values}"
-                shots.append((read_image(platform, key), label))
-                twin_uri = json.loads(platform.objects.get(sidecar_key(key))).get("text_only_uri")
-                twins.append((read_image(platform, platform.objects.key_of(twin_uri)), f"{text} (seed {gen.seed})")
-                             if twin_uri else None)
+                shots.append((shot, label))
+                twin = text_only_key(key)  # its twin, if it has one (not read from the sidecar: that may be damaged)
+                twins.append((read_image(platform, twin), f"{text} (seed {gen.seed})")
+                             if platform.objects.exists(twin) else None)
+            if not shots:
+                continue
             _, product = reference(platform, s, subject.id)
             sheet = contact_sheet(product, shots, title=f"{subject.sku} ({subject.category or 'product'})",
                                   text_only=twins)

@@ -191,7 +191,7 @@ def test_shots_are_scored_when_scorer_models_are_configured(platform_env, catalo
     assert len(rows) == 3 and all(r.dino is not None and r.clip_i is not None and r.clip_t is not None for r in rows)
     assert sorted(models) == [clip, dino]
     sidecar = json.loads(Path(rows[0].output_uri.removeprefix("file://")).with_suffix(".json").read_text())
-    assert {"dino", "clip-i", "clip-t"} <= set(sidecar["scores"]) and sorted(sidecar["scorer_models"]) == [clip, dino]
+    assert {"dino", "clip_i", "clip_t"} <= set(sidecar["scores"]) and sorted(sidecar["scorer_models"]) == [clip, dino]
     assert {p["sku"] for p in summary["products"]} == {"MUG-1", "MUG-2", "LAMP-1"}
     assert all("best_dino" in p for p in summary["products"])
 
@@ -241,45 +241,29 @@ def test_asking_for_twins_later_regenerates_nothing(platform_env, catalogue, tmp
     assert len(list(shots.rglob("*.text-only.png"))) == 3 * 2
 
 
-class CentreBoxSegmenter:
-    """Every image's centre as the product: masked scoring of any shot, whatever the model drew."""
-
-    method = "centre-box"
-
-    def segment(self, image, category=None, name="<image>"):
-        import numpy as np
-
-        from dreamcache.perception.segmentation import check_mask
-
-        mask = np.zeros((image.height, image.width), dtype=bool)
-        mask[image.height // 4 : image.height * 3 // 4, image.width // 4 : image.width * 3 // 4] = True
-        return check_mask(mask, self.method, name)
-
-
-def test_a_default_run_scores_with_the_bundled_clip_and_records_no_dino(platform_env, tmp_path):
+def test_a_default_run_records_all_five_scores_of_every_shot_with_the_bundled_models(platform_env, tmp_path):
     import shutil
 
     from dreamcache.app.config import BUNDLED_DIR
     from flows.cli import EXAMPLES
-    from flows.platform import get_platform
 
-    for name in ("DREAMCACHE_BASE_MODEL", "DREAMCACHE_ADAPTER"):
-        platform_env.delenv(name)
+    for name in ("DREAMCACHE_BASE_MODEL", "DREAMCACHE_ADAPTER", "DREAMCACHE_CLIP_MODEL", "DREAMCACHE_DINO_MODEL",
+                 "DREAMCACHE_SAM_CHECKPOINT"):
+        platform_env.delenv(name, raising=False)
     shutil.copytree(EXAMPLES / "catalogue" / "mug", tmp_path / "catalogue" / "mug")
-    # Whether the default segmenter finds the product in a shot depends on the model's drawing (see
-    # test_scoring for it on world scenes); here every shot is maskable, so MCLIP-I must be recorded.
-    get_platform()._models["segmenter"] = CentreBoxSegmenter()
+    # The model's own sampling settings (steps 0): a shot in which it draws the product, as the demo's.
     summary = run_embedded(CatalogueRunParams(source=str(tmp_path / "catalogue"),
                                               prompt_file=str(EXAMPLES / "prompts.txt"), images_per_prompt=1,
-                                              steps=2), progress=False)
-    assert summary["images_generated"] == 3
+                                              approve_if=["mdino>=0.3"]), progress=False)
+    assert summary["images_generated"] == 3 and summary["products_not_found"] == 0
     with database(tmp_path / "home").connect() as db:
         scores = db.execute(text("SELECT generation_id, metric, masked, scorer_model_id FROM scores")).all()
         history = db.execute(text("SELECT dino, mdino, clip_i, clip_t, mclip_i FROM generation_history")).all()
     assert sorted((metric, bool(masked)) for _, metric, masked, _ in scores) == sorted(
-        [("clip_i", False), ("clip_t", False), ("clip_i", True)] * 3)
-    assert {model for *_, model in scores} == {str(BUNDLED_DIR / "clip")}
-    assert all(r.dino is None and r.mdino is None and None not in (r.clip_i, r.clip_t, r.mclip_i) for r in history)
+        [("clip_i", False), ("clip_t", False), ("dino", False), ("clip_i", True), ("dino", True)] * 3)
+    assert {model for *_, model in scores} == {str(BUNDLED_DIR / "clip"), str(BUNDLED_DIR / "dino")}
+    assert len(history) == 3 and all(None not in tuple(r) for r in history)
+    assert summary["review"]["approved"] == sum(r.mdino >= 0.3 for r in history)  # a rule on mdino decides
 
 
 def test_a_sheet_shows_every_done_shot_under_its_prefix_whichever_run_made_it(platform_env, catalogue, tmp_path):

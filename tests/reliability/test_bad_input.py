@@ -211,6 +211,39 @@ def test_manifest_rows_that_cannot_be_used_are_rejected_with_their_line(tmp_path
     assert all(item.startswith(f"{tmp_path}/m.csv line ") for item, _ in listing.rejected)
 
 
+def test_malformed_manifest_rows_are_rejected_with_their_line_and_the_others_kept(tmp_path):
+    (tmp_path / "m.jsonl").write_text("\n".join([
+        '{"sku": "A", "image_uri": "a.png"}', "[1, 2]", "null", "[" * 100_000 + "]" * 100_000, '"text"', "{",
+        '{"sku": "C", "image_uri": "c.png"}']) + "\n")
+    listing = list_source(str(tmp_path / "m.jsonl"))
+    assert [i.sku for i in listing.items] == ["A", "C"]
+    reasons = {item.rsplit(" ", 1)[-1]: reason for item, reason in listing.rejected}
+    assert reasons == {"2": "an array, not a JSON object; give one JSON object a line",
+                       "3": "null, not a JSON object; give one JSON object a line",
+                       "4": "nested too deeply to read; give one flat JSON object a line",
+                       "5": "a string, not a JSON object; give one JSON object a line",
+                       "6": "not valid JSON (Expecting property name enclosed in double quotes)"}
+    (tmp_path / "m.csv").write_text(f"sku,image_uri\nA,a.png\nB,{'x' * 200_000}\nC,c.png\n")
+    listing = list_source(str(tmp_path / "m.csv"))
+    assert [i.sku for i in listing.items] == ["A", "C"]
+    ((item, reason),) = listing.rejected
+    assert item.endswith("m.csv line 3") and "field larger than field limit" in reason
+
+
+def test_many_rejections_are_logged_as_the_first_few_and_a_count(platform_env, tmp_path, caplog):
+    from flows.platform import get_platform
+    from flows.steps.runs import LOGGED_REJECTIONS, reject
+
+    platform = get_platform()
+    platform.migrate()
+    reject(platform, None, "inputs", [(f"m.csv line {n}", "empty sku or image_uri") for n in range(2, 10_002)]
+           + [("new\nline.png", "the file is empty")])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected at inputs")]
+    assert len(lines) == LOGGED_REJECTIONS + 1 and lines[-1].startswith(f"rejected at inputs: {10_001 - LOGGED_REJECTIONS} more")
+    reject(platform, None, "inputs", [("new\nline.png", "the file is empty")])
+    assert "new\\nline.png" in caplog.records[-1].getMessage() and "\n" not in caplog.records[-1].getMessage()
+
+
 def test_a_folder_with_the_same_sku_twice_keeps_the_first(tmp_path):
     for name in ("mug/X-1.png", "lamp/X-1.jpg", "lamp/Y-1.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -380,3 +413,19 @@ def test_an_embedded_run_over_the_whole_corpus_finishes_the_good_and_accounts_fo
     assert accounted == attempted
     for image in images:  # the sidecar of each names its product
         assert json.loads(image.with_suffix(".json").read_text())["sku"] in good
+
+
+def test_unread_formats_and_odd_csv_columns_are_named_not_passed_over(tmp_path):
+    from flows.places import InvalidInputs
+
+    (tmp_path / "shop" / "mug").mkdir(parents=True)
+    (tmp_path / "shop" / "mug" / "MUG-9.avif").write_bytes(b"\x00\x00\x00\x1cftypavif")
+    listing = list_source(str(tmp_path / "shop"))
+    assert listing.rejected == [("mug/MUG-9.avif", ".avif images are not read; convert it to PNG, JPEG or WebP")]
+    (tmp_path / "a.png").write_bytes(b"a")
+    (tmp_path / "m.csv").write_text("sku,image_uri\nA,a.png\nB,b, red.png\n")
+    ((item, reason),) = list_source(str(tmp_path / "m.csv")).rejected
+    assert item.endswith("m.csv line 3") and reason.startswith("1 more field(s) than the header's 2 columns")
+    (tmp_path / "m.csv").write_text("sku,image_uri,sku\nA,a.png,B\n")
+    with pytest.raises(InvalidInputs, match=r"m\.csv names the column\(s\) 'sku' twice; keep one of each"):
+        list_source(str(tmp_path / "m.csv"))

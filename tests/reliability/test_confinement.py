@@ -9,6 +9,7 @@ is recorded, so "nothing outside was read" is checked, not inferred from the out
 import asyncio
 import csv
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -187,8 +188,10 @@ def test_an_embedded_run_never_reads_or_writes_a_planted_secret(platform_env, pl
     assert sorted(refused) == ["3", "4", "5", "6", "7"], refused
     assert all("outside the places this run may read" in reason for reason in refused.values())
 
-    assert any(path.endswith("mug/MUG-1.png") for path in opened)  # the recorder sees the run's reads
-    assert not [path for path in opened if str(planted) in os.path.realpath(path) or path.startswith("/etc/")]
+    # Confined reads open one component at a time from a folder's descriptor: the recorder sees each name.
+    assert "MUG-1.png" in opened  # the recorder sees the run's reads
+    assert not [path for path in opened if str(planted) in os.path.realpath(path) or path.startswith("/etc/")
+                or os.path.basename(path) in ("secrets", "secret.png", "creds.txt", "passwd")]
     home = tmp_path / "home"
     written = [p.read_bytes().decode("latin-1") for p in home.rglob("*") if p.is_file()]
     logs = caplog.text + "".join(capsys.readouterr())
@@ -238,3 +241,89 @@ def test_a_prefect_run_on_s3_reads_only_its_prefix(prefect_env, platform_env, s3
     objects = [s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read().decode("latin-1")
                for o in s3.list_objects_v2(Bucket=bucket, Prefix="platform/").get("Contents", [])]
     assert not leaks(*artifacts, *logs, *states, *objects, caplog.text, database_text(prefect_env["database"]))
+
+
+# --- races: a folder of the catalogue swapped for a link while the run reads it ------------------------------
+
+FLIPPER = """
+import os, sys
+catalogue, outside = sys.argv[1], sys.argv[2]
+os.chdir(catalogue)
+while True:  # d: the real folder, then a link out of the catalogue, then the real folder again
+    os.symlink(outside, "d.tmp")
+    os.rename("d", "d.real")
+    os.rename("d.tmp", "d")
+    os.unlink("d")
+    os.rename("d.real", "d")
+"""
+
+
+@pytest.fixture
+def flipping(tmp_path, catalogue):
+    """`catalogue/d/x0..x9.png`, with `d` swapped for a link to `outside/` (the same names, secret images) and back,
+    in a loop, by another process, for as long as the test runs."""
+    (catalogue / "d").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for n in range(10):
+        scene(size=(64, 64), box=(16, 16, 48, 48))[0].save(catalogue / "d" / f"x{n}.png")
+        secret_png(outside / f"x{n}.png")
+    flipper = subprocess.Popen([sys.executable, "-c", FLIPPER, str(catalogue), str(outside)])
+    yield catalogue
+    flipper.kill()
+    flipper.wait()
+
+
+def test_a_folder_swapped_for_a_link_while_images_are_read_is_never_followed(flipping):
+    places = Places.for_run(str(flipping), [])
+    leaked, raced, read = 0, 0, 0
+    for n in range(100_000):  # until the race has been lost often enough to show that it was run
+        try:
+            data = places.read(str(flipping / "d" / f"x{n % 10}.png"), f"d/x{n % 10}.png")
+        except FileNotFoundError:  # d between its two names
+            continue
+        except OutsidePlaces as exc:
+            assert "\n" not in str(exc) and str(flipping.parent / "outside") not in str(exc)
+            raced += "changed while it was read" in str(exc)
+            continue
+        read += 1
+        leaked += MARK.encode() in data
+        if leaked or raced >= 20:
+            break
+    assert leaked == 0, f"{leaked} of {read} reads returned the outside file's bytes"
+    assert raced >= 20 and read > 0  # the swap did happen between check and open, and was refused
+
+
+def test_a_folder_swapped_for_a_link_while_listed_costs_an_item_not_the_run(flipping):
+    raced = 0
+    for _ in range(20_000):  # until the swap has hit a listing mid-way often enough to show that it was run
+        listing = list_source(str(flipping))  # never raises
+        assert {"MUG-1", "MUG-2", "LAMP-1"} <= {item.sku for item in listing.items}
+        assert all(str(flipping.parent / "outside") not in item.uri for item in listing.items)
+        assert all("\n" not in reason and str(flipping.parent / "outside") not in reason
+                   for _, reason in listing.rejected)
+        raced += any(item.startswith("d") for item, _ in listing.rejected)
+        if raced >= 20:
+            break
+    assert raced >= 20
+
+
+# --- probing: what a run's answers reveal about the world outside its places -----------------------------------
+
+def test_links_out_of_the_catalogue_are_refused_alike_whether_or_not_their_target_exists(tmp_path, catalogue):
+    (tmp_path / "there.png").write_bytes((catalogue / "mug" / "MUG-1.png").read_bytes())
+    (catalogue / "mug" / "THERE.png").symlink_to(tmp_path / "there.png")
+    (catalogue / "mug" / "NOWHERE.png").symlink_to(tmp_path / "nowhere.png")  # no such file
+    reasons = dict(list_source(str(catalogue)).rejected)
+    assert reasons["mug/THERE.png"].replace("THERE", "X") == reasons["mug/NOWHERE.png"].replace("NOWHERE", "X")
+    assert "outside the places" in reasons["mug/NOWHERE.png"]
+
+
+def test_an_s3_prefix_is_a_folder_not_the_start_of_a_name(s3_bucket):
+    s3 = boto3.client("s3")
+    image = (Path(__file__).parents[2] / "flows" / "examples").rglob("*.png").__next__().read_bytes()
+    s3.put_object(Bucket=s3_bucket, Key="catalogue/mug/MUG-1.png", Body=image)
+    s3.put_object(Bucket=s3_bucket, Key="catalogue-private/mug/SECRET.png", Body=image)
+    listing = list_source(f"s3://{s3_bucket}/catalogue")
+    assert [item.sku for item in listing.items] == ["MUG-1"]
+    assert not [item for item, reason in listing.rejected if "private" in item + reason]

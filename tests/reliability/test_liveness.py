@@ -62,7 +62,15 @@ def dead_worker() -> str:
     return f"{socket.gethostname()}:{gone.pid}"
 
 
-def stop_mid_generation(catalogue, engine, signum, ignore_sigint: bool = False) -> subprocess.CompletedProcess:
+def run_stopping(engine) -> None:
+    """Wait until the run's first claims have been given back (it is stopping, not yet stopped)."""
+    while True:
+        with engine.connect() as db:
+            if db.scalar(select(func.count()).where(Generation.status == "running")) < 2:
+                return
+
+
+def stop_mid_generation(catalogue, engine, signum, ignore_sigint: bool = False, times: int = 1) -> subprocess.CompletedProcess:
     """A `dreamcache run` in its own process, sent `signum` once it has finished some images and holds others.
 
     ignore_sigint: start it with SIGINT ignored, as a shell script's background job is."""
@@ -80,7 +88,10 @@ def stop_mid_generation(catalogue, engine, signum, ignore_sigint: bool = False) 
         except Exception:
             continue  # the schema may not exist yet
         if done >= 2 and mine >= 1:  # images finished, and a batch of this process's in hand
-            run.send_signal(signum)
+            for n in range(times):
+                run.send_signal(signum)
+                if n + 1 < times:  # the next one while the run is stopping
+                    run_stopping(engine)
             break
     output, _ = run.communicate(timeout=60)
     return subprocess.CompletedProcess(run.args, run.returncode, output.decode())
@@ -192,3 +203,55 @@ def test_a_heartbeat_renews_what_its_worker_holds_and_its_runs(catalogue, engine
     soon = utcnow() + platform.lease - timedelta(seconds=5)
     assert all(lease.replace(tzinfo=soon.tzinfo) > soon for lease in leases)
     assert heartbeat.replace(tzinfo=soon.tzinfo) > utcnow() - timedelta(seconds=5)
+
+
+def test_two_dreamcache_runs_at_once_on_sqlite_both_end_truthfully(catalogue, engine):
+    # The first run is stopped (SIGSTOP) mid-generation while it holds images: alive, with a fresh heartbeat
+    # and an hour's lease, so it is running for the whole of the second run, however long that takes.
+    env = dict(os.environ, DREAMCACHE_LEASE_SECONDS="3600")
+    first = subprocess.Popen([sys.executable, "-m", "flows.cli", *cli_args(catalogue)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    me = f"{socket.gethostname()}:{first.pid}"
+    try:
+        while first.poll() is None:
+            time.sleep(0.05)
+            try:
+                with engine.connect() as db:
+                    mine = db.scalar(select(func.count()).where(Generation.status == "running",
+                                                                Generation.claimed_by == me))
+            except Exception:
+                continue  # the schema may not exist yet
+            if mine:
+                first.send_signal(signal.SIGSTOP)
+                break
+        second = subprocess.run([sys.executable, "-m", "flows.cli", *cli_args(catalogue)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    output = first.communicate(timeout=300)[0].decode()
+    assert first.returncode == 0, output
+    assert second.returncode == EXIT_INCOMPLETE, second.stdout.decode()
+    assert "Traceback" not in second.stdout.decode() and f"held by {me} until" in second.stdout.decode()
+    a, b = runs(engine)
+    assert (a.status, b.status) == ("completed", "incomplete")  # neither taken for crashed: both were alive
+    assert counts(engine) == {"done": PLANNED}
+    with engine.connect() as db:
+        assert len(set(db.scalars(select(Generation.output_uri)).all())) == PLANNED  # each image once
+
+
+def test_a_run_without_a_heartbeat_for_longer_than_the_lease_is_crashed_on_sqlite(catalogue, engine):
+    assert run_embedded(params(catalogue), progress=False)["status"] == "completed"
+    with engine.begin() as db:  # a run of a worker on another host, silent for two hours
+        db.execute(update(Run).values(status="running", owner="elsewhere:1",
+                                      heartbeat_at=utcnow() - timedelta(hours=2)))
+    assert run_embedded(params(catalogue), progress=False)["status"] == "completed"
+    silent, rerun = runs(engine)
+    assert silent.status == "crashed" and "no heartbeat from elsewhere:1 since" in silent.error
+
+
+def test_a_second_sigterm_while_the_run_gives_its_claims_back_prints_no_traceback(catalogue, engine):
+    stopped = stop_mid_generation(catalogue, engine, signal.SIGTERM, times=2)
+    assert stopped.returncode == EXIT_TERMINATED, stopped.stdout
+    assert "Traceback" not in stopped.stdout and "the run is cancelled" in stopped.stdout
+    (run,) = runs(engine)
+    assert run.status == "cancelled" and "running" not in counts(engine)

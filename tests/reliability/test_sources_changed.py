@@ -59,3 +59,35 @@ def test_a_lost_copy_comes_back_from_an_unchanged_source_and_a_changed_one_is_na
     summary = runs.summarise(platform, run_id, 2, subjects, [], 0, {}, "shots")
     (rejection,) = summary["rejections"]
     assert rejection["item"] == "LAMP-1" and "has changed since it was ingested" in rejection["reason"]
+
+
+def test_a_source_image_changed_between_runs_supersedes_the_old_images_shots(platform_env, catalogue):
+    from sqlalchemy import select
+
+    from db.models import Generation, SubjectCache
+    from flows.catalogue import run_embedded
+
+    params = CatalogueRunParams(source=str(catalogue), prompts=["a {category}"], images_per_prompt=2, steps=1)
+    original = (catalogue / "mug" / "MUG-1.png").read_bytes()
+    assert run_embedded(params, progress=False)["status"] == "completed"
+    scene(product_color=(20, 200, 20), background=(250, 250, 250), size=(96, 96), box=(20, 16, 76, 80))[0].save(
+        catalogue / "mug" / "MUG-1.png")  # a new photo of MUG-1
+    assert run_embedded(params, progress=False)["images_generated"] == 2
+
+    def shots():
+        with transaction(get_platform().sessions) as s:
+            return {(content[:6], gen.review.value, gen.reviewed_by, gen.status.value): gen.review_note
+                    for gen, content in s.execute(
+                        select(Generation, Subject.content_sha256)
+                        .join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
+                        .join(Subject, Subject.id == SubjectCache.subject_id)
+                        .where(Subject.sku == "MUG-1")).all()}, s.scalars(
+                select(Subject.content_sha256).where(Subject.sku == "MUG-1").order_by(Subject.id)).all()
+
+    found, (old, new) = shots()
+    assert set(found) == {(old[:6], "rejected", "superseded", "done"), (new[:6], "pending", None, "done")}
+    assert "MUG-1's image changed" in found[(old[:6], "rejected", "superseded", "done")]
+    (catalogue / "mug" / "MUG-1.png").write_bytes(original)  # and back to the first photo
+    assert run_embedded(params, progress=False)["images_generated"] == 0
+    found, _ = shots()
+    assert set(found) == {(old[:6], "pending", None, "done"), (new[:6], "rejected", "superseded", "done")}

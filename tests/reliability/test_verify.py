@@ -137,3 +137,70 @@ def test_a_lost_cut_out_is_cut_again_by_the_next_run(made, catalogue):
     summary = run_embedded(params(catalogue), progress=False)
     assert summary["status"] == "completed" and Path(reference.removeprefix("file://")).is_file()
     assert CliRunner().invoke(app, ["verify"]).exit_code == 0
+
+
+def test_a_shot_damaged_at_its_size_is_never_shown_and_is_made_again(made, catalogue):
+    engine, shots = made
+    damaged = sorted(shots)[0]
+    data = shots[damaged].read_bytes()
+    shots[damaged].write_bytes(data[:-10] + bytes(b ^ 0xFF for b in data[-10:]))  # same size: the cheap check passes
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["images_generated"] == 0
+    with engine.connect() as db:
+        status, error = db.execute(select(Generation.status, Generation.error).where(Generation.id == damaged)).one()
+    assert status == "pending" and "found by the contact sheet" in error  # not on the sheet: named, to be made again
+    waiting = CliRunner().invoke(app, ["verify"])
+    assert waiting.exit_code == 0 and "1 shots found damaged before wait to be made again" in waiting.output
+    again = run_embedded(params(catalogue), progress=False)
+    assert again["status"] == "completed" and again["images_generated"] == 1
+    assert shots[damaged].read_bytes() != data[:-10] + bytes(b ^ 0xFF for b in data[-10:])
+    clean = CliRunner().invoke(app, ["verify"])
+    assert clean.exit_code == 0 and "all whole" in clean.output, clean.output
+
+
+def test_a_damaged_sidecar_blocks_nothing_and_is_named(made, catalogue):
+    engine, shots = made
+    sidecar = shots[sorted(shots)[0]].with_suffix(".json")
+    sidecar.write_text("{")
+    summary = run_embedded(params(catalogue), progress=False)  # the contact sheets do not read it
+    assert summary["status"] == "completed" and len(summary["contact_sheets"]) == 3
+    found = CliRunner().invoke(app, ["verify"])
+    assert found.exit_code == 1 and "differs from the database" in found.output
+    assert CliRunner().invoke(app, ["verify", "--repair"]).exit_code == 0
+    assert CliRunner().invoke(app, ["verify"]).exit_code == 0
+
+
+def test_a_shot_made_again_keeps_none_of_the_old_images_scores(made, catalogue):
+    from db.models import Score
+
+    engine, shots = made
+    remade = sorted(shots)[0]
+    with engine.begin() as db:  # a score the old image had (the tiny models record none of their own)
+        db.execute(Score.__table__.insert().values(generation_id=remade, metric="clip_i", masked=False, value=0.123,
+                                                         scorer_model_id="a-clip"))
+    shots[remade].unlink()
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["shots_repaired"] == 1 and summary["images_generated"] == 1
+    with engine.connect() as db:
+        assert db.scalars(select(Score.value).where(Score.generation_id == remade)).all() == []
+    clean = CliRunner().invoke(app, ["verify"])
+    assert clean.exit_code == 0 and "all whole" in clean.output, clean.output
+
+
+def test_verify_checks_the_product_copies_and_repair_restores_them(made, tmp_path):
+    copies = [p for p in (tmp_path / "home" / "objects" / "products").rglob("*") if p.is_file()]
+    copies[0].write_bytes(b"damaged")
+    found = CliRunner().invoke(app, ["verify"])
+    assert found.exit_code == 1 and "product " in found.output and "damaged (sha256 differs)" in found.output
+    repaired = CliRunner().invoke(app, ["verify", "--repair"])
+    assert repaired.exit_code == 0 and "restored from the source" in repaired.output
+    assert CliRunner().invoke(app, ["verify"]).exit_code == 0
+
+
+def test_a_sidecar_that_spells_scores_the_older_way_is_whole():
+    from flows.verify import _same_sidecar
+
+    expected = json.dumps(dict(sku="MUG-1", scores={"clip_i": 0.5, "mclip_i": 0.7}), indent=2).encode()
+    assert _same_sidecar(json.dumps(dict(sku="MUG-1", scores={"clip-i": 0.5, "mclip-i": 0.7})).encode(), expected)
+    assert not _same_sidecar(json.dumps(dict(sku="MUG-1", scores={"clip-i": 0.6, "mclip-i": 0.7})).encode(), expected)
+    assert not _same_sidecar(b"not json", expected) and not _same_sidecar(None, expected)

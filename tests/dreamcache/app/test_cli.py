@@ -93,6 +93,8 @@ def test_segment_writes_masks_and_reports_rejections(tmp_path, monkeypatch):
     from tests.helpers import scene
 
     monkeypatch.delenv("DREAMCACHE_SAM_CHECKPOINT", raising=False)
+    # Another base than the bundled one: the border-colour segmenter (the world's own is for world scenes).
+    monkeypatch.setenv("DREAMCACHE_BASE_MODEL", str(tmp_path))
     good = tmp_path / "mug.png"
     scene(background=(240, 240, 240))[0].save(good)
     blank = tmp_path / "blank.png"
@@ -116,4 +118,4 @@ def test_score_prints_every_metric(tmp_path, monkeypatch):
     result = runner.invoke(app, ["score", str(image), str(image), "--prompt", "a mug", "--category", "mug", "--json"])
     assert result.exit_code == 0, result.output
     values = json.loads(result.output.strip().splitlines()[-1])
-    assert set(values) == {"clip-i", "clip-t", "dino", "mclip-i", "mdino"} and values["dino"] == pytest.approx(1.0)
+    assert set(values) == {"clip_i", "clip_t", "dino", "mclip_i", "mdino"} and values["dino"] == pytest.approx(1.0)
