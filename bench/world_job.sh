@@ -10,11 +10,22 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 mkdir -p $W/results
 step() { echo "=== $(date +%T) $*"; }
 
+WORKERS=$(( $(nproc) / GPUS - 1 ))
+if [ ! -f $W/results/speed.json ] && [ "${SPEED:-1}" = 1 ]; then
+  # Throughput side by side (BENCHMARKS.md): it renders the pool that the training then reuses.
+  step "training throughput on GPU 0"
+  CUDA_VISIBLE_DEVICES=0 timeout 420 python3 bench/world_training_speed.py --pool $W/model/pool --workers $WORKERS \
+    --output $W/results/speed.json 2>&1 | grep -v -i "warn\|loading weights" || echo "throughput benchmark failed"
+fi
+
 step "training on $GPUS GPU(s)"
 launch=(python3 -m accelerate.commands.launch --num_machines 1 --num_processes "$GPUS" --mixed_precision bf16
         --dynamo_backend no --main_process_port 29517)
 [ "$GPUS" -gt 1 ] && launch+=(--multi_gpu)
-"${launch[@]}" -m dreamcache.world.model --output $W/model --workers $(( $(nproc) / GPUS - 1 )) "$@" || { touch $W/failed; exit 1; }
+train() { "${launch[@]}" -m dreamcache.world.model --output $W/model --workers $WORKERS "$@"; }
+# Should compilation fail on this machine, the eager levers still train (finished stages are kept).
+train "$@" || { step "training failed; again without torch.compile"; train "$@" --levers channels-last,fused-adamw,latents-once; } \
+  || { touch $W/failed; exit 1; }
 cp $W/model/training.json $W/results/
 
 step "evaluation"

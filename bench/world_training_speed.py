@@ -6,9 +6,8 @@ side in one process on one pool (BENCHMARKS.md, "Training throughput").
 
 Each configuration continues the shipped model for a few dozen steps (throughput does not depend on
 the weights) and reports samples/s after its first steps (compilation and kernel tuning excluded).
-The levers' configuration with `compile` is measured by the training run itself
-(`python -m dreamcache.world.model`, whose `training.json` records each stage's samples/s), so that
-its compilation is paid once.
+The compiled UNet is measured here too (its compilation falls in the untimed first steps); the
+training run (`python -m dreamcache.world.model`) records its own samples/s in `training.json`.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from dreamcache.world.pool import render_pool
 
 ATTEMPT_4 = "none"
 EAGER_LEVERS = "channels-last,fused-adamw,latents-once"
+ALL_LEVERS = WorldModelConfig().levers
 
 
 def main() -> None:
@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--unet-steps", type=int, default=40)
     parser.add_argument("--adapter-steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=512, help="the fourth training's per-GPU batch")
+    parser.add_argument("--large-batch", type=int, default=1024)
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -68,12 +70,13 @@ def main() -> None:
                          samples_per_s=summary["samples_per_s"]))
         print(rows[-1], flush=True)
 
-    unet("fourth training's settings", ATTEMPT_4, 512)
-    unet("channels-last + fused AdamW, eager", EAGER_LEVERS, 512)
-    unet("channels-last + fused AdamW, eager", EAGER_LEVERS, 1024)
-    adapters("fourth training's settings", ATTEMPT_4, 512)
-    adapters("channels-last + fused AdamW + latents once", EAGER_LEVERS, 512)
-    adapters("channels-last + fused AdamW + latents once", EAGER_LEVERS, 1024)
+    unet("fourth training's settings", ATTEMPT_4, args.batch)
+    unet("channels-last + fused AdamW, eager", EAGER_LEVERS, args.batch)
+    unet("channels-last + fused AdamW, eager", EAGER_LEVERS, args.large_batch)
+    unet("all levers, compiled", ALL_LEVERS, args.large_batch)
+    adapters("fourth training's settings", ATTEMPT_4, args.batch)
+    adapters("channels-last + fused AdamW + latents once", EAGER_LEVERS, args.batch)
+    adapters("channels-last + fused AdamW + latents once", EAGER_LEVERS, args.large_batch)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(dict(device=device, torch=torch.__version__, rows=rows), indent=1) + "\n")
