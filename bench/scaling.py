@@ -156,8 +156,10 @@ def main(argv=None) -> int:
             env = dict(os.environ, DREAMCACHE_HOME=str(folder / "home"), PREFECT_API_URL=prefect.url,
                        PREFECT_HOME=str(prefect.home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                        **model_settings(args.model, folder / "model"))
-            for name in ("DREAMCACHE_OBJECTS_URL", "DREAMCACHE_CONFIG"):
-                env.pop(name, None)
+            # Workers under Prefect must be given the platform's stores (flows/platform.py): each round names
+            # its own database (round_), and all share one object folder.
+            env.pop("DREAMCACHE_CONFIG", None)
+            env["DREAMCACHE_OBJECTS_URL"] = str(folder / "objects")
 
             def new_database(name: str) -> str:
                 return postgres.create_database(name) if postgres else f"sqlite:///{folder / name}.db"
