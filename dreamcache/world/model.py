@@ -97,7 +97,7 @@ class WorldModelConfig:
     # so that the device time of several sessions adds up to one model. Empty: train from scratch.
     init_from: str = ""
     # Speed levers, comma-separated (BENCHMARKS.md, "Training throughput"): `compile` (torch.compile of
-    # the UNet stage's model and of the adapter stage's UNet), `channels-last`, `fused-adamw`, and
+    # the UNet stage's model; the adapter stage runs eager), `channels-last`, `fused-adamw`, and
     # `latents-once` (the adapter stage's target latents encoded once, as the UNet stage's are). Each
     # applies on CUDA only, so CPU runs are the eager ones; "none" is the fourth training's settings.
     levers: str = "compile,channels-last,fused-adamw,latents-once"
