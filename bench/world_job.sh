@@ -14,7 +14,7 @@ WORKERS=$(( $(nproc) / GPUS - 1 ))
 if [ ! -f $W/results/speed.json ] && [ "${SPEED:-1}" = 1 ]; then
   # Throughput side by side (BENCHMARKS.md): it renders the pool that the training then reuses.
   step "training throughput on GPU 0"
-  CUDA_VISIBLE_DEVICES=0 timeout 420 python3 bench/world_training_speed.py --pool $W/model/pool --workers $WORKERS \
+  CUDA_VISIBLE_DEVICES=0 timeout 600 python3 bench/world_training_speed.py --pool $W/model/pool --workers $WORKERS \
     --output $W/results/speed.json 2>&1 | grep -v -i "warn\|loading weights" || echo "throughput benchmark failed"
 fi
 
