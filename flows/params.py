@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dreamcache.core.schedulers import SAMPLERS
 from dreamcache.perception.scoring import METRICS
@@ -80,6 +80,16 @@ def parse_rule(text: str) -> tuple[str, float]:
     return metric, value
 
 
+def in_reading_order(schema: dict) -> None:
+    """Number a form's fields in the order they are declared (`position`, which the Prefect UI sorts by).
+
+    The schema's key order is not enough: a Prefect server whose database is PostgreSQL keeps the schema as
+    JSONB, which stores an object's keys by length, and the form would read eta, mode, seed, steps, ...
+    """
+    for position, field in enumerate(schema.get("properties", {}).values()):
+        field["position"] = position
+
+
 class CatalogueRunParams(BaseModel):
     """A catalogue run: which products, which prompts, how many shots, with which sampler settings.
 
@@ -87,6 +97,8 @@ class CatalogueRunParams(BaseModel):
     steps, images per prompt, image scale or resolution means "the model's": the model records what it
     is meant to be sampled with (its adapter config's `recommended`; docs/models.md), and the run takes it.
     """
+
+    model_config = ConfigDict(json_schema_extra=in_reading_order)
 
     # What
     source: str = Field(

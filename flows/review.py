@@ -13,7 +13,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Literal, Sequence
 
 from prefect.input import RunInput
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
@@ -23,6 +23,7 @@ from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.perception.scoring import ranking_key
 from flows.markdown import md
+from flows.params import in_reading_order
 
 if TYPE_CHECKING:  # the platform module loads the model library: this one stays cheap to import
     from flows.platform import Platform
@@ -43,6 +44,8 @@ class ReviewError(DreamCacheError, ValueError):
 class ReviewDecision(RunInput):
     """A reviewer's decision on a run's shots: the form a run paused for review shows (apply it with `decide`,
     whose arguments are these fields)."""
+
+    model_config = ConfigDict(json_schema_extra=in_reading_order)
 
     approve: list[int] = Field(
         default=[], description="Ids of the shots to approve (the id column of the table above).")

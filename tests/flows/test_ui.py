@@ -4,6 +4,8 @@ sees its work there: the contact sheets as pictures and the platform's own log l
 import re
 import shutil
 
+import pytest
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # What, how many, how, where: the parameter form's fields from the top.
 FORM_ORDER = ["Source", "Prompts", "Prompt File", "Images Per Prompt", "Seed", "Seed Policy", "Mode", "Placement X",
@@ -12,6 +14,13 @@ FORM_ORDER = ["Source", "Prompts", "Prompt File", "Images Per Prompt", "Seed", "
               "Execution"]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def prefect_server(request):
+    """The UI on both databases a Prefect server keeps: on PostgreSQL the schema is JSONB, whose key order is not
+    the schema's."""
+    return request.getfixturevalue(f"prefect_server_on_{request.param}")
 
 
 def field(page, label: str):
