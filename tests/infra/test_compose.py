@@ -203,6 +203,9 @@ def test_workers_receive_every_platform_setting(resolved):
         assert expected <= set(environment), f"{worker} lacks {sorted(expected - set(environment))}"
         assert environment["DREAMCACHE_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert environment["DREAMCACHE_OBJECTS_URL"].startswith("s3://")
+        # Presigned links are for browsers, which do not know the containers' minio:9000.
+        assert environment["DREAMCACHE_S3_PUBLIC_ENDPOINT_URL"] == "http://localhost:9000"
+        assert environment["AWS_ENDPOINT_URL"] == "http://minio:9000"
 
 
 def test_third_party_images_are_pinned(resolved):
