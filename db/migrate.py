@@ -10,10 +10,19 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
 from db.session import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
+# The analysts' read-only group role (docs/sql.md): created by a superuser, granted the views by every upgrade,
+# each view by its own constant statement.
+READER_ROLE = "dreamcache_reader"
+VIEW_GRANTS = {
+    "generation_history": "GRANT SELECT ON generation_history TO dreamcache_reader",
+    "run_summary": "GRANT SELECT ON run_summary TO dreamcache_reader",
+    "failures": "GRANT SELECT ON failures TO dreamcache_reader",
+}
 
 
 def alembic_config(url: str) -> Config:
@@ -25,7 +34,33 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate to `revision`, then grant the analysts' role the views (a view made again has lost its grants)."""
     command.upgrade(alembic_config(url), revision)
+    grant_views(url)
+
+
+def grant_views(url: str) -> None:
+    """On PostgreSQL, where READER_ROLE exists: USAGE on the schema and SELECT on the views of this revision
+    that the connected role owns (the schema owner's; another role could not grant them). Without the role,
+    which only a superuser or a CREATEROLE role may create, there is nothing to grant.
+    """
+    engine = make_engine(url)
+    try:
+        if engine.dialect.name != "postgresql":
+            return
+        with engine.begin() as connection:
+            if connection.scalar(text("SELECT 1 FROM pg_roles WHERE rolname = :role"), dict(role=READER_ROLE)) is None:
+                return
+            owned = set(connection.scalars(text("SELECT viewname FROM pg_views WHERE schemaname = current_schema() "
+                                                "AND viewowner = current_user")))
+            if not owned & set(VIEW_GRANTS):
+                return
+            connection.execute(text("GRANT USAGE ON SCHEMA public TO dreamcache_reader"))
+            for view, grant in VIEW_GRANTS.items():
+                if view in owned:  # the views of this revision
+                    connection.execute(text(grant))
+    finally:
+        engine.dispose()
 
 
 def downgrade(url: str, revision: str = "base") -> None:

@@ -20,6 +20,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Protocol
 from urllib.parse import urlparse
@@ -269,7 +270,7 @@ class LocalStore:
 class S3Store:
     """`s3://bucket/prefix` through boto3, with retries, multipart uploads and sha256 checks."""
 
-    def __init__(self, url: str, client=None, max_attempts: int | None = None):
+    def __init__(self, url: str, client=None, max_attempts: int | None = None, public_endpoint_url: str | None = None):
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise ValueError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)")
@@ -291,6 +292,20 @@ class S3Store:
                               tcp_keepalive=True),
             )
         self.client = client
+        self.public_endpoint_url = public_endpoint_url
+
+    @cached_property
+    def _presigner(self):
+        """The client that signs links for browsers: the store's own, or one for the endpoint as browsers reach it
+        (`public_endpoint_url`: in the compose stack workers write to http://minio:9000, a name only containers
+        know). A signature covers the host, so the link is signed for that endpoint, not rewritten afterwards."""
+        if not self.public_endpoint_url:
+            return self.client
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.public_endpoint_url, region_name=self.client.meta.region_name,
+                            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
 
     def _key(self, key: str) -> str:
         key = clean_key(key)
@@ -307,7 +322,7 @@ class S3Store:
 
     def public_url(self, key: str, expires_s: int = 3600) -> str:
         with s3_errors(self.bucket, self._key(key), "read"):
-            return self.client.generate_presigned_url(
+            return self._presigner.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
             )
 
@@ -394,10 +409,11 @@ class S3Store:
                     for item in page.get("Contents", [])}
 
 
-def open_store(url: str) -> ObjectStore:
-    """`s3://bucket/prefix` -> S3Store; `file:///path` or a plain path -> LocalStore."""
+def open_store(url: str, public_endpoint_url: str | None = None) -> ObjectStore:
+    """`s3://bucket/prefix` -> S3Store (its links for browsers signed for `public_endpoint_url` when given);
+    `file:///path` or a plain path -> LocalStore."""
     if url.startswith("s3://"):
-        return S3Store(url)
+        return S3Store(url, public_endpoint_url=public_endpoint_url)
     if url.startswith("file://"):
         return LocalStore(urlparse(url).path)
     if "://" in url:

@@ -193,6 +193,7 @@ class PrefectRunner(Runner):
 MAX_PICTURES = 24
 # A local store's sheet is embedded in the artifact, shrunk to this many pixels on its longer side.
 PICTURE_SIDE = 1024
+THUMBNAIL_SIDE = 72  # a shot's picture in the review form's table
 
 
 def not_found_line(summary: dict) -> str:
@@ -244,6 +245,18 @@ def _picture(uri: str, url: str) -> str | None:
     (the link is still listed, and a report never fails a run that is done)."""
     if not url.startswith("file:"):
         return url
+    return _embedded(uri, PICTURE_SIDE, "contact sheet %s is not shown in the run's artifact: %s")
+
+
+def _thumbnail(uri: str) -> str | None:
+    """A shot as the review form shows it: shrunk and embedded, so that the table stays small and fits the
+    dialog whatever the store (a presigned link would load the full image at its full size)."""
+    return _embedded(uri, THUMBNAIL_SIDE, "shot %s is not shown in the review form: %s")
+
+
+def _embedded(uri: str, side: int, unreadable: str) -> str | None:
+    """The picture at `uri`, at most `side` pixels a side, as a data: URL; None (with `unreadable` logged) when
+    it cannot be read: a picture is never a reason to fail a run."""
     import base64
     import io
 
@@ -252,11 +265,11 @@ def _picture(uri: str, url: str) -> str | None:
     objects = get_platform().objects
     try:
         image = Image.open(io.BytesIO(objects.get(objects.key_of(uri))))
-        image.thumbnail((PICTURE_SIDE, PICTURE_SIDE))
+        image.thumbnail((side, side))
         data = io.BytesIO()
         image.convert("RGB").save(data, "JPEG", quality=80)
-    except Exception as exc:  # the report is the run's last word, not a reason to fail it
-        logger.warning("contact sheet %s is not shown in the run's artifact: %s", uri, exc)
+    except Exception as exc:
+        logger.warning(unreadable, uri, exc)
         return None
     return "data:image/jpeg;base64," + base64.b64encode(data.getvalue()).decode()
 
@@ -538,7 +551,7 @@ def wait_for_review(run_id: int, pending: int, timeout_minutes: int):
                 "with a decision)", run_id, pending, timeout_minutes)
     try:
         return pause_flow_run(wait_for_input=review.ReviewDecision.with_initial_data(
-            description=review.review_markdown(rows, run_id)), timeout=timeout_minutes * 60,
+            description=review.review_markdown(rows, run_id, picture=_thumbnail)), timeout=timeout_minutes * 60,
             poll_interval=REVIEW_POLL_S)
     except FlowPauseTimeout:
         logger.warning("run %d: no review decision within %d minutes; the shots wait for `dreamcache review %d`",

@@ -462,7 +462,8 @@ def review(
     rest: Optional[str] = typer.Option(None, "--rest", help="The run's other shots awaiting review: pending (they "
                                        "wait), approve or reject."),
     by: str = typer.Option("", "--by", help="Your name, recorded with the decision (default: reviewer)."),
-    note: str = typer.Option("", "--note", help="Why, recorded with each shot decided."),
+    note: str = typer.Option("", "--note", help="Why, recorded with the shots listed by id (with those --rest "
+                             "decides only when none is listed)."),
 ) -> None:
     """The run's shots awaiting review; with --approve, --reject or --rest, a decision on them. Only approved
     shots are published (`dreamcache publish`)."""

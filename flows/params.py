@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+import string
 from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dreamcache.core.schedulers import SAMPLERS
 from dreamcache.perception.scoring import METRICS
@@ -21,6 +22,21 @@ PREFIX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,200}"
 # Where the platform keeps its own objects (ingest's copies, cut-outs, feature caches): no run writes or publishes there.
 RESERVED_PREFIXES = ("products", "subjects", "caches")
 MAX_LONG_SIDE = 4096
+
+# The checks below, written again in JSON Schema, travel with the deployment's parameter schema: the Prefect server
+# validates a run's parameters against it (the UI's form as well as the API), so a run that these checks would
+# refuse is refused before it exists. Python's validators stay the source of the messages; tests/flows/
+# test_params_schema.py keeps both in step. Not expressible there, and checked when the run starts: a format's
+# aspect ratio (1:4 to 4:1), two formats that are the same once normalised, publish and output prefixes that
+# contain one another.
+_PRINTABLE = r"[^\s\x00-\x1f\x7f-\x9f]"  # a character a prompt keeps (check_prompt): not space, not control
+_TEMPLATE = r"(?:[^{}]|\{\{|\}\}|\{[^\W\d]\w*\})*"  # literal text, {{ }} and plain {name} fields (template_fields)
+_SIDE = r"(?:0?[1-9]|[1-9]\d)"
+_LONG_SIDE = r"(?:0{1,5}|0{0,3}(?:6[4-9]|[7-9]\d)|0{0,2}[1-9]\d{2}|0?(?:[1-3]\d{3}|40[0-8]\d|409[0-6]))"
+_SCORE = r"-?0*(?:0(?:\.\d+)?|1(?:\.0+)?)"  # -1 to 1, as parse_rule reads it
+_END = r"$(?!\n)"  # the very end: Python's `$` also matches before a final newline
+_PREFIX = (r"(?!(?:" + "|".join(RESERVED_PREFIXES) + r")(?:/|$))(?!.*(?:^|/)\.{1,2}(?:/|$))(?!.*//)(?!.*/$)"
+           + PREFIX_PATTERN)
 
 
 class Format(NamedTuple):
@@ -80,6 +96,28 @@ def parse_rule(text: str) -> tuple[str, float]:
     return metric, value
 
 
+def in_reading_order(schema: dict) -> None:
+    """Number a form's fields in the order they are declared (`position`, which the Prefect UI sorts by).
+
+    The schema's key order is not enough: a Prefect server whose database is PostgreSQL keeps the schema as
+    JSONB, which stores an object's keys by length, and the form would read eta, mode, seed, steps, ...
+    """
+    for position, field in enumerate(schema.get("properties", {}).values()):
+        field["position"] = position
+
+
+def _run_schema(schema: dict) -> None:
+    """The run form's schema: in reading order, with the model validator's checks (`_some_prompts`) that JSON
+    Schema can say, as `if`/`then` (which the UI's form passes by, and the server checks)."""
+    in_reading_order(schema)
+    # No prompt file: prompts are needed.
+    schema["if"] = {"not": {"required": ["prompt_file"], "properties": {"prompt_file": {"minLength": 1}}}}
+    schema["then"] = {"required": ["prompts"], "properties": {"prompts": {"minItems": 1}}}
+    # An eta above 0: the sampler is ddim, or the preset's.
+    schema["dependentSchemas"] = {"eta": {"if": {"properties": {"eta": {"exclusiveMinimum": 0}}},
+                                          "then": {"properties": {"sampler": {"enum": ["ddim", "preset"]}}}}}
+
+
 class CatalogueRunParams(BaseModel):
     """A catalogue run: which products, which prompts, how many shots, with which sampler settings.
 
@@ -87,6 +125,8 @@ class CatalogueRunParams(BaseModel):
     steps, images per prompt, image scale or resolution means "the model's": the model records what it
     is meant to be sampled with (its adapter config's `recommended`; docs/models.md), and the run takes it.
     """
+
+    model_config = ConfigDict(json_schema_extra=_run_schema)
 
     # What
     source: str = Field(
@@ -98,6 +138,8 @@ class CatalogueRunParams(BaseModel):
     prompts: list[str] = Field(
         default_factory=list,
         description="Prompt templates; {category}, {sku} and manifest fields are filled in per product.",
+        json_schema_extra={"items": {"type": "string", "maxLength": MAX_PROMPT_CHARS,
+                                     "pattern": f"^(?=[\\s\\S]*{_PRINTABLE}){_TEMPLATE}{_END}"}},
     )
     prompt_file: str = Field(
         default="", description="A text file or URI with one prompt template per line, used after `prompts` "
@@ -126,7 +168,9 @@ class CatalogueRunParams(BaseModel):
         default_factory=list, max_length=MAX_FORMATS,
         description="Aspect ratios and sizes, each W:H or W:H@long side in pixels, e.g. 1:1@1024, 4:5@1080, 16:9@1920: "
         "each is generated at the model's resolution on its short side and resized (never cropped). Empty: square "
-        "at the model's resolution.")
+        "at the model's resolution.",
+        json_schema_extra={"uniqueItems": True, "items": {
+            "type": "string", "pattern": f"^\\s*{_SIDE}\\s*[:x]\\s*{_SIDE}\\s*(?:@\\s*{_LONG_SIDE})?\\s*{_END}"}})
     cutout: bool = Field(default=False, description="Also write each product's transparent cut-out (PNG).")
     packshot: bool = Field(default=False, description="Also write each product on white in each format (PNG).")
     # How
@@ -143,7 +187,8 @@ class CatalogueRunParams(BaseModel):
     negative_prompt: str = Field(
         default="", max_length=MAX_PROMPT_CHARS,
         description="Text of the unconditional passes and of the cache; empty: the preset's (none for the model "
-        "preset unless the model recommends one). Caches are made once per text.")
+        "preset unless the model recommends one). Caches are made once per text.",
+        json_schema_extra={"pattern": f"^(?:\\s*|[\\s\\S]*{_PRINTABLE}[\\s\\S]*){_END}"})
     guidance: Guidance = Field(
         default=DEFAULT_GUIDANCE,
         description=f"{COMBINED}: 3 UNet passes a step, separate image and text scales; {JOINT}: 2, one scale.",
@@ -155,12 +200,14 @@ class CatalogueRunParams(BaseModel):
         "working point (the authors' 0.35 on Stable Diffusion, 5 for the bundled model).")
     steps: int = Field(default=0, ge=0, le=500, description="Denoising steps per image; 0: the model's.")
     resolution: int = Field(
-        default=0, ge=0, le=2048, multiple_of=8, description="Image side in pixels (at least 64); 0: the model's native."
+        default=0, ge=0, le=2048, multiple_of=8, description="Image side in pixels (at least 64); 0: the model's native.",
+        json_schema_extra={"not": {"exclusiveMinimum": 0, "exclusiveMaximum": 64}},
     )
     # Where
     output_prefix: str = Field(
         default="shots", pattern=f"^{PREFIX_PATTERN}$",
         description="Key prefix of the images, sidecars and contact sheets in the object store.",
+        json_schema_extra={"pattern": f"^{_PREFIX}{_END}"},
     )
     execution: Literal["in-process", "task-workers"] = Field(
         default="in-process",
@@ -181,7 +228,12 @@ class CatalogueRunParams(BaseModel):
     approve_if: list[str] = Field(
         default_factory=list, max_length=len(METRICS),
         description="Score rules a shot must pass to be approved without a reviewer, e.g. mdino>=0.5, clip_t>=0.25 "
-        f"(metrics: {', '.join(METRICS)}). The rest waits for review.")
+        f"(metrics: {', '.join(METRICS)}). The rest waits for review.",
+        json_schema_extra={
+            "items": {"type": "string", "pattern": f"^\\s*(?:{'|'.join(METRICS)})\\s*>=\\s*{_SCORE}\\s*{_END}"},
+            # one rule per metric (`not`, which the UI's form passes by: it renders allOf and anyOf as fields)
+            "not": {"anyOf": [{"contains": {"pattern": f"^\\s*{metric}\\s*>="}, "minContains": 2}
+                              for metric in METRICS]}})
     keep_best: int = Field(
         default=0, ge=0, le=64,
         description="Approve at most this many shots per product, prompt and format: the best (by masked DINO, else "
@@ -197,7 +249,8 @@ class CatalogueRunParams(BaseModel):
     publish_prefix: str = Field(
         default="", pattern=f"^$|^{PREFIX_PATTERN}$",
         description="After review, copy the approved shots to this prefix with a CSV and JSON manifest (as "
-        "`dreamcache publish`); empty: do not publish.")
+        "`dreamcache publish`); empty: do not publish.",
+        json_schema_extra={"pattern": f"^(?:{_PREFIX})?{_END}"})
     dry_run: bool = Field(default=False, description="List and validate inputs and plan the work; write nothing.")
 
     @property
@@ -235,7 +288,13 @@ class CatalogueRunParams(BaseModel):
     @field_validator("prompts")
     @classmethod
     def _clean_prompts(cls, prompts: list[str]) -> list[str]:
-        return [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+        cleaned = [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+        for i, template in enumerate(cleaned):
+            try:
+                template_fields(template)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i + 1}: {exc}") from None
+        return cleaned
 
     @field_validator("output_prefix", "publish_prefix")
     @classmethod
@@ -291,6 +350,29 @@ def check_prefix(prefix: str, name: str) -> str:
 def prefix_overlap(a: str, b: str) -> bool:
     """Whether one key prefix contains the other (or they are the same)."""
     return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def template_fields(template: str) -> list[str]:
+    """The fields a template names, in order; a template that is not valid, or names a field other than a plain
+    {name}, is refused with the template named.
+
+    Only plain {name} fields: str.format's {x.attr}, {x[i]} and {x:>999999999} would let a template reach
+    object attributes or build enormous strings.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"prompt template {template!r} is not valid ({exc}): write a literal brace as {{{{ or }}}}") \
+            from None
+    names = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"prompt template {template!r}: {{{name}}} is not a plain field; use {{sku}}, "
+                             "{category} or a manifest column, without '.', '[', '!' or ':'")
+        names.append(name)
+    return names
 
 
 def check_prompt(prompt: str, name: str) -> str:

@@ -69,7 +69,7 @@ class Platform:
 
     @cached_property
     def objects(self) -> ObjectStore:
-        return open_store(self.settings.resolved_objects_url)
+        return open_store(self.settings.resolved_objects_url, self.settings.s3_public_endpoint_url)
 
     @cached_property
     def tensors(self) -> TensorStore:

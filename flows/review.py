@@ -10,10 +10,10 @@ approved.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 from prefect.input import RunInput
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
@@ -21,8 +21,9 @@ from db import queries
 from db.models import Generation, ReviewState, Run, WorkStatus, utcnow
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
-from dreamcache.perception.scoring import ranking_key
+from dreamcache.perception.scoring import METRICS, ranking_key
 from flows.markdown import md
+from flows.params import in_reading_order
 
 if TYPE_CHECKING:  # the platform module loads the model library: this one stays cheap to import
     from flows.platform import Platform
@@ -32,6 +33,8 @@ DEFAULT_REVIEWER = "reviewer"
 MAX_REVIEWER_CHARS = 100
 MAX_NOTE_CHARS = 1000
 MAX_FORM_ROWS = 200  # shots listed in the review form's table; the rest are counted
+MAX_THUMBNAILS = 48  # shots shown as pictures there (each a few kB in the form's description)
+PROMPT_CHARS = 40  # a prompt's characters in the table, which must fit the dialog
 Rest = Literal["pending", "approve", "reject"]
 _STATE = {"approve": ReviewState.approved, "reject": ReviewState.rejected}
 
@@ -44,6 +47,8 @@ class ReviewDecision(RunInput):
     """A reviewer's decision on a run's shots: the form a run paused for review shows (apply it with `decide`,
     whose arguments are these fields)."""
 
+    model_config = ConfigDict(json_schema_extra=in_reading_order)
+
     approve: list[int] = Field(
         default=[], description="Ids of the shots to approve (the id column of the table above).")
     reject: list[int] = Field(default=[], description="Ids of the shots to reject.")
@@ -54,7 +59,8 @@ class ReviewDecision(RunInput):
     reviewer: str = Field(default="", max_length=MAX_REVIEWER_CHARS,
                           description="Your name, recorded with each shot you decide.")
     note: str = Field(default="", max_length=MAX_NOTE_CHARS,
-                      description="Why, if worth keeping: recorded with each shot you decide.")
+                      description="Why, if worth keeping: recorded with the shots you list by id (with those `rest` "
+                      "decides only when you list none).")
 
 
 def rule_label(rules: Sequence[tuple[str, float]], keep_best: int) -> str:
@@ -132,8 +138,9 @@ def decide(platform: Platform, run_id: int, approve: Sequence[int] = (), reject:
            rest: Rest = "pending", reviewer: str = DEFAULT_REVIEWER, note: str = "") -> dict:
     """A reviewer's decision on the done shots of run `run_id`: those in `approve` approved, those in `reject`
     rejected (whatever was decided before), then the run's shots still pending set by `rest` (pending: left
-    as they are). Ids that are not done shots of this run are ignored and returned: a decision never reaches
-    another run's shots. Returns how many shots the decision approved and rejected, how many of them changed
+    as they are). The note goes with the shots listed by id, not with those `rest` decides beside them (a note
+    given with `rest` alone goes with those). Ids that are not done shots of this run are ignored and returned:
+    a decision never reaches another run's shots. Returns how many shots the decision approved and rejected, how many of them changed
     state, how many of the run's shots still await review, and the ignored ids."""
     both = sorted(set(approve) & set(reject))
     if both:
@@ -150,15 +157,18 @@ def decide(platform: Platform, run_id: int, approve: Sequence[int] = (), reject:
         ignored = sorted(i for i in {*approve, *reject} if i not in shots)
         decisions = {i: ReviewState.approved for i in approve if i in shots}
         decisions.update({i: ReviewState.rejected for i in reject if i in shots})
+        notes = dict.fromkeys(decisions, note)
         if rest != "pending":
-            decisions.update({i: _STATE[rest] for i, gen in shots.items()
-                              if i not in decisions and gen.review == ReviewState.pending})
+            by_rest = {i: _STATE[rest] for i, gen in shots.items()
+                       if i not in decisions and gen.review == ReviewState.pending}
+            decisions.update(by_rest)
+            notes.update(dict.fromkeys(by_rest, None if notes else note))
         now, changed = utcnow(), 0
         for i, state in decisions.items():
             gen = shots[i]
-            if (gen.review, gen.reviewed_by, gen.review_note) != (state, reviewer, note):  # the same again: kept
+            if (gen.review, gen.reviewed_by, gen.review_note) != (state, reviewer, notes[i]):  # the same again: kept
                 changed += gen.review != state
-                gen.review, gen.reviewed_by, gen.reviewed_at, gen.review_note = state, reviewer, now, note
+                gen.review, gen.reviewed_by, gen.reviewed_at, gen.review_note = state, reviewer, now, notes[i]
         pending = sum(gen.review == ReviewState.pending for gen in shots.values())
     counts = Counter(decisions.values())
     return dict(approved=counts[ReviewState.approved], rejected=counts[ReviewState.rejected], changed=changed,
@@ -174,20 +184,34 @@ def pending_shots(session: Session, run_id: int) -> list[dict]:
                  scores=scores.get(gen.id, {}), output_uri=gen.output_uri) for gen, subject, prompt in rows]
 
 
-def review_markdown(rows: Sequence[dict], run_id: int) -> str:
-    """The review form's description: how to decide, and a table of the shots awaiting review (`pending_shots`)."""
+def review_markdown(rows: Sequence[dict], run_id: int, picture: Callable[[str], str | None] = lambda uri: None) -> str:
+    """The review form's description: how to decide, with this run's own ids, and a table of the shots awaiting
+    review (`pending_shots`): a thumbnail of each (`picture(output_uri)`: a URL the browser loads, or None),
+    its id, product, prompt (shortened: the table fits the dialog), seed and the scores recorded."""
     if not rows:
         return f"# Review of run {run_id}\n\nNo shots await review."
+    ids = [str(row["id"]) for row in rows]
+    example = f"*Approve* {', '.join(ids[:2])}" + (f", *Reject* {ids[2]}" if len(ids) > 2 else "")
+    recorded = {metric for row in rows for metric in row["scores"]}
+    metrics = [m for m in METRICS if m in recorded]
     lines = [f"# Review of run {run_id}", "",
-             f"{len(rows)} shots await review. List the ids to approve and to reject; `rest` decides the shots you do "
-             "not list. Only approved shots are published.", "",
-             "| id | sku | prompt | seed | mdino | clip_t |", "|---|---|---|---|---|---|"]
-    for row in rows[:MAX_FORM_ROWS]:
-        mdino, clip_t = (_score(row["scores"].get(m)) for m in ("mdino", "clip_t"))
-        lines.append(f"| {row['id']} | {md(row['sku'])} | {md(row['prompt'])} | {row['seed']} | {mdino} | {clip_t} |")
+             f"{len(rows)} shots await review. List the ids to approve and to reject (e.g. {example}); `rest` decides "
+             "the shots you do not list. Only approved shots are published.", "",
+             "| shot | id | sku | prompt | seed |" + "".join(f" {m} |" for m in metrics),
+             "|---|---|---|---|---|" + "---|" * len(metrics)]
+    for index, row in enumerate(rows[:MAX_FORM_ROWS]):
+        url = picture(row["output_uri"]) if index < MAX_THUMBNAILS else None
+        thumbnail = f"![shot {row['id']}](<{url}>)" if url else ""
+        scores = "".join(f" {_score(row['scores'].get(m))} |" for m in metrics)
+        lines.append(f"| {thumbnail} | {row['id']} | {md(row['sku'])} | {md(_short(row['prompt']))} | {row['seed']} |"
+                     + scores)
     if len(rows) > MAX_FORM_ROWS:
         lines += ["", f"and {len(rows) - MAX_FORM_ROWS} more: `dreamcache review {run_id}` lists them all."]
     return "\n".join(lines)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= PROMPT_CHARS else text[:PROMPT_CHARS - 1].rstrip() + "…"
 
 
 def _score(value: float | None) -> str:

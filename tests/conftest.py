@@ -90,10 +90,27 @@ def s3_bucket(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """One real Prefect server for the session, on a free port."""
+def prefect_server_on_sqlite(tmp_path_factory):
+    """One real Prefect server for the session, on a free port, its database SQLite."""
     from tests.servers import PrefectServer
 
     server = PrefectServer(tmp_path_factory.mktemp("prefect")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(prefect_server_on_sqlite):
+    """The Prefect server of the tests that do not ask for one on PostgreSQL (tests/flows/test_ui.py asks for both)."""
+    return prefect_server_on_sqlite
+
+
+@pytest.fixture(scope="session")
+def prefect_server_on_postgres(tmp_path_factory, postgres_server):
+    """Another, its database on the suite's PostgreSQL (as the compose stack and docs/operations.md have it)."""
+    from tests.servers import PrefectServer
+
+    database = postgres_server.create_database("prefect").replace("+psycopg:", "+asyncpg:")
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-pg"), database).start()
     yield server
     server.stop()

@@ -78,15 +78,18 @@ class PostgresServer:
 
 
 class PrefectServer:
-    """`prefect server start` on a free port with its own PREFECT_HOME (and SQLite database)."""
+    """`prefect server start` on a free port with its own PREFECT_HOME, and its database there (SQLite) or the one
+    given (`postgresql+asyncpg://...`, as the compose stack has it)."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, database_url: str | None = None):
         self.port = free_port()
         self.home = home
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=self.url,
                         PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                         PREFECT_UI_API_URL=self.url, PREFECT_SERVER_LOGGING_LEVEL="WARNING")
+        if database_url:
+            self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
         self.process = None
 
     def start(self, timeout: float = 90) -> "PrefectServer":

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         description="Object storage root: s3://bucket/prefix, or a local directory; default: `home`/objects. "
         "S3 endpoint and credentials come from the standard AWS environment and config.",
     )
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3 endpoint as a browser reaches it, for the links in run artifacts and the review form "
+        "(presigned URLs), when it is not the one the platform uses (AWS_ENDPOINT_URL): in the compose stack "
+        "workers use http://minio:9000 and a browser http://localhost:9000. Unset: the platform's own.",
+    )
     lease_seconds: int = Field(
         default=60, ge=5, le=86_400, description="How long a claimed item and a run stay a worker's without a heartbeat (renewed "
         "every quarter of it while the worker lives); then others may take the items, and the run counts as crashed.",

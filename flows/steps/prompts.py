@@ -6,7 +6,7 @@ import string
 from typing import NamedTuple
 
 from db.models import Subject
-from flows.params import CatalogueRunParams, check_prompt
+from flows.params import CatalogueRunParams, check_prompt, template_fields
 from flows.places import InvalidInputs, MissingInput, Places
 
 MAX_PROMPT_FILE_BYTES = 1_000_000
@@ -25,12 +25,7 @@ def load_prompts(params: CatalogueRunParams, places: Places) -> Prompts:
     used; a missing or unreadable file, or one with no usable line, stops the run before any work.
     """
     templates, rejected = [], []
-    for n, template in enumerate(params.prompts, start=1):
-        try:
-            template_fields(template)
-        except ValueError as exc:
-            raise InvalidInputs(f"prompt {n}: {exc}") from None
-        templates.append(template)
+    templates += params.prompts  # checked by CatalogueRunParams: text, and plain {name} fields
     if params.prompt_file:
         name = f"prompt file {params.prompt_file}"
         try:
@@ -65,29 +60,6 @@ def load_prompts(params: CatalogueRunParams, places: Places) -> Prompts:
 
 class MissingColumn(ValueError):
     """A template names a field (a manifest column) that a product does not have."""
-
-
-def template_fields(template: str) -> list[str]:
-    """The fields a template names, in order; a template that is not valid, or names a field other than a plain
-    {name}, is refused with the template named.
-
-    Only plain {name} fields: str.format's {x.attr}, {x[i]} and {x:>999999999} would let a template reach
-    object attributes or build enormous strings.
-    """
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(f"prompt template {template!r} is not valid ({exc}): write a literal brace as {{{{ or }}}}") \
-            from None
-    names = []
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier() or spec or conversion:
-            raise ValueError(f"prompt template {template!r}: {{{name}}} is not a plain field; use {{sku}}, "
-                             "{category} or a manifest column, without '.', '[', '!' or ':'")
-        names.append(name)
-    return names
 
 
 def product_fields(sku: str, category: str | None, attributes: dict | None) -> dict[str, str]:

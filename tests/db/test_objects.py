@@ -99,6 +99,19 @@ def test_presigned_urls_serve_the_object(s3_bucket):
         assert response.read() == b"contact sheet"
 
 
+def test_presigned_urls_are_signed_for_the_public_endpoint(s3_bucket, s3_endpoint):
+    """The store writes through its endpoint (AWS_ENDPOINT_URL, 127.0.0.1 here) and signs links for the one a
+    browser reaches (localhost here: the same server under another name, as minio:9000 and localhost:9000)."""
+    public = s3_endpoint.replace("127.0.0.1", "localhost")
+    store = open_store(f"s3://{s3_bucket}/sheets", public_endpoint_url=public)
+    store.put("MUG-1.png", b"contact sheet", content_type="image/png")
+    url = store.public_url("MUG-1.png", expires_s=60)
+    assert url.startswith(f"{public}/{s3_bucket}/sheets/MUG-1.png?"), url
+    assert store.client.meta.endpoint_url == s3_endpoint  # the platform's own reads and writes stay where they were
+    with urllib.request.urlopen(url) as response:  # the signature holds for the public host
+        assert response.read() == b"contact sheet"
+
+
 def test_open_store_understands_the_urls(tmp_path, s3_endpoint):
     assert isinstance(open_store(str(tmp_path)), LocalStore)
     assert isinstance(open_store(tmp_path.as_uri()), LocalStore)

@@ -77,10 +77,10 @@ def test_run_outputs(sessions, history):
 
 def test_failures(sessions, history):
     rows = run(sessions, "failures")
-    assert [(r[0], r[1], r[4]) for r in rows] == [
-        ("input (ingest)", "s3://shop/CUP-9.jpg", "image data is truncated or corrupt"),
-        ("generation", "LAMP-7", "NaN in latents"),
-        ("cache", "BOX-3", "tensor store unreachable"),
+    assert [(r[0], r[1], r[2], r[5]) for r in rows] == [
+        ("input (ingest)", history["second"], "s3://shop/CUP-9.jpg", "image data is truncated or corrupt"),
+        ("generation", history["second"], "LAMP-7", "NaN in latents"),
+        ("cache", None, "BOX-3", "tensor store unreachable"),
     ]
 
 

@@ -50,6 +50,8 @@ def test_prefect_yaml_deploys(prefect_server, monkeypatch):
                                  "mode", "placement_x", "placement_y", "placement_scale", "formats", "cutout",
                                  "packshot", "preset", "sampler", "eta", "negative_prompt", "guidance", "text_scale",
                                  "image_scale", "steps", "resolution", "output_prefix", "execution"]
+    # The UI orders by `position`: on PostgreSQL the server keeps the schema as JSONB, which reorders its keys.
+    assert [field["position"] for field in params.values()] == list(range(len(params)))
     assert list(params)[-6:] == ["approve_if", "keep_best", "review", "review_timeout_minutes", "publish_prefix",
                                  "dry_run"]
     assert params["mode"]["enum"] == ["generate", "place"] and params["review"]["enum"] == ["later", "pause"]

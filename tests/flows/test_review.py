@@ -174,11 +174,20 @@ def test_the_review_form_and_its_decision(run):
     mug = next(r for r in rows if r["id"] == shots["MUG-1", 0])
     assert mug["scores"]["mdino"] == 0.9 and mug["output_uri"].endswith(".png") and mug["aspect"] == "1:1"
 
-    markdown = review_markdown(rows, run_id)
-    assert f"| {shots['MUG-1', 0]} | MUG-1 | a mug on a beach | 0 | 0.900 |" in markdown
-    many = [dict(rows[0], id=i, sku="A|B") for i in range(250)]
-    listed = review_markdown(many, run_id)
+    markdown = review_markdown(rows, run_id, picture=lambda uri: "https://pictures/" + uri.rsplit("/", 1)[-1])
+    mug_0 = shots["MUG-1", 0]
+    picture = f"![shot {mug_0}](<https://pictures/{mug['output_uri'].rsplit('/', 1)[-1]}>)"
+    assert f"| {picture} | {mug_0} | MUG-1 | a mug on a beach | 0 | 0.900 |" in markdown  # mdino first
+    # A column for each score the shots have, and none for a score they do not have.
+    recorded = [m for m in ("mdino", "mclip_i", "clip_t", "dino", "clip_i") if any(m in r["scores"] for r in rows)]
+    assert "mdino" in recorded and "clip_t" in recorded
+    assert "| shot | id | sku | prompt | seed |" + "".join(f" {m} |" for m in recorded) in markdown.splitlines()
+    ids = [r["id"] for r in rows]  # the hint names this run's own ids
+    assert f"*Approve* {ids[0]}, {ids[1]}, *Reject* {ids[2]}" in markdown
+    many = [dict(rows[0], id=i, sku="A|B", prompt="a mug " * 20) for i in range(250)]
+    listed = review_markdown(many, run_id, picture=lambda uri: "https://pictures/shot.png")
     assert "| 199 | A\\|B |" in listed and "| 200 |" not in listed and "and 50 more" in listed
+    assert listed.count("![shot") == 48 and f"| {('a mug ' * 20)[:39]}… |" in listed  # shortened: the table fits
 
     form = ReviewDecision.with_initial_data(description=markdown)
     schema = form.model_json_schema()
@@ -187,6 +196,27 @@ def test_the_review_form_and_its_decision(run):
     decision = form(approve=[shots["MUG-1", 0]], rest="reject", reviewer="ana")
     result = decide(platform, run_id, **decision.model_dump())
     assert (result["approved"], result["rejected"]) == (1, 8)
+
+
+def test_a_note_goes_with_the_shots_it_was_given_with(run):
+    """A note given with listed ids is theirs, not that of the shots `rest` decides beside them; a note given
+    with `rest` alone is the rest's."""
+    platform, run_id, shots, _ = run
+    hero, dull = shots["MUG-1", 0], shots["MUG-1", 1]
+    decide(platform, run_id, approve=[hero], reject=[dull], rest="reject", reviewer="ana", note="hero shot")
+    with transaction(platform.sessions) as s:
+        notes = dict(s.execute(select(Generation.id, Generation.review_note)
+                               .where(Generation.id.in_(shots.values()))).all())
+    assert notes.pop(hero) == "hero shot" and notes.pop(dull) == "hero shot"
+    assert set(notes.values()) == {None}, notes  # rejected by `rest`, without the note
+
+    second = _run(run.source, "a {category} in the snow")
+    with transaction(platform.sessions) as s:
+        others = _shots(s, second)
+    decide(platform, second, rest="reject", note="off brand, all of them")
+    with transaction(platform.sessions) as s:
+        assert set(s.scalars(select(Generation.review_note).where(Generation.id.in_(others.values())))) == {
+            "off brand, all of them"}
 
 
 def test_the_cli_lists_the_shots_awaiting_review_and_decides(run):

@@ -4,6 +4,8 @@ sees its work there: the contact sheets as pictures and the platform's own log l
 import re
 import shutil
 
+import pytest
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # What, how many, how, where: the parameter form's fields from the top.
 FORM_ORDER = ["Source", "Prompts", "Prompt File", "Images Per Prompt", "Seed", "Seed Policy", "Mode", "Placement X",
@@ -12,6 +14,13 @@ FORM_ORDER = ["Source", "Prompts", "Prompt File", "Images Per Prompt", "Seed", "
               "Execution"]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def prefect_server(request):
+    """The UI on both databases a Prefect server keeps: on PostgreSQL the schema is JSONB, whose key order is not
+    the schema's."""
+    return request.getfixturevalue(f"prefect_server_on_{request.param}")
 
 
 def field(page, label: str):
@@ -125,6 +134,19 @@ def test_a_reviewer_decides_in_the_paused_runs_form(served, prefect_server):
         expect(dialog.get_by_text(f"Review of run")).to_be_visible(timeout=30_000)
         for generation_id in ids:
             expect(dialog.get_by_role("cell", name=str(generation_id), exact=True)).to_be_visible()
+        # A thumbnail of each shot, loaded; the table fits the dialog: nothing in it scrolls sideways.
+        pictures = dialog.locator("table img")
+        expect(pictures).to_have_count(len(ids), timeout=30_000)
+        page.wait_for_function("() => [...document.querySelectorAll('[role=dialog] table img')]"
+                               ".every(img => img.complete && img.naturalWidth > 0)", timeout=30_000)
+        assert sorted(pictures.evaluate_all("imgs => imgs.map(img => img.alt)")) == [f"shot {i}" for i in ids]
+        overflow = dialog.evaluate("""d => {
+            const table = d.querySelector('table'), box = d.getBoundingClientRect();
+            const scrolling = [...d.querySelectorAll('*')].filter(e => e.scrollWidth > e.clientWidth + 1
+                && ['auto', 'scroll'].includes(getComputedStyle(e).overflowX)).map(e => e.className);
+            return {scrolling, table_right: table.getBoundingClientRect().right, dialog_right: box.right};
+        }""")
+        assert not overflow["scrolling"] and overflow["table_right"] <= overflow["dialog_right"], overflow
         dialog.get_by_role("button", name="Add item").nth(0).click()
         field(page, "Approve (Optional)").fill(str(ids[0]))  # the form's labels are the dialog's alone
         dialog.get_by_role("button", name="Add item").nth(1).click()

@@ -203,6 +203,9 @@ def test_workers_receive_every_platform_setting(resolved):
         assert expected <= set(environment), f"{worker} lacks {sorted(expected - set(environment))}"
         assert environment["DREAMCACHE_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert environment["DREAMCACHE_OBJECTS_URL"].startswith("s3://")
+        # Presigned links are for browsers, which do not know the containers' minio:9000.
+        assert environment["DREAMCACHE_S3_PUBLIC_ENDPOINT_URL"] == "http://localhost:9000"
+        assert environment["AWS_ENDPOINT_URL"] == "http://minio:9000"
 
 
 def test_third_party_images_are_pinned(resolved):
@@ -258,7 +261,7 @@ def test_postgres_init_script_creates_both_databases(postgres_server):
 
 def test_postgres_init_script_makes_the_analysts_role_that_the_platform_cannot(postgres_server):
     """docs/sql.md's set-up in the compose stack: the group role is there from the init script (the platform's
-    role, neither superuser nor CREATEROLE, could not create it); after migrating, the platform's role grants it
+    role, neither superuser nor CREATEROLE, could not create it); migrating as the platform's role grants it
     the views, and an analyst added by the superuser reads them and nothing else."""
     import psycopg
 
@@ -274,9 +277,7 @@ def test_postgres_init_script_makes_the_analysts_role_that_the_platform_cannot(p
                 == [(False,)]
             assert conn.execute("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = 'dreamcache'") \
                 .fetchone() == (False,)
-        migrate.upgrade(f"postgresql+psycopg://dreamcache@127.0.0.1:{postgres_server.port}/dreamcache")
-        with psycopg.connect(f"{server} user=dreamcache", autocommit=True) as conn:
-            conn.execute(blocks["reader_grants"])
+        migrate.upgrade(f"postgresql+psycopg://dreamcache@127.0.0.1:{postgres_server.port}/dreamcache")  # grants
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(blocks["analyst_login"])
         assert_reads_the_views_and_nothing_else(f"{server} user={analyst_login(blocks)} password=change-me", [])

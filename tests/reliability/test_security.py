@@ -234,7 +234,7 @@ def test_sql_in_the_sources_is_only_bound():
 
 # --- the read-only role of docs/sql.md --------------------------------------------------------------
 
-ROLE_BLOCKS = {"reader_role", "reader_grants", "analyst_login"}
+ROLE_BLOCKS = {"reader_role", "analyst_login"}
 
 
 def documented_role_sql() -> dict[str, str]:
@@ -250,10 +250,14 @@ def analyst_login(blocks: dict[str, str]) -> str:
 
 
 def assert_reads_the_views_and_nothing_else(conninfo: str, runs: list[tuple]) -> None:
-    """Connected as the analyst: both views read, every base table and every write refused."""
+    """Connected as the analyst: the views read (and docs/sql.md's failures query), every base table and every
+    write refused."""
+    from tests.db.test_sql_examples import queries
+
     with psycopg.connect(conninfo, autocommit=True) as conn:
         assert conn.execute("SELECT name FROM run_summary").fetchall() == runs
         assert conn.execute("SELECT COUNT(*) FROM generation_history").fetchone() == (0,)
+        assert conn.execute(queries()["failures"]).fetchall() == []
         refused = [
             "SELECT * FROM runs", "SELECT * FROM subjects", "SELECT * FROM generations",
             "SELECT * FROM rejected_items", "SELECT * FROM subject_caches",
@@ -263,7 +267,7 @@ def assert_reads_the_views_and_nothing_else(conninfo: str, runs: list[tuple]) ->
         ]
         # The views join tables, so writing to them fails as "not updatable" before privileges are
         # even checked; what the role may do to them is asked directly.
-        for view in ("generation_history", "run_summary"):
+        for view in migrate.VIEW_GRANTS:
             granted = conn.execute(
                 "SELECT privilege FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) "
                 "AS privilege WHERE has_table_privilege(%s, privilege)", (view,)).fetchall()
@@ -273,9 +277,13 @@ def assert_reads_the_views_and_nothing_else(conninfo: str, runs: list[tuple]) ->
                 conn.execute(statement)
 
 
-def test_the_documented_read_only_role_reads_the_views_and_nothing_else(postgres_url):
+def test_the_documented_read_only_role_reads_the_views_and_nothing_else(postgres_url, monkeypatch):
     """Each block run as the role docs/sql.md names, none a superuser: the roles by a role with CREATEROLE, the
-    grants by the schema owner, a plain login role as in the compose stack, which cannot create the role."""
+    grants by `dreamcache db upgrade` as the schema owner, a plain login role as in the compose stack, which
+    cannot create the role; views made again by a later upgrade are granted again."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
     from db.models import Run, RunStatus, utcnow
 
     blocks = documented_role_sql()
@@ -301,10 +309,14 @@ def test_the_documented_read_only_role_reads_the_views_and_nothing_else(postgres
         with psycopg.connect(f"{server} dbname={url.database} user={admin}", autocommit=True) as conn:
             conn.execute(blocks["reader_role"])
             conn.execute(blocks["analyst_login"])
-        with psycopg.connect(owner_info, autocommit=True) as conn:
-            conn.execute(blocks["reader_grants"])
-        assert_reads_the_views_and_nothing_else(f"{server} dbname={url.database} user={login} password=change-me",
-                                                [("nightly",)])
+        monkeypatch.setenv("DREAMCACHE_DATABASE_URL", owner_url)
+        analyst = f"{server} dbname={url.database} user={login} password=change-me"
+        for downgraded_to in (None, "0006"):  # 0006: every view dropped and made again, without its grants
+            if downgraded_to:
+                migrate.downgrade(owner_url, downgraded_to)
+            upgraded = CliRunner().invoke(app, ["db", "upgrade"])
+            assert upgraded.exit_code == 0, upgraded.output
+            assert_reads_the_views_and_nothing_else(analyst, [("nightly",)])
         with psycopg.connect(owner_info) as conn:
             assert conn.execute("SELECT name FROM runs").fetchall() == [("nightly",)]  # nothing changed
     finally:
