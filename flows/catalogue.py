@@ -170,7 +170,8 @@ class PrefectRunner(Runner):
             lines += [f"**Incomplete**: {summary['images_open']} images and {summary['caches_open']} product caches "
                       "are still open; run again once they are free.", "", "| item | held by | its run | free at |",
                       "|---|---|---|---|"]
-            lines += [f"| {md(h['item'])} | {h['held_by']} | {h['run'] or ''} | {h['free_at']} |" for h in summary["held"]]
+            lines += [f"| {md(h['item'])} | {h['held_by']} | {h['run'] or ''} | {h['free_at']} |"
+                      for h in summary["held"]]
             lines += [""]
         review_counts = summary.get("review")
         if review_counts:

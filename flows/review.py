@@ -172,7 +172,8 @@ def decide(platform: Platform, run_id: int, approve: Sequence[int] = (), reject:
 
 def _superseded(s: Session, shots: Sequence[Generation]) -> str:
     """Why superseded shots cannot be approved, in one line naming each shot's product."""
-    skus = dict(s.execute(select(Generation.id, Subject.sku).join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
+    skus = dict(s.execute(select(Generation.id, Subject.sku)
+                          .join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
                           .join(Subject, Subject.id == SubjectCache.subject_id)
                           .where(Generation.id.in_([gen.id for gen in shots]))).all())
     named = ", ".join(f"{gen.id} ({skus[gen.id]})" for gen in shots)
