@@ -184,6 +184,11 @@ class ReviewState(str, enum.Enum):
     rejected = "rejected"
 
 
+# `reviewed_by` of a shot whose product image has changed since it was made (flows/steps/ingest.py, `supersede`):
+# rejected, and never approved again while its image is not the product's current one.
+SUPERSEDED = "superseded"
+
+
 class Generation(WorkItem, Base):
     """One personalised shot: which cache, prompt, seed and parameters, and where the image is."""
 

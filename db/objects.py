@@ -11,6 +11,7 @@ Keys are relative, '/'-separated, and can never leave the store's root or prefix
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -44,6 +45,10 @@ class ObjectStoreError(RuntimeError):
 
 class ObjectNotFound(ObjectStoreError, KeyError):
     pass
+
+
+class ObjectWriteError(ObjectStoreError):
+    """A local store's write failed (a full disk, a read-only folder); nothing of it is left behind."""
 
 
 class CorruptObject(ObjectStoreError):
@@ -189,6 +194,20 @@ def _verify(uri: str, data: bytes, expected: str | None) -> bytes:
     return data
 
 
+def _write(file, data: bytes) -> None:
+    """The bytes of a local write (one place, where a test injects a full disk)."""
+    file.write(data)
+
+
+def _write_failed(path: Path, exc: OSError) -> str:
+    """One line naming the object and why its write failed, and what to do."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"writing {path.as_uri()} failed: {reason}; free space on the object store's disk and run again "
+                "(what was made before is kept)")
+    return f"writing {path.as_uri()} failed: {reason}"
+
+
 class LocalStore:
     """A directory: writes are atomic (temporary file, then rename)."""
 
@@ -219,12 +238,22 @@ class LocalStore:
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+                _write(tmp, data)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp.name, path)
+        except BaseException as exc:
+            # A write that fails leaves nothing behind: a partial temporary on a full disk holds the very space
+            # the next write needs (and the target, replaced only by a whole file, is as it was).
+            if tmp is not None:
+                Path(tmp.name).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise ObjectWriteError(_write_failed(path, exc)) from exc
+            raise
         return StoredObject(clean_key(key), path.as_uri(), len(data), sha256_hex(data))
 
     def get(self, key: str, expected_sha256: str | None = None) -> bytes:

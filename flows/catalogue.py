@@ -168,9 +168,10 @@ class PrefectRunner(Runner):
             lines += [not_found_line(summary), ""]
         if summary.get("status") == "incomplete":
             lines += [f"**Incomplete**: {summary['images_open']} images and {summary['caches_open']} product caches "
-                      "are still open; run again once they are free.", "", "| generation | held by | free at |",
-                      "|---|---|---|"]
-            lines += [f"| {h['generation_id']} | {h['held_by']} | {h['free_at']} |" for h in summary["held"]]
+                      "are still open; run again once they are free.", "", "| item | held by | its run | free at |",
+                      "|---|---|---|---|"]
+            lines += [f"| {md(h['item'])} | {h['held_by']} | {h['run'] or ''} | {h['free_at']} |"
+                      for h in summary["held"]]
             lines += [""]
         review_counts = summary.get("review")
         if review_counts:
@@ -416,7 +417,10 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
                                                           for g in chunks(usable, INGEST_BATCH)]) for i in ids]
         planned = runner.map(plan_task, [(run_id, cache_ids, params, prompts.templates)])[0]
         if not planned["planned"]:
-            raise NothingPlanned(nothing_planned(platform, run_id, len(listing.items), len(cache_ids)))
+            with transaction(platform.sessions) as session:
+                waiting = caches.open_caches(session, platform, usable, preparation)
+            if not waiting:  # else another run holds the caches: this one ends incomplete, naming them
+                raise NothingPlanned(nothing_planned(platform, run_id, len(listing.items), len(cache_ids)))
         todo = planned["todo"]
         logger.info("run %d: %d products cached; %d images to generate in batches of %d (%s)", run_id, len(cache_ids),
                     len(todo), params.batch_size, params.execution)

@@ -215,11 +215,12 @@ def _print_summary(summary: dict, settings: Settings) -> None:
         typer.secho(f"  rejected at {r['stage']}: {r['item']}: {r['reason']}", fg=typer.colors.YELLOW)
     _print_skipped(summary)
     if summary.get("status") == "incomplete":
+        from flows.liveness import held_line
+
         typer.secho(f"incomplete: {summary['images_open']} images and {summary['caches_open']} product caches are still "
                     "open", fg=typer.colors.YELLOW)
         for held in summary["held"]:
-            typer.secho(f"  generation {held['generation_id']} held by {held['held_by']} until {held['free_at']}",
-                        fg=typer.colors.YELLOW)
+            typer.secho(f"  {held_line(held)}", fg=typer.colors.YELLOW)
         typer.secho("  run again once they are free (a live worker finishes them; a dead one's are taken over at once)",
                     fg=typer.colors.YELLOW)
     if summary.get("products_not_found"):

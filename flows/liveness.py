@@ -14,12 +14,12 @@ import os
 import socket
 import threading
 from datetime import timedelta
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from sqlalchemy import select, update
 
 from db import claims
-from db.models import Generation, Run, RunStatus, SubjectCache, WorkStatus, utcnow
+from db.models import Generation, Run, RunStatus, Subject, SubjectCache, WorkStatus, utcnow
 from db.session import transaction
 
 logger = logging.getLogger(__name__)
@@ -120,11 +120,29 @@ class Heartbeat:
                 logger.warning("heartbeat of %s failed: %s", self.worker, exc)
 
 
-def held_items(session, run_id: int, limit: int = 20) -> list[dict]:
-    """What of a run's plan other workers hold: each image, its holder, and when its lease ends."""
-    rows = session.execute(
+def held_items(session, run_id: int, cache_ids: Sequence[int] = (), limit: int = 20) -> list[dict]:
+    """What of a run's work other workers hold, first the product caches among `cache_ids` (its products'
+    caches still open), then its images: each item, its holder, the run that holder is running (None when it
+    runs none: a task worker) and when its lease ends."""
+    caches = session.execute(
+        select(SubjectCache.id, Subject.sku, SubjectCache.claimed_by, SubjectCache.lease_expires_at)
+        .join(Subject, Subject.id == SubjectCache.subject_id)
+        .where(SubjectCache.id.in_(list(cache_ids)), SubjectCache.status == WorkStatus.running)
+        .order_by(SubjectCache.id).limit(limit)).all()
+    images = session.execute(
         select(Generation.id, Generation.claimed_by, Generation.lease_expires_at)
         .where(Generation.run_id == run_id, Generation.status == WorkStatus.running)
         .order_by(Generation.id).limit(limit)).all()
-    return [dict(generation_id=i, held_by=worker, free_at=expiry.isoformat(timespec="seconds") if expiry else None)
-            for i, worker, expiry in rows]
+    held = [(f"cache {i} of {sku}", worker, expiry) for i, sku, worker, expiry in caches]
+    held += [(f"generation {i}", worker, expiry) for i, worker, expiry in images]
+    held = held[:limit]
+    runs = dict(session.execute(select(Run.owner, Run.id).where(
+        Run.status == RunStatus.running, Run.owner.in_({worker for _, worker, _ in held}))).all())
+    return [dict(item=item, held_by=worker, run=runs.get(worker),
+                 free_at=expiry.isoformat(timespec="seconds") if expiry else None) for item, worker, expiry in held]
+
+
+def held_line(held: dict) -> str:
+    """One held item as the CLI and a run's log say it."""
+    run = f" (run {held['run']})" if held["run"] is not None else ""
+    return f"{held['item']} held by {held['held_by']} until {held['free_at']}{run}"

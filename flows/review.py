@@ -18,7 +18,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from db import queries
-from db.models import Generation, ReviewState, Run, WorkStatus, utcnow
+from db.models import SUPERSEDED, Generation, ReviewState, Run, Subject, SubjectCache, WorkStatus, utcnow
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.perception.scoring import METRICS, ranking_key
@@ -154,9 +154,14 @@ def decide(platform: Platform, run_id: int, approve: Sequence[int] = (), reject:
             raise ReviewError(f"run {run_id} does not exist: `dreamcache history` shows the runs' ids")
         shots = {gen.id: gen for gen in s.scalars(select(Generation).where(Generation.run_id == run_id,
                                                                            Generation.status == WorkStatus.done))}
+        superseded = [shots[i] for i in approve if i in shots and shots[i].reviewed_by == SUPERSEDED]
+        if superseded:
+            raise ReviewError(_superseded(s, superseded))
         ignored = sorted(i for i in {*approve, *reject} if i not in shots)
         decisions = {i: ReviewState.approved for i in approve if i in shots}
-        decisions.update({i: ReviewState.rejected for i in reject if i in shots})
+        # A superseded shot stays superseded (rejected already): a reviewer's rejection would erase the mark that
+        # brings it back to pending should its image become current again.
+        decisions.update({i: ReviewState.rejected for i in reject if i in shots and shots[i].reviewed_by != SUPERSEDED})
         notes = dict.fromkeys(decisions, note)
         if rest != "pending":
             by_rest = {i: _STATE[rest] for i, gen in shots.items()
@@ -173,6 +178,19 @@ def decide(platform: Platform, run_id: int, approve: Sequence[int] = (), reject:
     counts = Counter(decisions.values())
     return dict(approved=counts[ReviewState.approved], rejected=counts[ReviewState.rejected], changed=changed,
                 pending=pending, ignored=ignored)
+
+
+def _superseded(s: Session, shots: Sequence[Generation]) -> str:
+    """Why superseded shots cannot be approved, in one line naming each shot's product."""
+    skus = dict(s.execute(select(Generation.id, Subject.sku)
+                          .join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
+                          .join(Subject, Subject.id == SubjectCache.subject_id)
+                          .where(Generation.id.in_([gen.id for gen in shots]))).all())
+    named = ", ".join(f"{gen.id} ({skus[gen.id]})" for gen in shots)
+    plural = len(shots) > 1
+    return (f"shot{'s' if plural else ''} {named} {'are' if plural else 'is'} superseded and cannot be approved: "
+            f"{shots[0].review_note or 'its product image changed since it was made'}; approve the shots of the "
+            "current image (`dreamcache review` of the run that made them)")
 
 
 def pending_shots(session: Session, run_id: int) -> list[dict]:

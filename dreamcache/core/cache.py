@@ -125,8 +125,12 @@ class FeatureCache:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)  # atomic: a reader never sees half a cache
+        try:
+            tmp.write_bytes(self.to_bytes())
+            tmp.replace(path)  # atomic: a reader never sees half a cache
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half cache left behind (on a full disk it holds the space)
+            raise
         return path
 
     @classmethod

@@ -53,12 +53,12 @@ def cache_key(platform: Platform, preparation: Preparation = Preparation()) -> d
 
 
 def open_caches(session, platform: Platform, subject_ids: Sequence[int],
-                preparation: Preparation = Preparation()) -> int:
-    """Caches of these products for the loaded model that are not finished (pending, or held)."""
+                preparation: Preparation = Preparation()) -> list[int]:
+    """The ids of these products' caches for the loaded model that are not finished (pending, or held)."""
     key = cache_key(platform, preparation)
-    return len(session.scalars(select(SubjectCache.id).where(
+    return sorted(session.scalars(select(SubjectCache.id).where(
         SubjectCache.subject_id.in_(list(subject_ids)), SubjectCache.status.in_([WorkStatus.pending, WorkStatus.running]),
-        *[getattr(SubjectCache, k) == v for k, v in key.items()])).all())
+        *[getattr(SubjectCache, k) == v for k, v in key.items()])))
 
 
 def cache(platform: Platform, run_id: int, subject_ids: Sequence[int],

@@ -264,12 +264,16 @@ def _write_part(platform, part, images, twins, scores, products, output_prefix: 
         key = output_key(output_prefix, subject.sku, identity)
         score_rows = [dict(generation_id=gen.id, metric=sc.metric, masked=sc.masked, value=sc.value,
                            scorer_model_id=sc.scorer_model_id) for sc in image_scores]
+        written = []  # keys of this shot's objects written so far: removed again if the shot fails
         try:
             twin_uri = None
             if twin is not None:  # written first: the sidecar that names it must not point to nothing
                 twin_uri = platform.objects.put(text_only_key(key), png(twin), "image/png").uri
+                written.append(text_only_key(key))
             stored = platform.objects.put(key, png(image), "image/png")
+            written.append(key)
             platform.objects.put(sidecar_key(key), sidecar(gen, subject, text, score_rows, twin_uri), "application/json")
+            written.append(sidecar_key(key))
             with transaction(platform.sessions) as s:
                 # A shot made again (it was lost or damaged) is scored again: its old image's scores go.
                 s.execute(delete(Score).where(Score.generation_id == gen.id))
@@ -280,6 +284,16 @@ def _write_part(platform, part, images, twins, scores, products, output_prefix: 
         except claims.LostClaimError:
             result.skipped.append(gen.id)  # our lease ran out and another worker took it over
         except Exception as exc:  # an upload that failed after its retries: the item fails, the batch goes on
+            _remove(platform, written)
             with transaction(platform.sessions) as s:
                 claims.fail(s, Generation, gen.id, me, f"writing results failed: {exc}")
             result.failed.append(gen.id)
+
+
+def _remove(platform: Platform, keys: Sequence[str]) -> None:
+    """The objects of a shot that failed half-way: no row points to them, and on a full disk they hold space."""
+    for key in keys:
+        try:
+            platform.objects.delete(key)
+        except Exception as exc:  # the shot has failed already; a leftover is overwritten when it is made again
+            logger.warning("%s of a failed shot is left in place: %s", key, exc)

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from sqlalchemy import func, select, update
 
-from db.models import Generation, ReviewState, Subject, SubjectCache, utcnow
+from db.models import SUPERSEDED, Generation, ReviewState, Subject, SubjectCache, utcnow
 from db.repository import ids_by_key, insert_missing
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
@@ -55,9 +55,6 @@ def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem], places:
                           .values(category=r["category"], attributes=r["attributes"]))
         supersede(s, {r["sku"]: r["content_sha256"] for r in rows})
     return sorted(set(ids.values()))
-
-
-SUPERSEDED = "superseded"
 
 
 def supersede(s, current: dict[str, str]) -> None:

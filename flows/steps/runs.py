@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from sqlalchemy import func, select
 
@@ -88,11 +88,12 @@ def one_line(text: str) -> str:
 
 
 def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_ids, planned: int,
-              sheets: dict[str, str], output_prefix: str, caches_open: int = 0) -> dict:
+              sheets: dict[str, str], output_prefix: str, caches_open: Sequence[int] = ()) -> dict:
+    """The run's figures; `caches_open`: the ids of its products' caches still unfinished (held elsewhere)."""
     with transaction(platform.sessions) as s:
         counts = dict(s.execute(select(Generation.status, func.count()).where(Generation.run_id == run_id)
                                 .group_by(Generation.status)).all())
-        held = liveness.held_items(s, run_id)
+        held = liveness.held_items(s, run_id, caches_open)
         rejected = [dict(stage=r.stage, item=r.item, reason=r.reason)
                     for r in s.scalars(select(RejectedItem).where(RejectedItem.run_id == run_id).order_by(RejectedItem.id))]
     return dict(
@@ -100,7 +101,7 @@ def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_i
         rejected=len(rejected), rejections=rejected[:100], images_planned=planned,
         images_generated=counts.get(WorkStatus.done, 0), images_failed=counts.get(WorkStatus.failed, 0),
         images_open=counts.get(WorkStatus.pending, 0) + counts.get(WorkStatus.running, 0),
-        caches_open=caches_open, held=held,
+        caches_open=len(caches_open), held=held,
         contact_sheets=sheets, output=platform.objects.uri(output_prefix),
     )
 

@@ -143,3 +143,29 @@ def test_multipart_uploads_left_open_by_dead_writers_are_aborted(s3_bucket):
     assert store.remove_stale_temporaries() == 1
     open_keys = [u["Key"] for u in client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])]
     assert open_keys == ["elsewhere/not-ours.bin"]  # outside the store's prefix: not ours to abort
+
+
+def full_disk_after(limit: int):
+    """An injected fault: a local write that puts `limit` bytes on the disk, then fails as a full disk does."""
+    import errno
+
+    def write(file, data):
+        file.write(data[:limit])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return write
+
+
+def test_a_write_on_a_full_disk_leaves_nothing_behind_and_says_so(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "objects")
+    store.put("shots/MUG-1/0.png", b"the shot as first written")
+    monkeypatch.setattr(objects, "_write", full_disk_after(5))
+    with pytest.raises(objects.ObjectWriteError) as failed:
+        store.put("shots/MUG-1/0.png", b"a shot made again, longer than the first")
+    with pytest.raises(objects.ObjectWriteError):
+        store.put("shots/MUG-2/0.png", b"a new shot")
+    assert str(failed.value) == (f"writing {store.uri('shots/MUG-1/0.png')} failed: No space left on device; free "
+                                 "space on the object store's disk and run again (what was made before is kept)")
+    files = sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*") if p.is_file())
+    assert files == ["shots/MUG-1/0.png"]  # no temporary, no partial object
+    assert store.get("shots/MUG-1/0.png") == b"the shot as first written"  # what was there is kept whole

@@ -91,3 +91,46 @@ def test_a_source_image_changed_between_runs_supersedes_the_old_images_shots(pla
     assert run_embedded(params, progress=False)["images_generated"] == 0
     found, _ = shots()
     assert set(found) == {(old[:6], "pending", None, "done"), (new[:6], "rejected", "superseded", "done")}
+
+
+def test_a_superseded_shot_cannot_be_approved_or_published_even_by_its_id(platform_env, catalogue):
+    from sqlalchemy import select
+    from typer.testing import CliRunner
+
+    from db.models import Generation, SubjectCache
+    from flows.catalogue import run_embedded
+    from flows.cli import app
+
+    params = CatalogueRunParams(source=str(catalogue), prompts=["a {category}"], images_per_prompt=1, steps=1)
+    first = run_embedded(params, progress=False)["run_id"]
+    scene(product_color=(20, 200, 20), background=(250, 250, 250), size=(96, 96), box=(20, 16, 76, 80))[0].save(
+        catalogue / "mug" / "MUG-1.png")  # a new photo of MUG-1: the first run's MUG-1 shot is superseded
+    run_embedded(params, progress=False)
+    with transaction(get_platform().sessions) as s:
+        shots = dict(s.execute(select(Subject.sku, Generation.id)
+                               .join(SubjectCache, SubjectCache.id == Generation.subject_cache_id)
+                               .join(Subject, Subject.id == SubjectCache.subject_id)
+                               .where(Generation.run_id == first)).all())
+
+    def review_of(shot: int) -> tuple:
+        with transaction(get_platform().sessions) as s:
+            gen = s.get(Generation, shot)
+            return gen.review.value, gen.reviewed_by
+
+    old, lamp = shots["MUG-1"], shots["LAMP-1"]
+    assert review_of(old) == ("rejected", "superseded")
+    cli = CliRunner()
+    refused = cli.invoke(app, ["review", str(first), "--approve", f"{old},{lamp}", "--by", "ana"])
+    assert refused.exit_code == 1, refused.output
+    (line,) = [line for line in refused.output.splitlines() if line.strip()]
+    assert line.startswith(f"error: shot {old} (MUG-1) is superseded and cannot be approved: MUG-1's image changed")
+    assert "Traceback" not in refused.output
+    assert review_of(old) == ("rejected", "superseded") and review_of(lamp) == ("pending", None)  # nothing applied
+    # Rejecting it keeps the mark that brings it back should its image return; the rest of the decision applies.
+    rejected = cli.invoke(app, ["review", str(first), "--reject", str(old), "--approve", str(lamp), "--by", "ana"])
+    assert rejected.exit_code == 0, rejected.output
+    assert review_of(old) == ("rejected", "superseded") and review_of(lamp) == ("approved", "ana")
+    published = cli.invoke(app, ["publish", str(first), "--to", "shop"])
+    assert published.exit_code == 0 and f"run {first}: 1 added" in published.output, published.output
+    keys = list(get_platform().objects.list("shop/"))
+    assert any(k.startswith("shop/LAMP-1/") for k in keys) and not any(k.startswith("shop/MUG-1/") for k in keys)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, func, select
 from typer.testing import CliRunner
 
 from db.models import Generation, Segmentation, SubjectCache
@@ -204,3 +204,53 @@ def test_a_sidecar_that_spells_scores_the_older_way_is_whole():
     assert _same_sidecar(json.dumps(dict(sku="MUG-1", scores={"clip-i": 0.5, "mclip-i": 0.7})).encode(), expected)
     assert not _same_sidecar(json.dumps(dict(sku="MUG-1", scores={"clip-i": 0.6, "mclip-i": 0.7})).encode(), expected)
     assert not _same_sidecar(b"not json", expected) and not _same_sidecar(None, expected)
+
+
+def test_after_every_kind_of_damage_at_once_repair_and_one_run_verify_exits_0(made, catalogue, tmp_path):
+    """Issue 38's "done when": whatever was damaged, a run is not blocked by it, and `verify --repair` and one
+    re-run leave nothing for `verify` to find."""
+    from db.models import Score
+
+    engine, shots = made
+    deleted, truncated, flipped, emptied, lost, scored, *_ = sorted(shots)
+    with engine.begin() as db:  # a score the deleted shot's image had (the tiny models record none of their own)
+        db.execute(Score.__table__.insert().values(generation_id=deleted, metric="clip_i", masked=False, value=0.123,
+                                                   scorer_model_id="a-clip"))
+    shots[deleted].unlink()
+    shots[truncated].write_bytes(shots[truncated].read_bytes()[:100])
+    data = shots[flipped].read_bytes()
+    shots[flipped].write_bytes(data[:-10] + bytes(b ^ 0xFF for b in data[-10:]))
+    shots[emptied].with_suffix(".json").write_text("{")
+    shots[lost].with_suffix(".json").unlink()
+    edited = json.loads(shots[scored].with_suffix(".json").read_text())
+    edited["scores"] = {"mdino": 0.99}  # a sidecar claiming a score the database does not have
+    shots[scored].with_suffix(".json").write_text(json.dumps(edited))
+    with engine.connect() as db:
+        cache_uri = db.scalar(select(SubjectCache.tensor_uri).order_by(SubjectCache.id))
+        mask_uri, reference_uri = db.execute(select(Segmentation.mask_uri, Segmentation.reference_uri)
+                                             .order_by(Segmentation.id)).first()
+    Path(cache_uri.removeprefix("file://")).write_bytes(b"not a cache")
+    Path(mask_uri.removeprefix("file://")).unlink()
+    reference = Path(reference_uri.removeprefix("file://"))
+    reference.write_bytes(reference.read_bytes()[:-4] + b"\0\0\0\0")  # same size, other bytes
+    objects = tmp_path / "home" / "objects"
+    copy = next(p for p in (objects / "products").rglob("*") if p.is_file())
+    copy.write_bytes(b"damaged")
+    sheet = next((objects / "shots").rglob("contact_sheet.png"))
+    sheet.write_bytes(sheet.read_bytes()[:200])
+
+    first = run_embedded(params(catalogue), progress=False)  # damage blocks nothing: what the run can see it remakes
+    assert first["status"] == "completed" and first["shots_repaired"] == 3, first  # lost, truncated, no sidecar
+    found = CliRunner().invoke(app, ["verify"])
+    assert found.exit_code == 1, found.output
+    repaired = CliRunner().invoke(app, ["verify", "--repair"])
+    assert repaired.exit_code == 0, repaired.output
+    summary = run_embedded(params(catalogue), progress=False)
+    assert summary["status"] == "completed", summary
+    clean = CliRunner().invoke(app, ["verify"])
+    assert clean.exit_code == 0 and "all whole" in clean.output, clean.output
+    with engine.connect() as db:
+        assert db.scalar(select(func.count()).where(Generation.status == "done")) == PLANNED
+    for shot in shots.values():
+        assert shot.is_file() and shot.with_suffix(".json").is_file()
+    assert len(sheet.read_bytes()) > 200  # the sheet written again

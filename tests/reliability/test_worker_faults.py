@@ -7,6 +7,7 @@ faults themselves (the signal is real, the out-of-memory error is raised on purp
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 import torch
 from sqlalchemy import create_engine, func, select
 
-from db.models import Generation
+from db.models import Generation, Subject
 from flows.catalogue import TASK_BATCHES, run_embedded
 from flows.cli import EXIT_INCOMPLETE
 from flows.params import CatalogueRunParams
@@ -209,3 +210,56 @@ def test_two_runs_of_one_catalogue_at_once_do_each_item_once(served_env, catalog
     assert attempts == {1}, "an item was claimed twice"
     assert set(workers) <= set(names)
     assert sum(workers.values()) == planned  # who did them: the database's word, whichever run's record they end on
+
+
+def test_a_run_whose_product_caches_another_run_holds_ends_incomplete_naming_them(served_env, catalogue,
+                                                                                   s3_endpoint):
+    """Two `dreamcache run` processes over products with no cache yet: the first holds the caches (its uploads
+    of them stalled at the object store, an injected fault), so the second can make nothing; it ends
+    `incomplete` naming each cache, its holder and the holder's run, not "planned no image"."""
+    import threading
+
+    from db.models import Run, SubjectCache
+    from tests.reliability.test_infra_faults import FaultyS3Proxy
+
+    engine = served_env["engine"]
+    with FaultyS3Proxy(s3_endpoint, rate=0.0, stall_s=0) as proxy:
+        uploading, release = threading.Event(), threading.Event()
+        forward = proxy.choose
+
+        def gate(method, path):  # the first run's cache uploads wait here until the second run has ended
+            if method == "PUT" and "/platform/caches/" in path:
+                uploading.set()
+                release.wait(timeout=600)
+            return forward(method, path)
+
+        proxy.choose = gate
+        # Enough attempts that the stalled upload outlasts the second run, however slow the machine.
+        env = dict(os.environ, AWS_ENDPOINT_URL=proxy.url, AWS_MAX_ATTEMPTS="40")
+        first = subprocess.Popen(cli_run(catalogue), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        holder = f"{os.uname().nodename}:{first.pid}"
+        try:
+            while not uploading.wait(timeout=1):
+                assert first.poll() is None, first.communicate()[0]
+            second = subprocess.run(cli_run(catalogue), cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, timeout=600)
+        finally:
+            release.set()
+        output = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, output
+    assert second.returncode == EXIT_INCOMPLETE, second.stdout
+    assert "Traceback" not in second.stdout and "planned no image" not in second.stdout
+    assert "incomplete: 0 images and 3 product caches are still open" in second.stdout, second.stdout
+    with engine.connect() as db:
+        caches = db.execute(select(SubjectCache.id, Subject.sku).join(Subject, Subject.id == SubjectCache.subject_id)
+                            .order_by(SubjectCache.id)).all()
+        runs = db.execute(select(Run.id, Run.status, Run.owner).order_by(Run.id)).all()
+    (first_run, _, owner), (second_run, status, _) = [(r.id, r.status, r.owner) for r in runs]
+    assert owner == holder and status == "incomplete"
+    for cache_id, sku in caches:  # each named: which cache, of which product, held by whom, for which run
+        assert re.search(rf"cache {cache_id} of {sku} held by {re.escape(holder)} until \S+ \(run {first_run}\)",
+                         second.stdout), second.stdout
+    assert_each_item_once(engine, served_env["bucket"], 3 * len(PROMPTS) * IMAGES)
+    with engine.connect() as db:
+        assert set(db.scalars(select(SubjectCache.attempts))) == {1}  # each cache computed once, by the first run

@@ -143,3 +143,20 @@ def test_caches_of_the_first_layout_still_load(tiny_pipe):
     old = save({k: v.contiguous() for k, v in cache.tensors.items()},
                metadata={"dreamcache": cache.metadata.to_json(), "content_sha256": cache.content_hash})
     assert FeatureCache.from_bytes(old).content_hash == cache.content_hash
+
+
+def test_a_cache_that_cannot_be_written_leaves_no_partial_file(tiny_pipe, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    cache = tiny_pipe.cache_subject(product_image())
+
+    def full_disk(path, data):  # an injected fault: part of the bytes land, then the disk is full
+        with open(path, "wb") as file:
+            file.write(data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        cache.save(tmp_path / "caches" / "subject.safetensors")
+    assert list((tmp_path / "caches").iterdir()) == []
