@@ -1,3 +1,4 @@
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
@@ -11,6 +12,7 @@ from flows.cli import app
 TABLES = {"subjects", "segmentations", "subject_caches", "rejected_items", "prompts", "runs", "generations", "scores",
           "product_assets"}
 VIEWS = {"generation_history", "run_summary"}
+pytestmark = pytest.mark.fresh_migrations  # the migrations themselves, replayed from base
 
 
 def test_upgrade_creates_the_schema_that_the_models_describe(database_url):
