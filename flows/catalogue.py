@@ -25,7 +25,7 @@ from sqlalchemy import select
 from db import queries
 from db.models import RejectedItem
 from db.session import transaction
-from dreamcache.perception.scoring import METRICS
+from dreamcache.perception.metrics import METRICS
 from flows.places import InvalidInputs, Places
 from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
 from flows.steps.prompts import Prompts, check_templates, load_prompts

@@ -21,7 +21,7 @@ from db import queries
 from db.models import Generation, ReviewState, Run, WorkStatus, utcnow
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
-from dreamcache.perception.scoring import ranking_key
+from dreamcache.perception.metrics import ranking_key
 from flows.markdown import md
 
 if TYPE_CHECKING:  # the platform module loads the model library: this one stays cheap to import
