@@ -11,6 +11,7 @@ Tasks take and return keys (ids, URIs), never images or tensors.
 
 
 import logging
+import threading
 import time
 from typing import Callable, NamedTuple, Sequence
 from uuid import UUID
@@ -124,10 +125,17 @@ class EmbeddedRunner(Runner):
         return [fn.fn(*a) for a in args]
 
     def generate(self, run_id, todo, params):
+        # The bar moves as each image is recorded (on CPU a batch takes minutes), with tqdm's rate; images are
+        # recorded on the generation's writer thread as well as this one, hence the lock.
+        lock = threading.Lock()
         with tqdm(total=len(todo), desc="generating", unit="image", disable=not self.progress) as bar:
+            def advance(images: int) -> None:
+                with lock:
+                    bar.update(images)
+
             for batch in chunks(todo, params.batch_size * TASK_BATCHES):
-                generate_task.fn(batch, params.output_prefix, params.batch_size, params.compare_text_only)
-                bar.update(len(batch))
+                generate.generate(get_platform(), batch, params.output_prefix, params.batch_size,
+                                  params.compare_text_only, on_settled=advance)
 
 
 class PrefectRunner(Runner):
@@ -162,8 +170,9 @@ class PrefectRunner(Runner):
                                                                                 sheets) or [{}],
                               description="Products of this run: images made and failed, best scores, contact sheet")
         lines = [f"# Catalogue run {summary.get('run_id')}: {summary.get('status')}", "",
-                 f"{summary['images_generated']} images generated, {summary['images_failed']} failed, "
-                 f"{summary['rejected']} inputs rejected; output `{summary['output']}`.", ""]
+                 f"{summary['images_generated']} images generated, {summary['images_failed']} failed"
+                 + (f" ({summary['images_already_made']} already made)" if summary.get("images_already_made") else "")
+                 + f", {summary['rejected']} inputs rejected; output `{summary['output']}`.", ""]
         if summary.get("products_not_found"):
             lines += [not_found_line(summary), ""]
         if summary.get("status") == "incomplete":
@@ -405,11 +414,12 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         if not planned["planned"]:
             raise NothingPlanned(nothing_planned(platform, run_id, len(listing.items), len(cache_ids)))
         todo = planned["todo"]
-        logger.info("run %d: %d products cached; %d images to generate in batches of %d (%s)", run_id, len(cache_ids),
-                    len(todo), params.batch_size, params.execution)
+        made = len(planned["planned"]) - len(todo)  # done by earlier runs (or this one's earlier attempt)
+        logger.info("run %d: %d products cached; %d images already made, %d to generate in batches of %d (%s)",
+                    run_id, len(cache_ids), made, len(todo), params.batch_size, params.execution)
         if todo:
             platform.load("scorer")
-        on_stage(f"generating {len(todo)} images")
+        on_stage(f"images: {made} already made, {len(todo)} to do")
         runner.generate(run_id, todo, params)
         on_stage("contact sheets")
         sheet_uris = {}
@@ -429,6 +439,7 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         summary = runs.summarise(platform, run_id, len(listing.items) + len(listing.rejected), subject_ids, cache_ids, len(todo), sheet_uris,
                                   params.output_prefix, caches_open)
         summary["run_id"], summary["shots_repaired"] = run_id, planned["repaired"]
+        summary["images_already_made"] = made
         summary["assets"] = asset_uris
         summary["files_skipped"], summary["skipped"] = len(listing.skipped), listing.skipped[:20]
         with transaction(platform.sessions) as session:

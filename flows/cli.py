@@ -208,7 +208,7 @@ def _print_summary(summary: dict, settings: Settings) -> None:
         f"\nrun {summary['run_id']}: {summary['products_listed']} products listed, {summary['products_ingested']} ingested, "
         f"{summary['rejected']} rejected, {summary['products_cached']} cached; "
         f"{summary['images_generated']} images generated, {summary['images_failed']} failed "
-        f"({summary['images_planned']} to do this run"
+        f"({_already_made(summary)}{summary['images_planned']} to do this run"
         + (f", {summary['shots_repaired']} of them found missing or damaged" if summary.get("shots_repaired") else "")
         + ")")
     for r in summary["rejections"]:
@@ -243,6 +243,12 @@ def _print_summary(summary: dict, settings: Settings) -> None:
     typer.echo(f"database: {_safe(url)}")
     typer.echo("try: dreamcache history   (or in SQL: SELECT sku, prompt, seed, mdino, output_uri FROM generation_history "
                "ORDER BY generation_id DESC LIMIT 10;)")
+
+
+def _already_made(summary: dict) -> str:
+    """'18 already made, ' where earlier runs made shots of this plan: a re-run that does nothing says why."""
+    made = summary.get("images_already_made")
+    return f"{made} already made, " if made else ""
 
 
 def _print_skipped(summary: dict) -> None:
