@@ -125,17 +125,22 @@ class EmbeddedRunner(Runner):
         return [fn.fn(*a) for a in args]
 
     def generate(self, run_id, todo, params):
-        # The bar moves as each image is recorded (on CPU a batch takes minutes), with tqdm's rate; images are
-        # recorded on the generation's writer thread as well as this one, hence the lock.
+        # The bar moves as each image is recorded, with tqdm's rate, and says which step the batch being denoised
+        # is at (on a CPU a batch takes minutes). Images are recorded on the generation's writer thread as well
+        # as this one, hence the lock.
         lock = threading.Lock()
         with tqdm(total=len(todo), desc="generating", unit="image", disable=not self.progress) as bar:
             def advance(images: int) -> None:
                 with lock:
                     bar.update(images)
 
+            def stepped(shots: int, step: int, steps: int) -> None:
+                with lock:
+                    bar.set_postfix_str(f"batch of {shots}: step {step}/{steps}")
+
             for batch in chunks(todo, params.batch_size * TASK_BATCHES):
                 generate.generate(get_platform(), batch, params.output_prefix, params.batch_size,
-                                  params.compare_text_only, on_settled=advance)
+                                  params.compare_text_only, on_settled=advance, on_step=stepped)
 
 
 class PrefectRunner(Runner):

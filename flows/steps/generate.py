@@ -37,6 +37,8 @@ class BatchResult:
     # Told how many images settled (done, failed or skipped) as each does, from the thread that settled them:
     # a progress bar moves per image rather than once per call.
     on_settled: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
+    # Told (shots in the batch, steps done, steps) after each denoising step: on a CPU a batch takes minutes.
+    on_step: Callable[[int, int, int], None] | None = field(default=None, repr=False, compare=False)
 
     def add(self, outcome: Literal["done", "failed", "skipped"], ids: Sequence[int]) -> None:
         getattr(self, outcome).extend(ids)
@@ -78,19 +80,21 @@ def text_only_key(shot_key: str) -> str:
 
 
 def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: str, batch_size: int = 16,
-             compare_text_only: bool = False, on_settled: Callable[[int], None] | None = None) -> BatchResult:
+             compare_text_only: bool = False, on_settled: Callable[[int], None] | None = None,
+             on_step: Callable[[int, int, int], None] | None = None) -> BatchResult:
     """The batch function of a GPU worker: claim, generate, write images and sidecars, score, record.
 
     With `compare_text_only`, each shot's text-only twin is generated in the same pipeline call and
     stored beside it. The twin is no part of the generation's identity: asking for it regenerates nothing.
-    `on_settled(n)` is called as images are recorded (done or failed) or found taken, `n` at a time.
+    `on_settled(n)` is called as images are recorded (done or failed) or found taken, `n` at a time;
+    `on_step(shots, k, steps)` after each denoising step of a batch of `shots`.
     """
     me = worker_id()
     platform.heartbeat.start()  # what this process claims stays claimed only while it lives
     with transaction(platform.sessions) as s:
         claimed = claims.claim(s, Generation, me, len(generation_ids), platform.lease,
                                [Generation.id.in_(list(generation_ids))], dead_owners=liveness.dead_owners(s, Generation))
-    result = BatchResult(on_settled=on_settled)
+    result = BatchResult(on_settled=on_settled, on_step=on_step)
     result.add("skipped", sorted(set(generation_ids) - set(claimed)))
     if claimed:
         with giving_back(platform, Generation, claimed):
@@ -227,6 +231,7 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
                       image_guidance_scale=first.image_scale, num_inference_steps=first.steps,
                       width=width, height=height, placed=products if any(products) else None,
                       batch_size=len(texts), progress=False,
+                      on_step=(lambda done: result.on_step(len(part), done, first.steps)) if result.on_step else None,
                       # a recorded class name is the model's own scheduler (`plan.sampler_name`)
                       sampler=first.sampler if first.sampler in SAMPLERS else None, eta=first.eta,
                       negative_prompt=first.negative_prompt).images

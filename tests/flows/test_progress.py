@@ -9,21 +9,30 @@ from flows.cli import app
 from flows.params import CatalogueRunParams
 
 
-def test_the_bar_moves_as_each_image_is_recorded(platform_env, catalogue, monkeypatch):
-    updates = []  # what the bar was told, in order (the bar itself is tqdm's, unchanged)
-    real_update = catalogue_module.tqdm.update
+def test_the_bar_moves_as_each_image_is_recorded_and_names_the_step(platform_env, catalogue, monkeypatch):
+    told = []  # what the run's bar was told, in order (the bar itself is tqdm's, unchanged)
+    real_update, real_postfix = catalogue_module.tqdm.update, catalogue_module.tqdm.set_postfix_str
 
     def recording_update(self, n=1):
         if getattr(self, "desc", None) == "generating":  # the run's bar, not the pipeline's (disabled) one
-            updates.append(n)
+            told.append(n)
         return real_update(self, n)
 
+    def recording_postfix(self, text="", refresh=True):
+        told.append(text)
+        return real_postfix(self, text, refresh)
+
     monkeypatch.setattr(catalogue_module.tqdm, "update", recording_update)
-    # Six images in one task of three pipeline batches of two.
+    monkeypatch.setattr(catalogue_module.tqdm, "set_postfix_str", recording_postfix)
+    # Six images in one task of three pipeline batches of two, two steps each.
     summary = run_embedded(CatalogueRunParams(source=str(catalogue), prompts=["a {category} on a beach"],
                                               images_per_prompt=2, steps=2, batch_size=2))
     assert summary["images_generated"] == 6 and catalogue_module.TASK_BATCHES >= 3
-    assert updates == [1] * 6
+    assert [n for n in told if isinstance(n, int)] == [1] * 6
+    steps = [text for text in told if isinstance(text, str)]
+    assert steps == ["batch of 2: step 1/2", "batch of 2: step 2/2"] * 3
+    # Each batch's steps are shown before its images are counted: the first image after the first batch's steps.
+    assert told.index(1) > told.index("batch of 2: step 2/2")
 
 
 def test_a_rerun_says_how_many_are_already_made(platform_env, catalogue):
