@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install postgres chromium clean
+.PHONY: demo test stack install postgres chromium clean
 
 # The bundled model's recommended settings apply: UniPC, 10 steps, one shot per prompt, image scale 5 (docs/models.md).
 demo: $(VENV)/.installed
@@ -11,6 +11,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed postgres chromium
 	$(BIN)/pytest
+
+# PostgreSQL, S3 (moto) and a Prefect server on this host without Docker, until Ctrl-C (docs/operations.md).
+stack: $(VENV)/.installed postgres
+	$(BIN)/dreamcache stack up
 
 # The tests start a real PostgreSQL server from Debian's binaries; install them if they are missing.
 postgres:

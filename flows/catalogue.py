@@ -11,6 +11,7 @@ Tasks take and return keys (ids, URIs), never images or tensors.
 
 
 import logging
+import threading
 import time
 from typing import Callable, NamedTuple, Sequence
 from uuid import UUID
@@ -25,7 +26,7 @@ from sqlalchemy import select
 from db import queries
 from db.models import RejectedItem
 from db.session import transaction
-from dreamcache.perception.scoring import METRICS
+from dreamcache.perception.metrics import METRICS
 from flows.places import InvalidInputs, Places
 from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
 from flows.steps.prompts import Prompts, check_templates, load_prompts
@@ -124,10 +125,22 @@ class EmbeddedRunner(Runner):
         return [fn.fn(*a) for a in args]
 
     def generate(self, run_id, todo, params):
+        # The bar moves as each image is recorded, with tqdm's rate, and says which step the batch being denoised
+        # is at (on a CPU a batch takes minutes). Images are recorded on the generation's writer thread as well
+        # as this one, hence the lock.
+        lock = threading.Lock()
         with tqdm(total=len(todo), desc="generating", unit="image", disable=not self.progress) as bar:
+            def advance(images: int) -> None:
+                with lock:
+                    bar.update(images)
+
+            def stepped(shots: int, step: int, steps: int) -> None:
+                with lock:
+                    bar.set_postfix_str(f"batch of {shots}: step {step}/{steps}")
+
             for batch in chunks(todo, params.batch_size * TASK_BATCHES):
-                generate_task.fn(batch, params.output_prefix, params.batch_size, params.compare_text_only)
-                bar.update(len(batch))
+                generate.generate(get_platform(), batch, params.output_prefix, params.batch_size,
+                                  params.compare_text_only, on_settled=advance, on_step=stepped)
 
 
 class PrefectRunner(Runner):
@@ -162,8 +175,9 @@ class PrefectRunner(Runner):
                                                                                 sheets) or [{}],
                               description="Products of this run: images made and failed, best scores, contact sheet")
         lines = [f"# Catalogue run {summary.get('run_id')}: {summary.get('status')}", "",
-                 f"{summary['images_generated']} images generated, {summary['images_failed']} failed, "
-                 f"{summary['rejected']} inputs rejected; output `{summary['output']}`.", ""]
+                 f"{summary['images_generated']} images generated, {summary['images_failed']} failed"
+                 + (f" ({summary['images_already_made']} already made)" if summary.get("images_already_made") else "")
+                 + f", {summary['rejected']} inputs rejected; output `{summary['output']}`.", ""]
         if summary.get("products_not_found"):
             lines += [not_found_line(summary), ""]
         if summary.get("status") == "incomplete":
@@ -422,11 +436,12 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
             if not waiting:  # else another run holds the caches: this one ends incomplete, naming them
                 raise NothingPlanned(nothing_planned(platform, run_id, len(listing.items), len(cache_ids)))
         todo = planned["todo"]
-        logger.info("run %d: %d products cached; %d images to generate in batches of %d (%s)", run_id, len(cache_ids),
-                    len(todo), params.batch_size, params.execution)
+        made = len(planned["planned"]) - len(todo)  # done by earlier runs (or this one's earlier attempt)
+        logger.info("run %d: %d products cached; %d images already made, %d to generate in batches of %d (%s)",
+                    run_id, len(cache_ids), made, len(todo), params.batch_size, params.execution)
         if todo:
             platform.load("scorer")
-        on_stage(f"generating {len(todo)} images")
+        on_stage(f"images: {made} already made, {len(todo)} to do")
         runner.generate(run_id, todo, params)
         on_stage("contact sheets")
         sheet_uris = {}
@@ -446,6 +461,7 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         summary = runs.summarise(platform, run_id, len(listing.items) + len(listing.rejected), subject_ids, cache_ids, len(todo), sheet_uris,
                                   params.output_prefix, caches_open)
         summary["run_id"], summary["shots_repaired"] = run_id, planned["repaired"]
+        summary["images_already_made"] = made
         summary["assets"] = asset_uris
         summary["files_skipped"], summary["skipped"] = len(listing.skipped), listing.skipped[:20]
         with transaction(platform.sessions) as session:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,10 @@ from flows.params import CatalogueRunParams
 app = library_cli.app
 db_app = typer.Typer(help="The platform database (SQLite embedded, PostgreSQL in production).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+
+stack_app = typer.Typer(help="PostgreSQL, an S3 endpoint and a Prefect server on this host, without Docker: for "
+                        "trying the full path (throwaway: their data goes when they stop).", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 
@@ -54,6 +59,92 @@ def db_current() -> None:
     except Exception as exc:  # not a database, refused, unknown: one line naming it, no traceback
         library_cli.fail(database_problem(url, exc))
     typer.echo(f"{_safe(url)}: revision {current} (head: {migrate.head_revision(url)})")
+
+
+def _stack_state():
+    from flows.stack import StackState
+
+    return StackState(library_cli.settings_or_fail().home / "stack")
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start PostgreSQL (Debian's binaries), an S3 endpoint (moto) and a Prefect server whose database is on that
+    PostgreSQL; print the settings to export; stop them all on Ctrl-C or `dreamcache stack down`."""
+    import importlib.util
+
+    from flows.stack import Stack, export_lines
+
+    state = _stack_state()
+    running = state.running_pid()
+    if running:
+        library_cli.fail(f"a stack is already running (process {running}): its settings are in {state.env_file}; "
+                         "stop it with `dreamcache stack down`")
+    if importlib.util.find_spec("moto") is None:
+        library_cli.fail("the stack's S3 endpoint is moto's, which is not installed: pip install 'moto[server]' "
+                         "(`make install` installs it with the test tools)")
+
+    def stop(signum, frame):  # SIGTERM (`dreamcache stack down`, systemd) stops the stack as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`&`)
+    typer.echo("starting PostgreSQL, S3 (moto) and the Prefect server ...")
+    stack = Stack()
+    try:
+        stack.start()
+    except KeyboardInterrupt:
+        typer.secho("interrupted while starting: what had started is stopped", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:  # binaries missing, a server that would not start: one line, nothing left running
+        from flows.failures import one_line
+
+        library_cli.fail(f"the stack did not start: {one_line(exc)}")
+    try:
+        environment = stack.environment()
+        state.write(os.getpid(), environment)
+        typer.echo("\n".join(stack.describe()))
+        typer.echo(f"\nIn the shells that use it (or `source {state.env_file}`):\n")
+        typer.echo("\n".join(export_lines(environment)))
+        typer.echo("\nCtrl-C or `dreamcache stack down` stops them; their data goes with them.")
+        while (stopped := stack.alive()) is None:
+            time.sleep(1)
+        typer.secho(f"{stopped}: stopping the others", err=True, fg=typer.colors.YELLOW)
+    except KeyboardInterrupt:
+        stopped = None
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the stopping short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.stop()
+        state.clear()
+    typer.echo("stack stopped: PostgreSQL, S3 and the Prefect server are down, their data removed")
+    if stopped:
+        raise typer.Exit(1)
+
+
+# How long `dreamcache stack down` waits: the Prefect server is given 20 s, PostgreSQL's fast stop a few.
+STACK_STOP_S = 120
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the stack that `dreamcache stack up` runs (in another shell, or in the background)."""
+    state = _stack_state()
+    pid = state.running_pid()
+    if pid is None:
+        state.clear()
+        typer.echo("no stack is running")
+        return
+    from flows.stack import is_stack_process
+
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STACK_STOP_S
+    while is_stack_process(pid) and time.monotonic() < deadline:  # until the process itself is gone
+        time.sleep(0.5)
+    if is_stack_process(pid):
+        library_cli.fail(f"the stack (process {pid}) did not stop within {STACK_STOP_S} s: see its shell, or "
+                         f"`kill -INT {pid}`")
+    typer.echo(f"stack stopped (process {pid})")
 
 
 def _default(name: str):
@@ -208,7 +299,7 @@ def _print_summary(summary: dict, settings: Settings) -> None:
         f"\nrun {summary['run_id']}: {summary['products_listed']} products listed, {summary['products_ingested']} ingested, "
         f"{summary['rejected']} rejected, {summary['products_cached']} cached; "
         f"{summary['images_generated']} images generated, {summary['images_failed']} failed "
-        f"({summary['images_planned']} to do this run"
+        f"({_already_made(summary)}{summary['images_planned']} to do this run"
         + (f", {summary['shots_repaired']} of them found missing or damaged" if summary.get("shots_repaired") else "")
         + ")")
     for r in summary["rejections"]:
@@ -244,6 +335,12 @@ def _print_summary(summary: dict, settings: Settings) -> None:
     typer.echo(f"database: {_safe(url)}")
     typer.echo("try: dreamcache history   (or in SQL: SELECT sku, prompt, seed, mdino, output_uri FROM generation_history "
                "ORDER BY generation_id DESC LIMIT 10;)")
+
+
+def _already_made(summary: dict) -> str:
+    """'18 already made, ' where earlier runs made shots of this plan: a re-run that does nothing says why."""
+    made = summary.get("images_already_made")
+    return f"{made} already made, " if made else ""
 
 
 def _print_skipped(summary: dict) -> None:

@@ -9,8 +9,8 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dreamcache.core.schedulers import SAMPLERS
-from dreamcache.perception.scoring import METRICS
-from dreamcache.core.weights import AUTHORS_INFERENCE, Recommended
+from dreamcache.perception.metrics import METRICS
+from dreamcache.core.adapter_config import AUTHORS_INFERENCE, Recommended
 from dreamcache.core.guidance import (
     COMBINED, DEFAULT_GUIDANCE, DEFAULT_TEXT_SCALE, JOINT, MAX_IMAGE_SCALE, MAX_TEXT_SCALE, Guidance,
 )

@@ -17,7 +17,6 @@ from db import migrate
 from db.objects import ObjectStore, open_store
 from db.session import make_engine, session_factory
 from db.tensors import TensorStore
-from dreamcache.core.cache import model_fingerprint
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.app.config import BUNDLED_MODEL, Settings, load_settings
 
@@ -120,6 +119,8 @@ class Platform:
 
     @cached_property
     def identity(self) -> ModelIdentity:
+        from dreamcache.core.cache import model_fingerprint  # torch: only once a model is loaded
+
         pipe = self.pipeline
         adapter = self.settings.adapter or ("bundled" if self.settings.base_model == BUNDLED_MODEL else "untrained")
         adapter_hash = model_fingerprint(*pipe.dreamcache_adapters.values())[:12]

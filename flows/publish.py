@@ -26,7 +26,7 @@ from db.models import Generation, ReviewState, Run, Subject, WorkStatus, utcnow
 from db.objects import ObjectStoreError, put_if_changed
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
-from dreamcache.perception.scoring import METRICS
+from dreamcache.perception.metrics import METRICS
 from flows.params import PREFIX_PATTERN, check_prefix, prefix_overlap
 from flows.platform import Platform, safe_key_part
 

@@ -21,7 +21,7 @@ from db import queries
 from db.models import SUPERSEDED, Generation, ReviewState, Run, Subject, SubjectCache, WorkStatus, utcnow
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
-from dreamcache.perception.scoring import METRICS, ranking_key
+from dreamcache.perception.metrics import METRICS, ranking_key
 from flows.markdown import md
 from flows.params import in_reading_order
 

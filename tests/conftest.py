@@ -94,20 +94,15 @@ def database_url(request):
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server over real HTTP, with test credentials in the environment."""
-    from moto.server import ThreadedMotoServer
+    from tests.servers import S3_CREDENTIALS, S3Server
 
     with pytest.MonkeyPatch.context() as env:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
+        for name, value in S3_CREDENTIALS.items():
             env.setenv(name, value)
         env.delenv("AWS_PROFILE", raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        env.setenv("AWS_ENDPOINT_URL", endpoint)
-        yield endpoint
+        server = S3Server().start()
+        env.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        yield server.endpoint
         server.stop()
 
 

@@ -13,17 +13,19 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
-import torch
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource,
 )
 
 from dreamcache.core.errors import DreamCacheError
-from dreamcache.core.weights import Recommended, read_adapter_config
+from dreamcache.core.adapter_config import Recommended, read_adapter_config
+
+if TYPE_CHECKING:  # torch is imported where a device or dtype is asked for, never by reading the settings
+    import torch
 
 BUNDLED_MODEL = "bundled:product-world"
 # The project's own model of the procedural product world (docs/toy-world.md), shipped in the package
@@ -146,7 +148,11 @@ class Settings(BaseSettings):
     @field_validator("device", mode="after")
     @classmethod
     def _a_device(cls, value: str) -> str:
-        if value != "auto":
+        # The usual names pass without torch (settings are read by commands that never load a model); others
+        # are torch's to judge.
+        if value != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
+            import torch
+
             try:
                 torch.device(value)
             except (RuntimeError, ValueError):
@@ -212,12 +218,16 @@ class Settings(BaseSettings):
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
             return torch.float16 if self.torch_device.type == "cuda" else torch.float32
         return getattr(torch, self.dtype)

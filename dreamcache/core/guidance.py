@@ -11,9 +11,10 @@ A higher image scale keeps more of the reference; a lower one lets the prompt ed
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # annotations only: the modes and bounds are read where torch is not loaded (the CLI's options)
+    import torch
 
 # The modes, spelled here once: everything else (pipeline, run parameters, CLIs, evaluations) names them
 # through these constants.

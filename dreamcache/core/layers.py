@@ -13,9 +13,11 @@ its only one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from diffusers import UNet2DConditionModel
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
+if TYPE_CHECKING:  # annotations only: the presets are read where diffusers is not loaded (the CLI's options)
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 PRESETS: dict[str, str] = {
     "default": "middle transformer and decoder transformers at odd positions (the released model)",

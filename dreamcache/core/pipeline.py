@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -297,6 +297,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         height: int | None = None,
         placed: PlacedProduct | Sequence[PlacedProduct | None] | None = None,
         paste: bool = True,
+        on_step: Callable[[int], None] | None = None,
     ) -> DreamCacheOutput:
         """Generate one image per prompt, each with its own subject cache (or none) and seed.
 
@@ -313,7 +314,9 @@ class DreamCachePipeline(StableDiffusionPipeline):
         `width` and `height` (multiples of `size_multiple`) default to the square of `resolution`, itself
         the model's own by default. `placed` (broadcast like `subject`) keeps a row's product pixel-exact
         at its placement and generates the scene around it (`placement.py`); `paste=False` leaves out the
-        final paste of the product's pixels (the decoded latents alone).
+        final paste of the product's pixels (the decoded latents alone). `on_step(k)` is called after each
+        denoising step with the steps done so far (of `num_inference_steps` per batch of `batch_size`), for a
+        caller's own progress display.
         """
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}")
@@ -350,12 +353,21 @@ class DreamCachePipeline(StableDiffusionPipeline):
         images, nsfw = [], []
         chunks = range(0, n, batch_size)
         with tqdm(total=len(chunks) * num_inference_steps, desc="denoising", unit="step", disable=not progress) as bar:
+            done = 0
+
+            def stepped() -> None:
+                nonlocal done
+                done += 1
+                bar.update()
+                if on_step:
+                    on_step(done)
+
             for start in chunks:
                 part = slice(start, start + batch_size)
                 rows = _padded([prompts[part], subjects[part], seeds[part], negatives[part], products[part]],
                                batch_size, self.fast_paths.static_batch)
                 latents = self._sample(*rows, guidance, image_scale, guidance_scale, num_inference_steps,
-                                       size, bar, scheduler, eta)
+                                       size, stepped, scheduler, eta)
                 chunk, flags = self._decode(latents[: len(prompts[part])], output_type,
                                             products[part] if paste else None)
                 images += list(chunk)
@@ -365,7 +377,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         return DreamCacheOutput(images=images, nsfw_content_detected=nsfw or None)
 
     def _sample(self, prompts, subjects, seeds, negatives, products, guidance, image_scale, text_scale, steps, size,
-                bar, scheduler, eta):
+                stepped, scheduler, eta):
         device, dtype = self._execution_device, self.unet.dtype
         n = len(prompts)
         text = self.encode_prompt(prompts, device, 1, False)[0]  # (n, L, D)
@@ -393,7 +405,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
                 latents = scheduler.step(eps, t, latents, **extra).prev_sample
                 if blend is not None:
                     latents = blend(latents, i)
-                bar.update()
+                stepped()
         return latents
 
     def _latent_blend(self, products, size, noise, scheduler) -> LatentBlend | None:

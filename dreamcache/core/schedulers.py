@@ -14,12 +14,10 @@ model               whatever scheduler the base model ships (PNDM for the hub's 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from diffusers import (
-    DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, SchedulerMixin,
-    UniPCMultistepScheduler,
-)
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
 
 Sampler = Literal["model", "ddim", "dpm++2m", "dpm++2m-karras", "euler-a", "unipc"]
 SAMPLERS: tuple[str, ...] = ("model", "ddim", "dpm++2m", "dpm++2m-karras", "euler-a", "unipc")
@@ -29,6 +27,11 @@ TAKES_ETA = ("ddim",)
 
 def make_scheduler(name: str, model_scheduler: SchedulerMixin) -> SchedulerMixin:
     """A fresh scheduler `name` on the noise schedule of `model_scheduler` (the base model's own)."""
+    # Imported here: the names and `check_eta` are read where diffusers is not loaded (run parameters, the CLI).
+    from diffusers import (
+        DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, UniPCMultistepScheduler,
+    )
+
     config = model_scheduler.config
     if name == "model":
         return type(model_scheduler).from_config(config)

@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 from PIL import Image
 from sqlalchemy import delete, select
@@ -34,6 +34,16 @@ class BatchResult:
     done: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)  # done already, or held by another worker
+    # Told how many images settled (done, failed or skipped) as each does, from the thread that settled them:
+    # a progress bar moves per image rather than once per call.
+    on_settled: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
+    # Told (shots in the batch, steps done, steps) after each denoising step: on a CPU a batch takes minutes.
+    on_step: Callable[[int, int, int], None] | None = field(default=None, repr=False, compare=False)
+
+    def add(self, outcome: Literal["done", "failed", "skipped"], ids: Sequence[int]) -> None:
+        getattr(self, outcome).extend(ids)
+        if self.on_settled and ids:
+            self.on_settled(len(ids))
 
 
 def output_key(prefix: str, sku: str, identity: str) -> str:
@@ -70,18 +80,22 @@ def text_only_key(shot_key: str) -> str:
 
 
 def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: str, batch_size: int = 16,
-             compare_text_only: bool = False) -> BatchResult:
+             compare_text_only: bool = False, on_settled: Callable[[int], None] | None = None,
+             on_step: Callable[[int, int, int], None] | None = None) -> BatchResult:
     """The batch function of a GPU worker: claim, generate, write images and sidecars, score, record.
 
     With `compare_text_only`, each shot's text-only twin is generated in the same pipeline call and
     stored beside it. The twin is no part of the generation's identity: asking for it regenerates nothing.
+    `on_settled(n)` is called as images are recorded (done or failed) or found taken, `n` at a time;
+    `on_step(shots, k, steps)` after each denoising step of a batch of `shots`.
     """
     me = worker_id()
     platform.heartbeat.start()  # what this process claims stays claimed only while it lives
     with transaction(platform.sessions) as s:
         claimed = claims.claim(s, Generation, me, len(generation_ids), platform.lease,
                                [Generation.id.in_(list(generation_ids))], dead_owners=liveness.dead_owners(s, Generation))
-    result = BatchResult(skipped=sorted(set(generation_ids) - set(claimed)))
+    result = BatchResult(on_settled=on_settled, on_step=on_step)
+    result.add("skipped", sorted(set(generation_ids) - set(claimed)))
     if claimed:
         with giving_back(platform, Generation, claimed):
             _generate_claimed(platform, claimed, output_prefix, batch_size, compare_text_only, result)
@@ -124,7 +138,7 @@ def _generate_claimed(platform: Platform, claimed: list[int], output_prefix: str
         with transaction(platform.sessions) as s:
             for generation_id, problem in problems.items():
                 claims.fail(s, Generation, generation_id, me, problem)
-        result.failed += sorted(problems)
+        result.add("failed", sorted(problems))
         rows = [r for r in rows if r[0].id not in problems]
     # A batch is one canvas size: rows of the same size together, in generation order within each.
     rows.sort(key=lambda r: (_canvas(r[0]), r[0].id))
@@ -154,7 +168,7 @@ def _generate_claimed(platform: Platform, claimed: list[int], output_prefix: str
                 with transaction(platform.sessions) as s:
                     claims.fail(s, Generation, gen.id, me, f"out of GPU memory for a single image of {subject.sku} "
                                                            f"(generation {gen.id}): {exc.__cause__}")
-                result.failed.append(gen.id)
+                result.add("failed", [gen.id])
             rows = rows[len(part):]
         for done in written:
             done.result()  # a writer's unexpected error is this call's: raised, and what it held is given back
@@ -217,6 +231,7 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
                       image_guidance_scale=first.image_scale, num_inference_steps=first.steps,
                       width=width, height=height, placed=products if any(products) else None,
                       batch_size=len(texts), progress=False,
+                      on_step=(lambda done: result.on_step(len(part), done, first.steps)) if result.on_step else None,
                       # a recorded class name is the model's own scheduler (`plan.sampler_name`)
                       sampler=first.sampler if first.sampler in SAMPLERS else None, eta=first.eta,
                       negative_prompt=first.negative_prompt).images
@@ -227,7 +242,7 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
         with transaction(platform.sessions) as s:
             for gen, _, _ in part:
                 claims.fail(s, Generation, gen.id, me, f"{type(exc).__name__}: {exc}")
-        result.failed += [g.id for g, _, _ in part]
+        result.add("failed", [g.id for g, _, _ in part])
         return None
     seconds = (time.perf_counter() - started) / len(texts)  # per image, twins too: comparable across runs
     images, twins = images[: len(part)], images[len(part) :] or [None] * len(part)
@@ -280,14 +295,14 @@ def _write_part(platform, part, images, twins, scores, products, output_prefix: 
                 insert_missing(s, Score, score_rows)
                 claims.complete(s, Generation, gen.id, me, output_uri=stored.uri, output_sha256=stored.sha256,
                                 output_bytes=stored.size, duration_s=seconds)
-            result.done.append(gen.id)
+            result.add("done", [gen.id])
         except claims.LostClaimError:
-            result.skipped.append(gen.id)  # our lease ran out and another worker took it over
+            result.add("skipped", [gen.id])  # our lease ran out and another worker took it over
         except Exception as exc:  # an upload that failed after its retries: the item fails, the batch goes on
             _remove(platform, written)
             with transaction(platform.sessions) as s:
                 claims.fail(s, Generation, gen.id, me, f"writing results failed: {exc}")
-            result.failed.append(gen.id)
+            result.add("failed", [gen.id])
 
 
 def _remove(platform: Platform, keys: Sequence[str]) -> None:

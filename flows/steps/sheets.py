@@ -13,7 +13,7 @@ from db.models import Generation, Prompt, Subject, SubjectCache, WorkStatus
 from db.objects import CorruptObject, ObjectNotFound, put_if_changed
 from db.session import transaction
 from dreamcache.perception.contact_sheet import contact_sheet
-from dreamcache.perception.scoring import ranking_key
+from dreamcache.perception.metrics import ranking_key
 from flows.platform import Platform, safe_key_part
 from flows.steps.generate import text_only_key
 from flows.steps.plan import remake

@@ -48,7 +48,7 @@ def test_sampler_and_negative_prompt_are_recorded_and_the_cache_follows_the_text
     assert sorted(p for _, p in caches(home)).count("") == 3 and len(caches(home)) == 6
     # The same run again does nothing new.
     result = run("--source", str(catalogue), "--steps", "2", "--sampler", "dpm++2m", "-n", "blurred, low quality")
-    assert "0 images generated" in result.output and "(0 to do this run)" in result.output
+    assert "0 images generated, 0 failed (3 already made, 0 to do this run)" in result.output
 
 
 def test_the_authors_preset_samples_and_caches_their_way(platform_env, catalogue, tmp_path):
