@@ -218,7 +218,7 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
                       width=width, height=height, placed=products if any(products) else None,
                       batch_size=len(texts), progress=False,
                       # a recorded class name is the model's own scheduler (`plan.sampler_name`)
-                      sampler=first.sampler if first.sampler in SAMPLERS else None, eta=first.eta,
+                      sampler=first.sampler if first.sampler in SAMPLERS else "model", eta=first.eta,
                       negative_prompt=first.negative_prompt).images
     except Exception as exc:
         if _is_out_of_memory(exc):
