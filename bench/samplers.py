@@ -124,7 +124,7 @@ def world_speed(model: Path, chosen: dict, shipped_steps: int, image_scale: floa
     prompts = [world.caption(products[i % batch].family, "beach") for i in range(n)]
     subjects = [caches[i % batch] for i in range(n)]
     runs = {"ddim 50": dict(sampler="ddim", num_inference_steps=50),
-            f"model {shipped_steps}": dict(sampler=None, num_inference_steps=shipped_steps)}
+            f"model {shipped_steps}": dict(sampler="model", num_inference_steps=shipped_steps)}
     if chosen.get("name"):
         runs[chosen["name"]] = dict(sampler=chosen["sampler"], num_inference_steps=chosen["steps"])
     out = {}

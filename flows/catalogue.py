@@ -395,10 +395,11 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
                 name: str | None = None, on_stage: Callable[[str], None] = lambda stage: None) -> dict:
     platform = get_platform()
     recommended = params.recommended(platform.settings.recommended)
-    params = params.with_recommended(recommended)
-    if params.eta and params.sampler != "ddim":
-        raise InvalidInputs(f"eta {params.eta} applies to the ddim sampler only; this run samples with "
-                            f"{params.sampler}: set eta to 0 or sampler to ddim")
+    try:
+        params = params.with_recommended(recommended)
+    except ValueError as exc:  # an eta the preset's sampler does not take
+        raise InvalidInputs(f"{exc}, or name the ddim sampler (the {params.preset} preset samples with "
+                            f"{recommended.sampler})") from None
     preparation = caches.Preparation(params.negative_prompt, recommended.reference_mode, recommended.latent)
     on_stage("checking inputs")
     inputs = prepare(params, Places.for_run(params.source, platform.settings.allowed_sources))

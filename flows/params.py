@@ -122,8 +122,11 @@ class CatalogueRunParams(BaseModel):
     """A catalogue run: which products, which prompts, how many shots, with which sampler settings.
 
     The fields are in the order a person fills the Prefect form: what, how many, how, where. A 0 in
-    steps, images per prompt, image scale or resolution means "the model's": the model records what it
-    is meant to be sampled with (its adapter config's `recommended`; docs/models.md), and the run takes it.
+    steps, images per prompt, text scale, image scale or resolution, the sampler 'preset' and an empty
+    negative prompt mean "the model's": the model records what it is meant to be sampled with (its adapter
+    config's `recommended`; docs/models.md), and the run takes it (`with_recommended`), as the library
+    takes it for an argument left None. (The form cannot show None: an optional field renders as a
+    'None' widget in the Prefect UI, so the run spells "unset" as 0.)
     """
 
     model_config = ConfigDict(json_schema_extra=_run_schema)
@@ -183,7 +186,9 @@ class CatalogueRunParams(BaseModel):
     sampler: Literal["preset", *SAMPLERS] = Field(
         default="preset", description="The scheduler: " + ", ".join(SAMPLERS) + " (model: the base model's own); "
         "preset: the preset's (for the bundled model UniPC, 10 steps).")
-    eta: float = Field(default=0.0, ge=0.0, le=1.0, description="DDIM's noise: 0 deterministic (DDIM only).")
+    eta: float = Field(default=0.0, ge=0.0, le=1.0,
+                       description="DDIM's noise: 0 deterministic (DDIM only); with the preset's sampler, 0 takes the "
+                       "preset's eta.")
     negative_prompt: str = Field(
         default="", max_length=MAX_PROMPT_CHARS,
         description="Text of the unconditional passes and of the cache; empty: the preset's (none for the model "
@@ -193,7 +198,9 @@ class CatalogueRunParams(BaseModel):
         default=DEFAULT_GUIDANCE,
         description=f"{COMBINED}: 3 UNet passes a step, separate image and text scales; {JOINT}: 2, one scale.",
     )
-    text_scale: float = Field(default=DEFAULT_TEXT_SCALE, ge=0.0, le=MAX_TEXT_SCALE, description="Text guidance scale.")
+    text_scale: float = Field(
+        default=0.0, ge=0.0, le=MAX_TEXT_SCALE,
+        description=f"Text guidance scale; 0: the model's ({DEFAULT_TEXT_SCALE:g} unless it recommends another).")
     image_scale: float = Field(
         default=0.0, ge=0.0, le=MAX_IMAGE_SCALE,
         description=f"Image guidance scale ({COMBINED} only): higher keeps more of the product; 0: the model's "
@@ -262,14 +269,18 @@ class CatalogueRunParams(BaseModel):
         return [parse_rule(text) for text in self.approve_if]
 
     def with_recommended(self, recommended: Recommended) -> "CatalogueRunParams":
-        """These parameters with every 0 that means "the model's" replaced by the model's value (resolution
-        stays 0 until the model is loaded: its native size is the pipeline's)."""
+        """These parameters with every setting left to the model replaced by the model's value, filled by
+        `Recommended.resolve` as a library call's None is (resolution stays 0 until the model is loaded: its
+        native size is the pipeline's). A ValueError names a setting the model's sampler does not take."""
+        settings = recommended.resolve(
+            steps=self.steps or None, images_per_prompt=self.images_per_prompt or None,
+            image_scale=self.image_scale or None, text_scale=self.text_scale or None,
+            sampler=None if self.sampler == "preset" else self.sampler, eta=self.eta or None,
+            negative_prompt=self.negative_prompt or None)
         return self.model_copy(update=dict(
-            steps=self.steps or recommended.steps,
-            images_per_prompt=self.images_per_prompt or recommended.images_per_prompt,
-            image_scale=self.image_scale or recommended.image_scale,
-            sampler=recommended.sampler if self.sampler == "preset" else self.sampler,
-            negative_prompt=self.negative_prompt or recommended.negative_prompt))
+            steps=settings.steps, images_per_prompt=settings.images_per_prompt, image_scale=settings.image_scale,
+            text_scale=settings.text_scale, sampler=settings.sampler, eta=settings.eta,
+            negative_prompt=settings.negative_prompt))
 
     def recommended(self, model: Recommended) -> Recommended:
         """The settings this run's preset stands for: the model's, or the authors' released inference."""

@@ -13,7 +13,6 @@ import enum
 
 import typer
 
-from dreamcache.app.config import BUNDLED_IMAGE_SCALE
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.guidance import (
     COMBINED, DEFAULT_GUIDANCE, DEFAULT_IMAGE_SCALE, DEFAULT_TEXT_SCALE, GUIDANCE_MODES, JOINT, MAX_IMAGE_SCALE,
@@ -66,10 +65,12 @@ def settings_or_fail(**overrides):
 @app.command()
 def demo(
     output: Optional[Path] = typer.Option(None, help="Where to write the shots (default: $DREAMCACHE_HOME/outputs/demo)."),
-    steps: int = typer.Option(25, min=1, max=1000, help="Denoising steps per image."),
+    steps: Optional[int] = typer.Option(None, min=1, max=1000,
+                                        help="Denoising steps per image; default: the model's recommended ones."),
     seed: int = typer.Option(0, help="Seed of the first image; the others follow."),
-    image_scale: float = typer.Option(BUNDLED_IMAGE_SCALE, min=0, max=30, help="Image guidance scale: the default is "
-                                      "the bundled model's working point; the authors use 0.35 on Stable Diffusion."),
+    image_scale: Optional[float] = typer.Option(
+        None, min=0, max=MAX_IMAGE_SCALE, help="Image guidance scale; default: the model's working point (its adapter "
+        "config's recommended scale: 5 for the bundled model; the authors use 0.35 on Stable Diffusion)."),
 ) -> None:
     """Cache the bundled example product; generate a few shots with its cache and the same without."""
     from dreamcache.app.demo import run_demo

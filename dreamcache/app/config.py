@@ -32,9 +32,6 @@ BUNDLED_MODEL = "bundled:product-world"
 # and read in place: a Stable Diffusion directory, its DreamCache adapters, the world's CLIP and DINO
 # scorers and its segmenter.
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "assets" / "product-world"
-# The bundled adapters' working point (docs/toy-world.md): the toy adapters need a far larger image
-# scale than the authors' 0.35 on Stable Diffusion before the product shows.
-BUNDLED_IMAGE_SCALE = 5.0
 # Each part of the bundled model and the file that shows it is there.
 BUNDLED_PARTS = {"base": "model_index.json", "adapter": "adapter_config.json", "clip": "config.json",
                  "dino": "config.json", "segmenter": "segmenter_config.json"}

@@ -8,7 +8,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Sequence
 
-from dreamcache.app.config import BUNDLED_IMAGE_SCALE, Settings
+from dreamcache.app.config import Settings
 from dreamcache.perception.contact_sheet import contact_sheet
 from dreamcache.core.images import open_image
 from dreamcache.app.loading import load_pipeline
@@ -33,10 +33,13 @@ def run_demo(
     settings: Settings,
     output_dir: Path | None = None,
     prompts: Sequence[str] = EXAMPLE_PROMPTS,
-    steps: int = 25,
+    steps: int | None = None,
     seed: int = 0,
-    image_scale: float = BUNDLED_IMAGE_SCALE,
+    image_scale: float | None = None,
 ) -> DemoResult:
+    """Cache the example product and generate `prompts` with and without its cache, with the model's own
+    settings (its adapter's recommended ones: `DreamCachePipeline.dreamcache_defaults`) where `steps` or
+    `image_scale` is None."""
     output_dir = Path(output_dir or settings.outputs_dir / "demo")
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(settings)

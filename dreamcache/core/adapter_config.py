@@ -5,12 +5,13 @@ The weights themselves are `weights`."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from dreamcache import __version__
 from dreamcache.core.errors import AdapterWeightsError
+from dreamcache.core.guidance import DEFAULT_IMAGE_SCALE, DEFAULT_TEXT_SCALE
 from dreamcache.core.images import REFERENCE_MODES
 from dreamcache.core.layers import PRESETS
 from dreamcache.core.schedulers import SAMPLERS, check_eta
@@ -43,7 +44,11 @@ AUTHORS_NEGATIVE_PROMPT = "Open mouth, tongue out, teeth visible, bad photo, low
 
 @dataclass(frozen=True)
 class Recommended:
-    """The settings a model is meant to be sampled with, which a run takes when it does not set them.
+    """The settings a model is meant to be sampled with, which a caller takes wherever it sets none.
+
+    The one home of these defaults: the pipeline (`DreamCachePipeline.dreamcache_defaults`, from the loaded
+    adapter's config) and the catalogue run (`CatalogueRunParams.with_recommended`) both fill what their
+    caller left unset with `resolve`.
 
     The defaults are the method's (empty text for the unconditional passes and the cache, the reference
     letterboxed on white, the latent's mode) with the authors' steps and scales for Stable Diffusion (50
@@ -54,8 +59,8 @@ class Recommended:
 
     steps: int = 50
     images_per_prompt: int = 2
-    image_scale: float = 0.35
-    text_scale: float = 7.5
+    image_scale: float = DEFAULT_IMAGE_SCALE
+    text_scale: float = DEFAULT_TEXT_SCALE
     sampler: str = "model"
     eta: float = 0.0
     negative_prompt: str = ""
@@ -63,15 +68,39 @@ class Recommended:
     latent: str = "mode"
 
     def __post_init__(self):
-        if not (isinstance(self.steps, int) and self.steps >= 1 and isinstance(self.images_per_prompt, int)
-                and self.images_per_prompt >= 1 and isinstance(self.image_scale, (int, float)) and self.image_scale > 0
-                and isinstance(self.text_scale, (int, float)) and self.text_scale >= 0):
-            raise ValueError(f"recommended settings {self} must be positive (steps and images_per_prompt integers)")
-        if self.sampler not in SAMPLERS or self.reference_mode not in REFERENCE_MODES or self.latent not in ("mode",
-                                                                                                           "sample"):
-            raise ValueError(f"recommended settings {self}: sampler one of {SAMPLERS}, reference_mode one of "
-                             f"{REFERENCE_MODES}, latent 'mode' or 'sample'")
+        for name in ("steps", "images_per_prompt"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} {value!r} must be a positive integer")
+        for name in ("image_scale", "text_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} {value!r} must be a number, 0 or more")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.reference_mode not in REFERENCE_MODES:
+            raise ValueError(f"unknown reference_mode {self.reference_mode!r}; choose one of "
+                             f"{', '.join(REFERENCE_MODES)}")
+        if self.latent not in ("mode", "sample"):
+            raise ValueError(f"latent {self.latent!r}: choose 'mode' or 'sample'")
         check_eta(self.sampler, self.eta)
+
+    def resolve(self, *, steps: int | None = None, images_per_prompt: int | None = None,
+                image_scale: float | None = None, text_scale: float | None = None, sampler: str | None = None,
+                eta: float | None = None, negative_prompt: str | None = None, reference_mode: str | None = None,
+                latent: str | None = None) -> "Recommended":
+        """The settings in force: the caller's value wherever it gives one (not None), these elsewhere.
+
+        A recommended eta belongs to the recommended sampler: a caller who names another sampler and no eta
+        gets 0 (deterministic), not the eta of a sampler it does not use. A caller's eta that its sampler
+        (given or recommended) does not take is refused (`check_eta`).
+        """
+        if eta is None:
+            eta = self.eta if sampler is None else 0.0
+        given = dict(steps=steps, images_per_prompt=images_per_prompt, image_scale=image_scale,
+                     text_scale=text_scale, sampler=sampler, negative_prompt=negative_prompt,
+                     reference_mode=reference_mode, latent=latent)
+        return replace(self, eta=eta, **{k: v for k, v in given.items() if v is not None})
 
     def sampling(self) -> dict:
         """Keyword arguments of `DreamCachePipeline.__call__` for these settings."""
@@ -95,8 +124,9 @@ AUTHORS_INFERENCE = Recommended(steps=50, images_per_prompt=4, image_scale=0.35,
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """What the weights are for: the preset and the exact layers (name, widths, heads), and the settings
-    they are meant to be sampled with."""
+    """What the weights are for: the preset and the exact layers (name, widths, heads), the base they were
+    trained on (`base_identity`: a hub id or the base weights' fingerprint, never a machine's path), and the
+    settings they are meant to be sampled with."""
 
     preset: str
     layers: tuple[LayerSpec, ...]

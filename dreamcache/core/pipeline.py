@@ -2,6 +2,7 @@
 
     pipe = DreamCachePipeline.from_pretrained("stabilityai/stable-diffusion-2-1-base")
     pipe.load_dreamcache("path/to/adapter")              # adapter_config.json + adapter_model.safetensors
+    pipe.dreamcache_defaults                             # the adapter's recommended settings, now in force
     subject = pipe.cache_subject(["mug_front.png"])      # once per product
     images = pipe(["a mug on a beach"], subject=subject, seed=[0]).images
     wide = pipe(["a mug on a beach"], subject=subject, width=896, height=512).images  # multiples of size_multiple
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,14 +31,14 @@ from dreamcache import __version__
 from dreamcache.core.adapter import DreamCacheAdapter, apply_dreamcache, dreamcache_processors, remove_dreamcache
 from dreamcache.core.cache import CacheMetadata, FeatureCache, collate_memory, extract_features, model_fingerprint
 from dreamcache.core.denoiser import Denoiser, FastPaths, StepPlan
-from dreamcache.core.guidance import (
-    DEFAULT_GUIDANCE, DEFAULT_IMAGE_SCALE, DEFAULT_TEXT_SCALE, EVALUATIONS, GUIDANCE_MODES, JOINT, Guidance,
-)
+from dreamcache.core.guidance import DEFAULT_GUIDANCE, EVALUATIONS, GUIDANCE_MODES, JOINT, Guidance
 from dreamcache.core.images import ImageInput, load_reference
 from dreamcache.core.layers import Layer, resolve_preset
 from dreamcache.core.placement import LatentBlend, PlacedProduct, paste as paste_products
-from dreamcache.core.schedulers import check_eta, make_scheduler
-from dreamcache.core.weights import AdapterConfig, load_adapters, read_adapter_config, save_adapters
+from dreamcache.core.schedulers import make_scheduler
+from dreamcache.core.weights import (
+    AdapterConfig, Recommended, base_identity, load_adapters, read_adapter_config, save_adapters,
+)
 
 # One subject's references: a single image or several (their tokens are concatenated).
 References = Union[ImageInput, Sequence[ImageInput]]
@@ -50,35 +52,59 @@ class DreamCacheOutput:
 
 
 class DreamCachePipeline(StableDiffusionPipeline):
-    """A `StableDiffusionPipeline` that can load DreamCache adapters and sample with a cached subject."""
+    """A `StableDiffusionPipeline` that can load DreamCache adapters and sample with a cached subject.
+
+    Loaded adapters bring the settings they are meant to be sampled with (their config's `recommended`:
+    steps, sampler, scales, eta, negative prompt, how references are cached); every argument left None
+    takes them, so a model samples here as `dreamcache run` samples it. `dreamcache_defaults` shows them.
+    """
 
     _dreamcache_preset: str | None = None
     _dreamcache_layers: tuple[Layer, ...] = ()
-    _image_scale: float = DEFAULT_IMAGE_SCALE
+    # The loaded adapter's recommended settings (the method's defaults without one), and the image scale a
+    # caller set with `set_dreamcache_scale` (None: the recommended one).
+    _recommended: Recommended = Recommended()
+    _image_scale: float | None = None
     _denoiser: Denoiser | None = None
     _denoisers: dict[FastPaths, Denoiser] | None = None
     _compiled_vae_decode = None
     _embeddings: dict[str, torch.Tensor] | None = None
     _placed_latents: dict | None = None
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`, in float32 unless a `dtype` (or `torch_dtype`) is given: diffusers loads
+        its models in float32 by default, but transformers (5.x) loads the text encoder in the dtype it was
+        saved in, and a float16 text encoder beside a float32 UNet fails on the first call."""
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = torch.float32
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save the base pipeline as a plain Stable Diffusion directory (adapters are saved apart).
 
         The model index names `StableDiffusionPipeline`, so any diffusers tool loads the directory.
         """
-        attached = self.dreamcache_adapters
-        if attached:  # the UNet holds the adapters while they are attached: save the base without them
-            dtype = next(iter(attached.values())).linear_cat.weight.dtype
-            remove_dreamcache(self.unet)
-        try:
+        with self._base_alone():
             super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            if attached:
-                apply_dreamcache(self.unet, attached, dtype)
         index = Path(save_directory) / "model_index.json"
         config = json.loads(index.read_text())
         config["_class_name"] = StableDiffusionPipeline.__name__
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    @contextmanager
+    def _base_alone(self):
+        """The UNet without its adapters for the block (it holds them while they are attached), then with
+        them again, as they were."""
+        attached = self.dreamcache_adapters
+        if attached:
+            dtype = next(iter(attached.values())).linear_cat.weight.dtype
+            remove_dreamcache(self.unet)
+        try:
+            yield
+        finally:
+            if attached:
+                apply_dreamcache(self.unet, attached, dtype)
 
     # --- adapters: load / set scale / unload ------------------------------------------------
 
@@ -89,7 +115,13 @@ class DreamCachePipeline(StableDiffusionPipeline):
         dtype: torch.dtype | None = None,
     ) -> None:
         """Attach adapters: from an adapter directory, in-memory adapters (layer name -> adapter) for
-        `preset`, or freshly initialised ones for `preset` when None. `dtype` defaults to the UNet's."""
+        `preset`, or freshly initialised ones for `preset` when None. `dtype` defaults to the UNet's.
+
+        An adapter directory's recommended settings become the defaults of `cache_subjects` and `__call__`
+        (`dreamcache_defaults`); adapters without a config keep the method's. An image scale set with
+        `set_dreamcache_scale` stays in force over the recommended one.
+        """
+        recommended = Recommended()
         if isinstance(pretrained, Mapping):
             layers = resolve_preset(self.unet, preset)
             if sorted(pretrained) != sorted(layer.name for layer in layers):
@@ -105,24 +137,43 @@ class DreamCachePipeline(StableDiffusionPipeline):
                     "they were trained for another architecture"
                 )
             adapters = load_adapters(pretrained, layers)
-            preset = config.preset
+            preset, recommended = config.preset, config.recommended
         else:
             layers = resolve_preset(self.unet, preset)
             adapters = {layer.name: DreamCacheAdapter.for_layer(layer) for layer in layers}
         apply_dreamcache(self.unet, adapters, dtype)
         self._dreamcache_preset, self._dreamcache_layers = preset, tuple(layers)
+        self._recommended = recommended
 
-    def set_dreamcache_scale(self, image_scale: float) -> None:
-        """Default image guidance scale: higher keeps more of the reference, lower edits more."""
-        self._image_scale = float(image_scale)
+    def set_dreamcache_scale(self, image_scale: float | None) -> None:
+        """Default image guidance scale: higher keeps more of the reference, lower edits more. It wins over
+        the adapter's recommended scale, now and for adapters loaded later; None goes back to that."""
+        self._image_scale = None if image_scale is None else float(image_scale)
 
     def unload_dreamcache(self) -> None:
+        """Remove the adapters, and their recommended settings with them: the plain pipeline again."""
         remove_dreamcache(self.unet)
         self._dreamcache_preset, self._dreamcache_layers = None, ()
+        self._recommended = Recommended()
 
     def save_dreamcache(self, directory: str | Path) -> Path:
-        config = AdapterConfig.for_layers(self._require_adapters(), self._dreamcache_layers, self.name_or_path)
+        """The adapters with their config: their layers, the base named by `base_identity`, and the
+        recommended settings they were loaded with."""
+        preset = self._require_adapters()
+        with self._base_alone():
+            base = base_identity(self.name_or_path, self.unet, self.vae)
+        config = AdapterConfig.for_layers(preset, self._dreamcache_layers, base, recommended=self._recommended)
         return save_adapters(directory, self.dreamcache_adapters, config)
+
+    @property
+    def dreamcache_defaults(self) -> Recommended:
+        """The settings every argument left None takes: the loaded adapter's recommended ones (the method's
+        defaults without a config), with the image scale of `set_dreamcache_scale` where one is set."""
+        return self._recommended.resolve(image_scale=self._image_scale)
+
+    def __repr__(self) -> str:
+        adapters = f"preset {self._dreamcache_preset!r}" if self._dreamcache_preset else "none"
+        return f"{super().__repr__()}\nDreamCache adapters: {adapters}; defaults in force: {self.dreamcache_defaults}"
 
     # --- fast paths ------------------------------------------------------------------------
 
@@ -207,8 +258,8 @@ class DreamCachePipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def cache_subjects(
         self, subjects: Sequence[References], seed: int = 0, batch_size: int = 32, progress: bool = False,
-        resolution: int | None = None, timestep: int = CACHE_TIMESTEP, text: str = "",
-        reference_mode: str = "letterbox", latent: str = "mode",
+        resolution: int | None = None, timestep: int = CACHE_TIMESTEP, text: str | None = None,
+        reference_mode: str | None = None, latent: str | None = None,
     ) -> list[FeatureCache]:
         """Cache many subjects, their reference images batched through one UNet pass per batch.
 
@@ -219,11 +270,13 @@ class DreamCachePipeline(StableDiffusionPipeline):
         The method caches with the empty prompt, references letterboxed on white and the VAE
         latent's mode. The authors' released inference caches with its negative prompt as `text`,
         references stretched (`reference_mode="stretch"`) and the latent sampled (`latent="sample"`,
-        from the same per-reference generator, before the noise). All three are in the metadata.
+        from the same per-reference generator, before the noise). All three are in the metadata; left
+        None, each is the loaded adapter's recommendation (`dreamcache_defaults`: its negative prompt,
+        reference mode and latent), as the cache of a catalogue run is made.
         """
         preset = self._require_adapters()
-        if latent not in ("mode", "sample"):
-            raise ValueError(f"latent {latent!r}: choose 'mode' or 'sample'")
+        settings = self.dreamcache_defaults.resolve(negative_prompt=text, reference_mode=reference_mode, latent=latent)
+        text, reference_mode, latent = settings.negative_prompt, settings.reference_mode, settings.latent
         resolution = resolution or self.resolution
         per_subject = [[refs] if isinstance(refs, (str, Path, Image.Image)) else list(refs) for refs in subjects]
         flat = [(i, k, ref) for i, refs in enumerate(per_subject) for k, ref in enumerate(refs)]
@@ -283,16 +336,16 @@ class DreamCachePipeline(StableDiffusionPipeline):
         *,
         seed: int | Sequence[int] = 0,
         guidance: Guidance = DEFAULT_GUIDANCE,
-        guidance_scale: float = DEFAULT_TEXT_SCALE,
+        guidance_scale: float | None = None,
         image_guidance_scale: float | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         batch_size: int = 8,
         resolution: int | None = None,
         output_type: str = "pil",
         progress: bool = True,
         negative_prompt: str | Sequence[str] | None = None,
         sampler: str | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         width: int | None = None,
         height: int | None = None,
         placed: PlacedProduct | Sequence[PlacedProduct | None] | None = None,
@@ -306,10 +359,15 @@ class DreamCachePipeline(StableDiffusionPipeline):
         seed + 1, ... Rows without a subject are plain text-to-image with classifier-free guidance.
         Each image depends only on its own row, never on what shares its batch.
 
-        `negative_prompt` is the text of the unconditional passes (diffusers' meaning; the empty
-        prompt when None), for cached rows as in the authors' released inference. `sampler` names a
-        scheduler (`schedulers.SAMPLERS`) built on the model's noise schedule; None uses
-        `self.scheduler`, as diffusers does. `eta` is DDIM's noise (0: deterministic).
+        Every sampling setting left None takes `dreamcache_defaults` (the loaded adapter's recommended
+        settings): `num_inference_steps`, `guidance_scale` (text), `image_guidance_scale`, `sampler`,
+        `eta` and `negative_prompt`. A value given always wins.
+
+        `negative_prompt` is the text of the unconditional passes (diffusers' meaning; without one, the
+        empty prompt), for cached rows as in the authors' released inference. `sampler` names a
+        scheduler (`schedulers.SAMPLERS`) built on the model's noise schedule; "model" uses
+        `self.scheduler`, as diffusers does (set it to a scheduler of your own and pass "model"). `eta` is
+        DDIM's noise (0: deterministic); the recommended eta comes only with the recommended sampler.
 
         `width` and `height` (multiples of `size_multiple`) default to the square of `resolution`, itself
         the model's own by default. `placed` (broadcast like `subject`) keeps a row's product pixel-exact
@@ -327,14 +385,16 @@ class DreamCachePipeline(StableDiffusionPipeline):
         if len(products) != n:
             raise ValueError(f"got {n} prompts and {len(products)} placed products: give one each (None for none)")
         seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
-        negatives = [negative_prompt or ""] * n if negative_prompt is None or isinstance(negative_prompt, str) \
-            else [text or "" for text in negative_prompt]
+        one_negative = negative_prompt is None or isinstance(negative_prompt, str)
+        settings = self.dreamcache_defaults.resolve(
+            steps=num_inference_steps, text_scale=guidance_scale, image_scale=image_guidance_scale, sampler=sampler,
+            eta=eta, negative_prompt=negative_prompt if one_negative else None)
+        negatives = [settings.negative_prompt] * n if one_negative else \
+            [settings.negative_prompt if text is None else text for text in negative_prompt]
         if not (len(subjects) == len(seeds) == len(negatives) == n):
             raise ValueError(f"got {n} prompts, {len(subjects)} subjects, {len(seeds)} seeds and {len(negatives)} "
                              "negative prompts: give one each")
-        if sampler:
-            check_eta(sampler, eta)
-        scheduler = make_scheduler(sampler, self.scheduler) if sampler else self.scheduler
+        scheduler = self.scheduler if settings.sampler == "model" else make_scheduler(settings.sampler, self.scheduler)
         if any(s is not None for s in subjects):
             layer_names = [layer.name for layer in self._dreamcache_layers] if self._dreamcache_preset else []
             if not layer_names:
@@ -342,7 +402,6 @@ class DreamCachePipeline(StableDiffusionPipeline):
             for s in subjects:
                 if s is not None:
                     s.check_compatible(self.base_fingerprint, layer_names)
-        image_scale = self._image_scale if image_guidance_scale is None else image_guidance_scale
         resolution = resolution or self.resolution
         size = (resolution, resolution)
         if width is not None or height is not None:
@@ -352,7 +411,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
 
         images, nsfw = [], []
         chunks = range(0, n, batch_size)
-        with tqdm(total=len(chunks) * num_inference_steps, desc="denoising", unit="step", disable=not progress) as bar:
+        with tqdm(total=len(chunks) * settings.steps, desc="denoising", unit="step", disable=not progress) as bar:
             done = 0
 
             def stepped() -> None:
@@ -366,8 +425,8 @@ class DreamCachePipeline(StableDiffusionPipeline):
                 part = slice(start, start + batch_size)
                 rows = _padded([prompts[part], subjects[part], seeds[part], negatives[part], products[part]],
                                batch_size, self.fast_paths.static_batch)
-                latents = self._sample(*rows, guidance, image_scale, guidance_scale, num_inference_steps,
-                                       size, stepped, scheduler, eta)
+                latents = self._sample(*rows, guidance, settings.image_scale, settings.text_scale, settings.steps,
+                                       size, stepped, scheduler, settings.eta)
                 chunk, flags = self._decode(latents[: len(prompts[part])], output_type,
                                             products[part] if paste else None)
                 images += list(chunk)

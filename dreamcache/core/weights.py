@@ -25,10 +25,28 @@ from dreamcache.core.adapter_config import (  # noqa: F401
     read_adapter_config,
 )
 from dreamcache.core.architectures import build_unet, unet_config
+from dreamcache.core.cache import model_fingerprint
 from dreamcache.core.errors import AdapterWeightsError
 from dreamcache.core.layers import PRESETS, Layer, resolve_preset
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+FINGERPRINT_PREFIX = "fingerprint:"
+
+
+def base_identity(name_or_path: str | Path | None, unet: torch.nn.Module, vae: torch.nn.Module) -> str:
+    """How an adapter config names the base its adapters were trained on: a hub id as given; a folder of
+    this machine (or a model built in memory) by its weights' fingerprint (`cache.model_fingerprint` of
+    the UNet and VAE, without adapters), as the folder's path means nothing on another machine.
+
+    The fingerprint rounds each sampled weight to float16: a float32 or float16 copy of the same weights
+    gives the same identity, a bfloat16 one does not (load the base in float16 or float32 to name it).
+    """
+    name = str(name_or_path or "")
+    if name and not Path(name).expanduser().exists():
+        return name  # from_pretrained found no folder by this name: a hub id
+    return FINGERPRINT_PREFIX + model_fingerprint(unet, vae)
 
 
 def adapter_state_dict(adapters: Mapping[str, DreamCacheAdapter]) -> dict[str, torch.Tensor]:

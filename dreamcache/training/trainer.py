@@ -38,7 +38,9 @@ from dreamcache.core.adapter import DreamCacheAdapter, LayerMemory, apply_dreamc
 from dreamcache.core.cache import extract_features
 from dreamcache.training.data import Loader, ManifestReport, TripletDataset, load_manifest, read_bytes
 from dreamcache.core.layers import resolve_preset
-from dreamcache.core.weights import AdapterConfig, load_adapters, read_adapter_config, save_adapters
+from dreamcache.core.weights import (
+    FINGERPRINT_PREFIX, AdapterConfig, base_identity, load_adapters, read_adapter_config, save_adapters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +223,7 @@ class Trainer:
             for module in (self.vae, base.unet):
                 module.to(memory_format=torch.channels_last)
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+        self.base_identity = _named_base(config.base_model, base, self.weight_dtype)  # before adapters are attached
         self.resolution = config.resolution or base.resolution
         self.layers = resolve_preset(base.unet, config.preset)
         if config.init_adapter:
@@ -378,7 +381,7 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
 
     def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig.for_layers(self.config.preset, self.layers, base_model=self.config.base_model)
+        return AdapterConfig.for_layers(self.config.preset, self.layers, base_model=self.base_identity)
 
     def save_checkpoint(self) -> Path | None:
         self.accelerator.wait_for_everyone()
@@ -506,3 +509,17 @@ def main(argv: list[str] | None = None, loader: Loader = read_bytes,
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def _named_base(name: str, base, dtype: torch.dtype) -> str:
+    """How the adapters' config names their base (`weights.base_identity`): its hub id, or for a folder (the
+    training machine's path, which means nothing elsewhere) the base weights' fingerprint. A bfloat16 copy
+    does not keep the weights' float16 rounding, so under bf16 the fingerprint is read from a float16 copy."""
+    identity = base_identity(name, base.unet, base.vae)
+    if identity.startswith(FINGERPRINT_PREFIX) and dtype == torch.bfloat16:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        identity = base_identity(name, UNet2DConditionModel.from_pretrained(name, subfolder="unet",
+                                                                            torch_dtype=torch.float16),
+                                 AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=torch.float16))
+    return identity

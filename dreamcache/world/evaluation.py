@@ -149,7 +149,7 @@ class FidelityEvaluator:
         images = self.pipe([world.caption(p.family, s) for p, s, _ in rows], subject=subjects,
                            seed=[seed for _, _, seed in rows], guidance=condition.guidance,
                            image_guidance_scale=condition.image_scale, num_inference_steps=condition.steps or self.steps,
-                           sampler=condition.sampler, batch_size=self.batch_size, output_type="pt",
+                           sampler=condition.sampler or "model", batch_size=self.batch_size, output_type="pt",
                            progress=False).images
         return images.float() * 2 - 1
 

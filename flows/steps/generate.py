@@ -233,7 +233,7 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
                       batch_size=len(texts), progress=False,
                       on_step=(lambda done: result.on_step(len(part), done, first.steps)) if result.on_step else None,
                       # a recorded class name is the model's own scheduler (`plan.sampler_name`)
-                      sampler=first.sampler if first.sampler in SAMPLERS else None, eta=first.eta,
+                      sampler=first.sampler if first.sampler in SAMPLERS else "model", eta=first.eta,
                       negative_prompt=first.negative_prompt).images
     except Exception as exc:
         if _is_out_of_memory(exc):

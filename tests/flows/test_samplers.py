@@ -67,6 +67,10 @@ def test_the_models_sampler_is_recorded_by_its_class_and_eta_needs_ddim(platform
     assert {r.sampler for r in history(tmp_path / "home")} == {"DDIMScheduler"}  # the tiny model's own
     result = run("--source", str(catalogue), "--sampler", "unipc", "--eta", "0.5")
     assert result.exit_code == 1 and "eta 0.5 applies to the ddim sampler only, not 'unipc'" in result.output
+    # With the preset's sampler (the tiny model's own), an eta is refused as clearly, before any work.
+    result = run("--source", str(catalogue), "--eta", "0.5")
+    assert result.exit_code == 1 and "eta 0.5 applies to ddim only, not 'model'" in result.output
+    assert "name the ddim sampler" in result.output
 
 
 def test_the_prefect_form_parameters_reach_the_shots(served):

@@ -121,8 +121,10 @@ def test_the_pipeline_follows_the_authors_sampling_loop_step_by_step(converted):
     assert ours.metadata.text == AUTHORS_NEGATIVE_PROMPT and ours.metadata.reference_mode == "stretch"
     for name, tensor in theirs.items():
         torch.testing.assert_close(ours.tensors[name], tensor[0], atol=1e-5, rtol=1e-5)
-    letterboxed = pipe.cache_subject(reference, seed=SEED)
+    letterboxed = pipe.cache_subject(reference, seed=SEED, reference_mode="letterbox", latent="mode", text="")
     assert not torch.allclose(letterboxed.tensors[name], tensor[0], atol=1e-3)  # the preprocessing matters
+    # Left unset, the preparation is the converted checkpoint's recommendation: the authors' own.
+    assert pipe.cache_subject(reference, seed=SEED).metadata == ours.metadata
 
     prompt = "a mug on a beach"
     shape = (1, pipe.unet.config.in_channels, pipe.resolution // pipe.vae_scale_factor, pipe.resolution // pipe.vae_scale_factor)
@@ -157,10 +159,11 @@ def test_the_negative_prompt_is_what_the_unconditional_passes_see(converted):
     subject = pipe.cache_subject(product_image(), seed=0)
     run = lambda **kw: pipe("a mug", subject=subject, seed=1, num_inference_steps=3, output_type="latent",
                             progress=False, sampler="ddim", **kw).images
-    assert torch.equal(run(), run(negative_prompt=""))
-    assert not torch.allclose(run(), run(negative_prompt="blurred"))
+    # Unset, it is the converted checkpoint's recommendation (the authors' text); "" is the empty prompt.
+    assert torch.equal(run(), run(negative_prompt=AUTHORS_NEGATIVE_PROMPT))
+    assert not torch.allclose(run(negative_prompt=""), run(negative_prompt="blurred"))
     # per row: the second row's negative prompt changes only the second image
     both = pipe(["a mug", "a mug"], subject=subject, seed=[1, 1], num_inference_steps=3, output_type="latent",
                 progress=False, sampler="ddim", negative_prompt=["", "blurred"]).images
-    torch.testing.assert_close(both[0], run()[0], atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(both[0], run(negative_prompt="")[0], atol=5e-5, rtol=1e-4)
     torch.testing.assert_close(both[1], run(negative_prompt="blurred")[0], atol=5e-5, rtol=1e-4)

@@ -183,3 +183,71 @@ def test_the_default_size_is_the_square_of_the_resolution(tiny_pipe):
     assert np.array_equal(square, explicit)
     assert np.array_equal(np.stack(tiny_pipe("a mug", resolution=48, **kwargs).images),
                           np.stack(tiny_pipe("a mug", width=48, height=48, **kwargs).images))
+
+
+def recommending(pipe, folder, **recommended):
+    """The pipeline's adapters saved in `folder` with a config that recommends `recommended`."""
+    pipe.save_dreamcache(folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps({**config, "recommended": recommended}))
+    return folder
+
+
+MODELS_WAY = dict(steps=2, images_per_prompt=1, image_scale=3.0, text_scale=4.0, sampler="ddim", eta=0.5,
+                  negative_prompt="blurred", reference_mode="stretch")
+
+
+def test_loaded_adapters_bring_their_recommended_settings_and_a_given_value_wins(tiny_pipe, tmp_path):
+    from dreamcache.core.weights import Recommended
+
+    model = Recommended(**MODELS_WAY)
+    pipe = make_tiny_pipeline()
+    pipe.load_dreamcache(recommending(tiny_pipe, tmp_path / "adapter", **MODELS_WAY))
+    assert pipe.dreamcache_defaults == model
+    assert f"defaults in force: {model}" in repr(pipe)
+    cache = pipe.cache_subject(product_image())
+    assert (cache.metadata.text, cache.metadata.reference_mode) == ("blurred", "stretch")  # the model's preparation
+    assert cache.metadata == pipe.cache_subject(product_image(), **model.caching()).metadata
+
+    run = lambda **kwargs: np.stack(pipe(["a mug"], subject=[cache], seed=[0], output_type="np", progress=False,
+                                         **kwargs).images)
+    unset = run()
+    assert np.array_equal(unset, run(**model.sampling()))  # every None is the model's
+    # A value given wins, and only it changes: here DDIM's noise.
+    assert np.abs(run(eta=0.0) - unset).max() > 1e-3
+    assert np.array_equal(run(eta=0.0), run(**{**model.sampling(), "eta": 0.0}))
+    # Another sampler, given no eta, does not take the model's (DDIM's) eta.
+    assert np.array_equal(run(sampler="unipc"), run(**{**model.sampling(), "sampler": "unipc", "eta": 0.0}))
+
+
+def test_a_scale_the_caller_set_stays_over_the_recommended_one_and_unloading_restores_the_methods(tiny_pipe, tmp_path):
+    from dreamcache.core.weights import Recommended
+
+    adapter = recommending(tiny_pipe, tmp_path / "adapter", **MODELS_WAY)
+    pipe = make_tiny_pipeline()
+    pipe.set_dreamcache_scale(1.5)
+    pipe.load_dreamcache(adapter)
+    assert pipe.dreamcache_defaults.image_scale == 1.5 and pipe.dreamcache_defaults.steps == 2
+    pipe.set_dreamcache_scale(None)
+    assert pipe.dreamcache_defaults == Recommended(**MODELS_WAY)
+    pipe.unload_dreamcache()
+    assert pipe.dreamcache_defaults == Recommended()  # the method's: 50 steps, image scale 0.35, the base's scheduler
+    assert "DreamCache adapters: none" in repr(pipe)
+
+
+def test_saved_adapters_keep_their_recommendation_and_name_their_base_by_its_weights(tiny_pipe, tmp_path):
+    from dreamcache.core.cache import model_fingerprint
+    from dreamcache.core.weights import read_adapter_config
+
+    plain = make_tiny_pipeline()
+    base_fingerprint = model_fingerprint(plain.unet, plain.vae)
+    tiny_pipe.save_pretrained(tmp_path / "base")
+    pipe = type(tiny_pipe).from_pretrained(tmp_path / "base")
+    pipe.load_dreamcache(recommending(tiny_pipe, tmp_path / "adapter", **MODELS_WAY))
+    pipe.save_dreamcache(tmp_path / "again")
+    config = read_adapter_config(tmp_path / "again")
+    assert config.recommended == read_adapter_config(tmp_path / "adapter").recommended
+    # Loaded from a folder of this machine: named by the base's own weights (adapters left out), not the folder.
+    named = f"fingerprint:{base_fingerprint}"
+    assert config.base_model == read_adapter_config(tmp_path / "adapter").base_model == named
+    assert str(tmp_path) not in (tmp_path / "again" / CONFIG_NAME).read_text()

@@ -141,12 +141,34 @@ def test_a_models_recommended_settings_round_trip_and_are_checked(tmp_path):
     assert read_adapter_config(tmp_path).recommended == Recommended(20, 1, 5.0)
     (tmp_path / "adapter_config.json").write_text(
         (tmp_path / "adapter_config.json").read_text().replace('"steps": 20', '"steps": 0'))
-    with pytest.raises(AdapterWeightsError, match="recommended settings .* must be positive"):
+    with pytest.raises(AdapterWeightsError, match="steps 0 must be a positive integer"):
         read_adapter_config(tmp_path)
 
 
 def test_the_bundled_model_recommends_its_measured_working_point():
-    from dreamcache.app.config import BUNDLED_DIR, BUNDLED_IMAGE_SCALE
+    from dreamcache.app.config import BUNDLED_DIR
 
     recommended = read_adapter_config(BUNDLED_DIR / "adapter").recommended
-    assert recommended.image_scale == BUNDLED_IMAGE_SCALE and recommended.steps >= 1
+    assert recommended.image_scale == 5.0 and recommended.steps >= 1  # measured: docs/toy-world.md
+
+
+def test_a_callers_settings_win_and_the_rest_are_the_models():
+    from dataclasses import replace
+
+    from dreamcache.core.weights import Recommended
+
+    model = Recommended(steps=10, images_per_prompt=1, image_scale=5.0, text_scale=4.0, sampler="ddim", eta=0.3,
+                        negative_prompt="blurred", reference_mode="stretch", latent="sample")
+    assert model.resolve() == model
+    assert model.resolve(steps=20, image_scale=0.0, text_scale=7.5, negative_prompt="", latent="mode") == replace(
+        model, steps=20, image_scale=0.0, text_scale=7.5, negative_prompt="", latent="mode")  # 0 and "" are values
+    assert model.resolve(eta=0.0) == replace(model, eta=0.0)
+    # The model's eta is its sampler's: another sampler, given no eta, samples deterministically.
+    assert model.resolve(sampler="unipc") == replace(model, sampler="unipc", eta=0.0)
+    assert model.resolve(sampler="ddim") == replace(model, eta=0.0)
+    with pytest.raises(ValueError, match="eta 0.3 applies to ddim only, not 'unipc'"):
+        model.resolve(sampler="unipc", eta=0.3)
+    with pytest.raises(ValueError, match="unknown sampler 'lms'"):
+        model.resolve(sampler="lms")
+    with pytest.raises(ValueError, match="steps 0 must be a positive integer"):
+        model.resolve(steps=0)

@@ -206,3 +206,22 @@ def test_the_cache_effect_is_zero_for_adapters_that_ignore_the_memory(base_model
     trainer.train()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "cache_effect" in r] == [2, 4]
+
+
+def test_the_adapter_config_names_the_base_by_its_weights_not_the_training_machines_folder(base_model, tmp_path):
+    from dreamcache.core.cache import model_fingerprint
+    from dreamcache.core.pipeline import DreamCachePipeline
+    from dreamcache.core.weights import read_adapter_config
+    from dreamcache.training.trainer import _named_base
+
+    plain = make_tiny_pipeline()
+    expected = f"fingerprint:{model_fingerprint(plain.unet, plain.vae)}"
+    trainer = Trainer(config(base_model, None, tmp_path, max_steps=1, checkpoint_every=1), dataset=Scenes())
+    final = trainer.train()
+    assert read_adapter_config(final).base_model == expected
+    assert str(base_model) not in (final / "adapter_config.json").read_text()
+    # A bfloat16 copy rounds the weights otherwise than the fingerprint's float16: named from a float16 copy.
+    bf16 = DreamCachePipeline.from_pretrained(base_model, dtype=torch.bfloat16)
+    assert model_fingerprint(bf16.unet, bf16.vae) != expected[len("fingerprint:"):]
+    assert _named_base(str(base_model), bf16, torch.bfloat16) == expected
+    assert _named_base("org/hub-model", bf16, torch.bfloat16) == "org/hub-model"  # a hub id is kept as it is

@@ -7,8 +7,10 @@ import time
 import torch
 from accelerate import Accelerator
 
+from dreamcache.core.cache import model_fingerprint
 from dreamcache.core.layers import resolve_preset
 from dreamcache.core.pipeline import DreamCachePipeline
+from dreamcache.core.weights import read_adapter_config
 from dreamcache.world import model as world_model
 from dreamcache.world import scene as world
 from dreamcache.world.classifier import AttributeClassifier
@@ -34,6 +36,9 @@ def test_the_result_loads_like_any_stable_diffusion(tiny_world):
     folder, _ = tiny_world
     pipe = DreamCachePipeline.from_pretrained(folder / "base", dtype=torch.float32)
     assert pipe.resolution == TINY.resolution and pipe.vae_scale_factor == 4
+    # The adapters name the base they were trained on by its weights, not by the training machine's folder.
+    named = f"fingerprint:{model_fingerprint(pipe.unet, pipe.vae)}"
+    assert [read_adapter_config(folder / name).base_model for name in ("adapter", "adapter-middle")] == [named] * 2
     pipe.load_dreamcache(folder / "adapter")
     subject = pipe.cache_subject(world.reference_image(world.product(10), 64, seed=0))
     (image,) = pipe("a mug on a lawn", subject=subject, num_inference_steps=2, progress=False).images

@@ -9,7 +9,8 @@ that stopped personalising.
 
 import pytest
 
-from dreamcache.app.config import BUNDLED_DIR, BUNDLED_IMAGE_SCALE
+from dreamcache.app.config import BUNDLED_DIR
+from dreamcache.core.weights import read_adapter_config
 from dreamcache.world.evaluation import CHANCE, TEXT_ONLY, Cases, FidelityEvaluator, evaluate, personalised
 
 
@@ -17,7 +18,7 @@ from dreamcache.world.evaluation import CHANCE, TEXT_ONLY, Cases, FidelityEvalua
 def results():
     evaluator = FidelityEvaluator(BUNDLED_DIR, steps=20, batch_size=12)
     cases = Cases.held_out(6, scenes=("beach", "snow"), seeds=(0,))
-    return evaluate(evaluator, cases, [TEXT_ONLY, personalised(BUNDLED_IMAGE_SCALE)])["results"]
+    return evaluate(evaluator, cases, [TEXT_ONLY, personalised(read_adapter_config(BUNDLED_DIR / "adapter").recommended.image_scale)])["results"]
 
 
 def test_the_cache_carries_the_products_identity_into_the_shot(results):
