@@ -10,7 +10,7 @@ demo: $(VENV)/.installed
 	$(BIN)/dreamcache run --compare-text-only
 
 test: $(VENV)/.installed postgres chromium
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 # PostgreSQL, S3 (moto) and a Prefect server on this host without Docker, until Ctrl-C (docs/operations.md).
 stack: $(VENV)/.installed postgres

@@ -4,7 +4,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 from typer.testing import CliRunner
 
-from db import migrate
+from db import migrate, session
 from db.models import Base
 from db.session import make_engine
 from flows.cli import app
@@ -60,6 +60,8 @@ def test_cli_upgrades_an_empty_postgres_database_without_printing_the_password(p
 
 
 def test_cli_names_the_database_it_cannot_reach(monkeypatch):
+    # The minute of patience for a restarting server (session.CONNECT_RETRY_S) is not what this test is about.
+    monkeypatch.setattr(session, "CONNECT_RETRY_S", 2)
     monkeypatch.setenv("DREAMCACHE_DATABASE_URL", "postgresql+psycopg://app:s3cret@127.0.0.1:1/nowhere")
     result = CliRunner().invoke(app, ["db", "upgrade"])
     assert result.exit_code == 1
