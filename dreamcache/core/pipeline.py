@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from dreamcache import __version__
 from dreamcache.core.adapter import DreamCacheAdapter, apply_dreamcache, dreamcache_processors, remove_dreamcache
 from dreamcache.core.cache import CacheMetadata, FeatureCache, collate_memory, extract_features, model_fingerprint
-from dreamcache.core.denoiser import Denoiser, FastPaths, StepPlan
+from dreamcache.core.denoiser import Denoiser, FastPaths, StepPlan, check_reuse_interval
 from dreamcache.core.guidance import (
     DEFAULT_GUIDANCE, DEFAULT_IMAGE_SCALE, DEFAULT_TEXT_SCALE, EVALUATIONS, GUIDANCE_MODES, JOINT, Guidance,
 )
@@ -297,6 +297,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         height: int | None = None,
         placed: PlacedProduct | Sequence[PlacedProduct | None] | None = None,
         paste: bool = True,
+        deep_reuse_interval: int | None = None,
     ) -> DreamCacheOutput:
         """Generate one image per prompt, each with its own subject cache (or none) and seed.
 
@@ -314,6 +315,10 @@ class DreamCachePipeline(StableDiffusionPipeline):
         the model's own by default. `placed` (broadcast like `subject`) keeps a row's product pixel-exact
         at its placement and generates the scene around it (`placement.py`); `paste=False` leaves out the
         final paste of the product's pixels (the decoded latents alone).
+
+        `deep_reuse_interval` N reuses the UNet's deep features across steps (`denoiser.DeepReuse`): the
+        deep path runs every N-th step, the shallow path at every step. Fewer FLOPs, different numbers; None
+        (the default) or 1 is the plain step. BENCHMARKS.md ("Feature reuse across steps") has its fidelity.
         """
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}")
@@ -331,6 +336,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
                              "negative prompts: give one each")
         if sampler:
             check_eta(sampler, eta)
+        check_reuse_interval(deep_reuse_interval)
         scheduler = make_scheduler(sampler, self.scheduler) if sampler else self.scheduler
         if any(s is not None for s in subjects):
             layer_names = [layer.name for layer in self._dreamcache_layers] if self._dreamcache_preset else []
@@ -355,7 +361,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
                 rows = _padded([prompts[part], subjects[part], seeds[part], negatives[part], products[part]],
                                batch_size, self.fast_paths.static_batch)
                 latents = self._sample(*rows, guidance, image_scale, guidance_scale, num_inference_steps,
-                                       size, bar, scheduler, eta)
+                                       size, bar, scheduler, eta, deep_reuse_interval)
                 chunk, flags = self._decode(latents[: len(prompts[part])], output_type,
                                             products[part] if paste else None)
                 images += list(chunk)
@@ -365,7 +371,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         return DreamCacheOutput(images=images, nsfw_content_detected=nsfw or None)
 
     def _sample(self, prompts, subjects, seeds, negatives, products, guidance, image_scale, text_scale, steps, size,
-                bar, scheduler, eta):
+                bar, scheduler, eta, deep_reuse_interval):
         device, dtype = self._execution_device, self.unet.dtype
         n = len(prompts)
         text = self.encode_prompt(prompts, device, 1, False)[0]  # (n, L, D)
@@ -387,7 +393,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         blend = self._latent_blend(products, size, noise, scheduler)
         accepted = inspect.signature(scheduler.step).parameters
         extra = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in accepted}
-        with denoiser.batch(plan, memory) as step:
+        with denoiser.batch(plan, memory, deep_reuse_interval) as step:
             for i, t in enumerate(scheduler.timesteps):
                 eps = step(scheduler.scale_model_input(latents, t), t)
                 latents = scheduler.step(eps, t, latents, **extra).prev_sample
