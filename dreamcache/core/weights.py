@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from dreamcache import __version__
 from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.architectures import build_unet, unet_config
+from dreamcache.core.denoiser import check_reuse_interval
 from dreamcache.core.errors import AdapterWeightsError
 from dreamcache.core.images import REFERENCE_MODES
 from dreamcache.core.schedulers import SAMPLERS, check_eta
@@ -70,6 +71,9 @@ class Recommended:
     negative_prompt: str = ""
     reference_mode: str = "letterbox"
     latent: str = "mode"
+    # The UNet's deep features reused across steps (`denoiser.DeepReuse`); None: not reused. It changes the
+    # images: a model recommends it only where its fidelity held (BENCHMARKS.md, "Feature reuse across steps").
+    deep_reuse_interval: int | None = None
 
     def __post_init__(self):
         if not (isinstance(self.steps, int) and self.steps >= 1 and isinstance(self.images_per_prompt, int)
@@ -81,12 +85,13 @@ class Recommended:
             raise ValueError(f"recommended settings {self}: sampler one of {SAMPLERS}, reference_mode one of "
                              f"{REFERENCE_MODES}, latent 'mode' or 'sample'")
         check_eta(self.sampler, self.eta)
+        check_reuse_interval(self.deep_reuse_interval)
 
     def sampling(self) -> dict:
         """Keyword arguments of `DreamCachePipeline.__call__` for these settings."""
         return dict(num_inference_steps=self.steps, guidance_scale=self.text_scale,
                     image_guidance_scale=self.image_scale, sampler=self.sampler, eta=self.eta,
-                    negative_prompt=self.negative_prompt)
+                    negative_prompt=self.negative_prompt, deep_reuse_interval=self.deep_reuse_interval)
 
     def caching(self) -> dict:
         """Keyword arguments of `DreamCachePipeline.cache_subjects` for these settings."""

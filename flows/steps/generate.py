@@ -219,7 +219,8 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
                       batch_size=len(texts), progress=False,
                       # a recorded class name is the model's own scheduler (`plan.sampler_name`)
                       sampler=first.sampler if first.sampler in SAMPLERS else None, eta=first.eta,
-                      negative_prompt=first.negative_prompt).images
+                      negative_prompt=first.negative_prompt,
+                      deep_reuse_interval=first.parameters.get("deep_reuse_interval")).images
     except Exception as exc:
         if _is_out_of_memory(exc):
             raise GpuOutOfMemory(f"out of GPU memory for a batch of {len(texts)} images") from exc
