@@ -130,7 +130,8 @@ def check_reuse_interval(interval: int | None) -> None:
 
 @dataclass
 class DeepReuse:
-    """One batch's deep features, computed every `interval` steps and reused by the steps in between."""
+    """One batch's deep features, computed every `interval` steps and reused by the steps in between (made
+    afresh for each batch: a batch's first step is a full one)."""
 
     interval: int
     step: int = 0  # steps taken in this batch
@@ -142,9 +143,6 @@ class DeepReuse:
     @property
     def full_step(self) -> bool:
         return self.deep is None or self.step % self.interval == 0
-
-    def reset(self) -> None:
-        self.step, self.deep = 0, None
 
 
 def reused_eps(unet: UNet2DConditionModel, latents: torch.Tensor, t: torch.Tensor, plan: StepPlan, reuse: DeepReuse,
