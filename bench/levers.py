@@ -12,6 +12,11 @@ baseline        diffusers + torch.compile(unet) (text-only CFG, 2 passes) and th
                 (compiled halves, CUDA graphs, static batches) for text only, joint and combined
 channels_last   the same fast paths with the UNet and the VAE in channels-last memory format
 cudnn           channels_last, and attention through cuDNN's fused kernel (SDPA's cuDNN backend)
+reuse           channels_last, combined guidance at the recommended sampler (UniPC 10): the fast paths
+                without reuse (with and without CUDA graphs), then the deep features reused every 2 and 3
+                steps (`deep_reuse_interval`; compiled halves, no CUDA graphs): issue 35's speed figures
+
+    python3 bench/levers.py --config reuse --batches 16 32 --output bench/results/levers_reuse_h200.json
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = ("baseline", "channels_last", "cudnn")
+CONFIGS = ("baseline", "channels_last", "cudnn", "reuse")
 
 
 def one(config: str, batches: list[int]) -> dict:
@@ -37,6 +43,8 @@ def one(config: str, batches: list[int]) -> dict:
     args = argparse.Namespace(tiny=False, output="/dev/null", only=None)
     bench = Bench(args)
     pipe = bench.pipe
+    if config == "reuse":
+        return reuse(bench, batches)
     if config in ("channels_last", "cudnn"):
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -65,6 +73,39 @@ def one(config: str, batches: list[int]) -> dict:
             bench.diffusers_generate(base, n, 2)
             out["diffusers_compiled"][n] = round(n / timed(lambda: bench.diffusers_generate(base, n), bench.device), 3)
             print(json.dumps({"diffusers_compiled": out["diffusers_compiled"]}), flush=True)
+    return out
+
+
+def reuse(bench, batches: list[int], sampler: str = "unipc", steps: int = 10) -> dict:
+    """Images/s of combined guidance at `sampler` and `steps`, without and with deep feature reuse."""
+    from bench.speed import prompts, timed
+    from dreamcache.core.denoiser import FastPaths
+
+    pipe = bench.pipe
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    out = {"config": "reuse", "sampler": sampler, "steps": steps, "guidance": "combined", "rows": []}
+    settings = {"no reuse, CUDA graphs": (FastPaths.gpu(), None),
+                "no reuse, no CUDA graphs": (replace(FastPaths.gpu(), cuda_graphs=False), None),
+                "reuse every 2": (FastPaths.gpu(), 2), "reuse every 3": (FastPaths.gpu(), 3)}
+    for n in batches:
+        row = {"batch": n}
+        subjects = [bench.caches[i % len(bench.caches)] for i in range(n)]
+        for label, (fast, interval) in settings.items():
+            pipe.enable_fast_paths(fast)
+
+            def generate(count=steps):
+                return pipe(prompts(n), subject=subjects, seed=list(range(n)), guidance="combined", sampler=sampler,
+                            num_inference_steps=count, batch_size=n, output_type="pt", progress=False,
+                            deep_reuse_interval=interval).images
+
+            generate(max(2, interval or 1) * 2)  # warm-up: compile (both step kinds) and capture this layout
+            row[label] = round(n / timed(generate, bench.device), 3)
+        for label in ("reuse every 2", "reuse every 3"):
+            row[f"{label} / no reuse, CUDA graphs"] = round(row[label] / row["no reuse, CUDA graphs"], 3)
+            row[f"{label} / no reuse, no CUDA graphs"] = round(row[label] / row["no reuse, no CUDA graphs"], 3)
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
     return out
 
 

@@ -181,6 +181,7 @@ def run(
     text_scale: float = typer.Option(_default("text_scale"), help=_help("text_scale")),
     image_scale: float = typer.Option(_default("image_scale"), help=_help("image_scale")),
     steps: int = typer.Option(_default("steps"), help=_help("steps")),
+    deep_reuse_interval: int = typer.Option(_default("deep_reuse_interval"), help=_help("deep_reuse_interval")),
     resolution: int = typer.Option(_default("resolution"), help=_help("resolution")),
     output_prefix: str = typer.Option(_default("output_prefix"), help=_help("output_prefix")),
     batch_size: int = typer.Option(_default("batch_size"), help=_help("batch_size")),
@@ -210,7 +211,7 @@ def run(
             seed=seed, seed_policy=seed_policy, mode=mode, placement_x=placement_x, placement_y=placement_y,
             placement_scale=placement_scale, formats=formats or [], cutout=cutout, packshot=packshot, preset=preset, sampler=sampler, eta=eta,
             negative_prompt=negative_prompt, guidance=guidance.value, text_scale=text_scale, image_scale=image_scale,
-            steps=steps, resolution=resolution, output_prefix=output_prefix, batch_size=batch_size,
+            steps=steps, deep_reuse_interval=deep_reuse_interval, resolution=resolution, output_prefix=output_prefix, batch_size=batch_size,
             execution=execution, compare_text_only=compare_text_only, approve_if=approve_if or [], keep_best=keep_best,
             review=review, review_timeout_minutes=review_timeout_minutes, publish_prefix=publish_to, dry_run=dry_run)
     except ValidationError as exc:

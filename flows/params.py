@@ -206,6 +206,11 @@ class CatalogueRunParams(BaseModel):
         description=f"Image guidance scale ({COMBINED} only): higher keeps more of the product; 0: the model's "
         "working point (the authors' 0.35 on Stable Diffusion, 5 for the bundled model).")
     steps: int = Field(default=0, ge=0, le=500, description="Denoising steps per image; 0: the model's.")
+    deep_reuse_interval: int = Field(
+        default=0, ge=0, le=10,
+        description="Reuse the UNet's deep features across steps: its deep path every N steps, the shallow path and "
+        "the cache every step (fewer FLOPs, lower fidelity at few steps: BENCHMARKS.md). 1: no reuse; 0: the model's "
+        "(no reuse for the bundled model).")
     resolution: int = Field(
         default=0, ge=0, le=2048, multiple_of=8, description="Image side in pixels (at least 64); 0: the model's native.",
         json_schema_extra={"not": {"exclusiveMinimum": 0, "exclusiveMaximum": 64}},
@@ -276,11 +281,11 @@ class CatalogueRunParams(BaseModel):
             steps=self.steps or None, images_per_prompt=self.images_per_prompt or None,
             image_scale=self.image_scale or None, text_scale=self.text_scale or None,
             sampler=None if self.sampler == "preset" else self.sampler, eta=self.eta or None,
-            negative_prompt=self.negative_prompt or None)
+            negative_prompt=self.negative_prompt or None, deep_reuse_interval=self.deep_reuse_interval or None)
         return self.model_copy(update=dict(
             steps=settings.steps, images_per_prompt=settings.images_per_prompt, image_scale=settings.image_scale,
             text_scale=settings.text_scale, sampler=settings.sampler, eta=settings.eta,
-            negative_prompt=settings.negative_prompt))
+            negative_prompt=settings.negative_prompt, deep_reuse_interval=settings.deep_reuse_interval or 1))
 
     def recommended(self, model: Recommended) -> Recommended:
         """The settings this run's preset stands for: the model's, or the authors' released inference."""

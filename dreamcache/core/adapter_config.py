@@ -66,6 +66,9 @@ class Recommended:
     negative_prompt: str = ""
     reference_mode: str = "letterbox"
     latent: str = "mode"
+    # The UNet's deep features reused across steps (`denoiser.DeepReuse`); None: not reused. It changes the
+    # images: a model recommends it only where its fidelity held (BENCHMARKS.md, "Feature reuse across steps").
+    deep_reuse_interval: int | None = None
 
     def __post_init__(self):
         for name in ("steps", "images_per_prompt"):
@@ -84,11 +87,12 @@ class Recommended:
         if self.latent not in ("mode", "sample"):
             raise ValueError(f"latent {self.latent!r}: choose 'mode' or 'sample'")
         check_eta(self.sampler, self.eta)
+        check_reuse_interval(self.deep_reuse_interval)
 
     def resolve(self, *, steps: int | None = None, images_per_prompt: int | None = None,
                 image_scale: float | None = None, text_scale: float | None = None, sampler: str | None = None,
                 eta: float | None = None, negative_prompt: str | None = None, reference_mode: str | None = None,
-                latent: str | None = None) -> "Recommended":
+                latent: str | None = None, deep_reuse_interval: int | None = None) -> "Recommended":
         """The settings in force: the caller's value wherever it gives one (not None), these elsewhere.
 
         A recommended eta belongs to the recommended sampler: a caller who names another sampler and no eta
@@ -99,18 +103,24 @@ class Recommended:
             eta = self.eta if sampler is None else 0.0
         given = dict(steps=steps, images_per_prompt=images_per_prompt, image_scale=image_scale,
                      text_scale=text_scale, sampler=sampler, negative_prompt=negative_prompt,
-                     reference_mode=reference_mode, latent=latent)
+                     reference_mode=reference_mode, latent=latent, deep_reuse_interval=deep_reuse_interval)
         return replace(self, eta=eta, **{k: v for k, v in given.items() if v is not None})
 
     def sampling(self) -> dict:
         """Keyword arguments of `DreamCachePipeline.__call__` for these settings."""
         return dict(num_inference_steps=self.steps, guidance_scale=self.text_scale,
                     image_guidance_scale=self.image_scale, sampler=self.sampler, eta=self.eta,
-                    negative_prompt=self.negative_prompt)
+                    negative_prompt=self.negative_prompt, deep_reuse_interval=self.deep_reuse_interval)
 
     def caching(self) -> dict:
         """Keyword arguments of `DreamCachePipeline.cache_subjects` for these settings."""
         return dict(text=self.negative_prompt, reference_mode=self.reference_mode, latent=self.latent)
+
+
+def check_reuse_interval(interval: int | None) -> None:
+    if interval is not None and (not isinstance(interval, int) or isinstance(interval, bool) or interval < 1):
+        raise ValueError(f"deep_reuse_interval {interval!r} must be a whole number of steps, 1 or more (1: the deep "
+                         "path at every step), or None for no reuse")
 
 
 # The authors' released inference (their sampling scripts; docs/models.md lists where the default differs):

@@ -17,6 +17,16 @@ channels_last  the UNet's and the VAE's weights in channels-last memory format: 
 
 Every fast path computes the eager step's function; tests/dreamcache/test_denoiser.py holds them
 to the eager fp32 path, and bench/speed.py does on the GPU.
+
+Feature reuse across steps (`DeepReuse`, the DeepCache idea) is not a fast path: it changes the
+numbers. With an interval N, every N-th step runs the whole UNet and keeps its deep features (the
+input of the last decoder block, `unet_halves.decode_deep`); the steps in between run only the
+shallow path (conv_in, the first encoder block, the last decoder block) on those kept features. The
+kept features have one row per decoder row, so the uncached, cached and text passes of combined
+guidance each reuse their own, with the adapters' injection in them as of the last full step; the
+adapters of the last decoder block inject the cache at every step. Interval 1 is the plain step.
+Reusing steps run without CUDA graphs (their compiled halves still run): a batch alternates two kinds
+of step, and the graphs capture one.
 """
 
 from __future__ import annotations
@@ -30,8 +40,11 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from dreamcache.core.adapter import LayerMemory, PreparedMemory, dreamcache_processors, use_memory
+from dreamcache.core.adapter_config import check_reuse_interval  # noqa: F401 (its home; callers import it here too)
 from dreamcache.core.guidance import COMBINED, EVALUATIONS, Guidance, combine
-from dreamcache.core.unet_halves import can_share_encoder, decode, encode, supports_halves
+from dreamcache.core.unet_halves import (
+    EncoderHalf, can_share_encoder, decode, decode_deep, decode_shallow, encode, supports_halves,
+)
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (scaled latents (n, ...), timestep) -> eps (n, ...)
 
@@ -110,6 +123,38 @@ def guided_eps(unet: UNet2DConditionModel, latents: torch.Tensor, t: torch.Tenso
     return combine(plan.mode, eps, plan.image_scale, plan.text_scale)
 
 
+@dataclass
+class DeepReuse:
+    """One batch's deep features, computed every `interval` steps and reused by the steps in between (made
+    afresh for each batch: a batch's first step is a full one)."""
+
+    interval: int
+    step: int = 0  # steps taken in this batch
+    deep: torch.Tensor | None = None  # (k * n, C, H, W): the last decoder block's input at the last full step
+
+    def __post_init__(self):
+        check_reuse_interval(self.interval)
+
+    @property
+    def full_step(self) -> bool:
+        return self.deep is None or self.step % self.interval == 0
+
+
+def reused_eps(unet: UNet2DConditionModel, latents: torch.Tensor, t: torch.Tensor, plan: StepPlan, reuse: DeepReuse,
+               encode_fn=encode, decode_deep_fn=decode_deep, decode_shallow_fn=decode_shallow) -> torch.Tensor:
+    """`guided_eps` with the deep path run only on `reuse`'s full steps (the shallow path at every step)."""
+    full = reuse.full_step
+    x = torch.cat([latents] * plan.encoder_passes)  # (k_enc * n, C, h, w)
+    half: EncoderHalf = encode_fn(unet, x, t, plan.encoder_states, blocks=None if full else 1)
+    if plan.shared_rows is not None:
+        half = half.rows(plan.shared_rows)  # (k * n, ...): the plain and image passes share rows
+    if full:
+        reuse.deep = decode_deep_fn(unet, half, plan.decoder_states)  # (k * n, C, H, W)
+    eps = decode_shallow_fn(unet, reuse.deep, half, plan.decoder_states)
+    reuse.step += 1
+    return combine(plan.mode, eps, plan.image_scale, plan.text_scale)
+
+
 class Denoiser:
     """Runs the guided steps of a pipeline's batches with the fast paths it was given."""
 
@@ -120,8 +165,11 @@ class Denoiser:
         if fast.cuda_graphs and unet.device.type != "cuda":
             raise ValueError("CUDA graphs need the UNet on a CUDA device; use FastPaths.for_device(...)")
         self._encode, self._decode = (encode, decode) if supports_halves(unet) else (None, None)
+        self._decode_deep, self._decode_shallow = decode_deep, decode_shallow
         if fast.compile and self._encode is not None:
             self._encode, self._decode = torch.compile(encode), torch.compile(decode)
+            # Compiled on first use, so only when a batch reuses deep features.
+            self._decode_deep, self._decode_shallow = torch.compile(decode_deep), torch.compile(decode_shallow)
         self._graphs: OrderedDict[tuple, _CapturedStep] = OrderedDict()
         self._pool = None
 
@@ -129,10 +177,21 @@ class Denoiser:
         return self.fast.share_encoder and can_share_encoder(self.unet, layers)
 
     @contextmanager
-    def batch(self, plan: StepPlan, memory: Mapping[str, LayerMemory] | None) -> Iterator[Step]:
-        """The step function for one batch, with its subjects' memory attached while it runs."""
+    def batch(self, plan: StepPlan, memory: Mapping[str, LayerMemory] | None,
+              deep_reuse_interval: int | None = None) -> Iterator[Step]:
+        """The step function for one batch, with its subjects' memory attached while it runs.
+
+        With `deep_reuse_interval` N, the deep path runs at the batch's steps 0, N, 2N, ... (`DeepReuse`).
+        """
+        reuse = None if deep_reuse_interval is None else DeepReuse(deep_reuse_interval)
+        if reuse is not None and self._encode is None:
+            raise ValueError("deep feature reuse needs a Stable Diffusion UNet (no class, addition or timestep-"
+                             "condition embeddings); sample this UNet with deep_reuse_interval=None")
         with use_memory(self.unet, memory):
-            if not self.fast.cuda_graphs:
+            if reuse is not None:
+                yield lambda latents, t: reused_eps(self.unet, latents, t, plan, reuse, self._encode,
+                                                    self._decode_deep, self._decode_shallow)
+            elif not self.fast.cuda_graphs:
                 yield lambda latents, t: guided_eps(self.unet, latents, t, plan, self._encode, self._decode)
             else:
                 yield self._captured(plan)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from dreamcache import __version__
 from dreamcache.core.adapter import DreamCacheAdapter, apply_dreamcache, dreamcache_processors, remove_dreamcache
 from dreamcache.core.cache import CacheMetadata, FeatureCache, collate_memory, extract_features, model_fingerprint
-from dreamcache.core.denoiser import Denoiser, FastPaths, StepPlan
+from dreamcache.core.denoiser import Denoiser, FastPaths, StepPlan, check_reuse_interval
 from dreamcache.core.guidance import DEFAULT_GUIDANCE, EVALUATIONS, GUIDANCE_MODES, JOINT, Guidance
 from dreamcache.core.images import ImageInput, load_reference
 from dreamcache.core.layers import Layer, resolve_preset
@@ -351,6 +351,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         placed: PlacedProduct | Sequence[PlacedProduct | None] | None = None,
         paste: bool = True,
         on_step: Callable[[int], None] | None = None,
+        deep_reuse_interval: int | None = None,
     ) -> DreamCacheOutput:
         """Generate one image per prompt, each with its own subject cache (or none) and seed.
 
@@ -375,6 +376,11 @@ class DreamCachePipeline(StableDiffusionPipeline):
         final paste of the product's pixels (the decoded latents alone). `on_step(k)` is called after each
         denoising step with the steps done so far (of `num_inference_steps` per batch of `batch_size`), for a
         caller's own progress display.
+
+        `deep_reuse_interval` N reuses the UNet's deep features across steps (`denoiser.DeepReuse`): the
+        deep path runs every N-th step, the shallow path at every step. Fewer FLOPs, different numbers; 1 is
+        the plain step, None the model's recommendation (no reuse unless it recommends one). BENCHMARKS.md
+        ("Feature reuse across steps") has its fidelity.
         """
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}")
@@ -388,12 +394,14 @@ class DreamCachePipeline(StableDiffusionPipeline):
         one_negative = negative_prompt is None or isinstance(negative_prompt, str)
         settings = self.dreamcache_defaults.resolve(
             steps=num_inference_steps, text_scale=guidance_scale, image_scale=image_guidance_scale, sampler=sampler,
-            eta=eta, negative_prompt=negative_prompt if one_negative else None)
+            eta=eta, negative_prompt=negative_prompt if one_negative else None,
+            deep_reuse_interval=deep_reuse_interval)
         negatives = [settings.negative_prompt] * n if one_negative else \
             [settings.negative_prompt if text is None else text for text in negative_prompt]
         if not (len(subjects) == len(seeds) == len(negatives) == n):
             raise ValueError(f"got {n} prompts, {len(subjects)} subjects, {len(seeds)} seeds and {len(negatives)} "
                              "negative prompts: give one each")
+        check_reuse_interval(settings.deep_reuse_interval)
         scheduler = self.scheduler if settings.sampler == "model" else make_scheduler(settings.sampler, self.scheduler)
         if any(s is not None for s in subjects):
             layer_names = [layer.name for layer in self._dreamcache_layers] if self._dreamcache_preset else []
@@ -426,7 +434,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
                 rows = _padded([prompts[part], subjects[part], seeds[part], negatives[part], products[part]],
                                batch_size, self.fast_paths.static_batch)
                 latents = self._sample(*rows, guidance, settings.image_scale, settings.text_scale, settings.steps,
-                                       size, stepped, scheduler, settings.eta)
+                                       size, stepped, scheduler, settings.eta, settings.deep_reuse_interval)
                 chunk, flags = self._decode(latents[: len(prompts[part])], output_type,
                                             products[part] if paste else None)
                 images += list(chunk)
@@ -436,7 +444,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         return DreamCacheOutput(images=images, nsfw_content_detected=nsfw or None)
 
     def _sample(self, prompts, subjects, seeds, negatives, products, guidance, image_scale, text_scale, steps, size,
-                stepped, scheduler, eta):
+                stepped, scheduler, eta, deep_reuse_interval):
         device, dtype = self._execution_device, self.unet.dtype
         n = len(prompts)
         text = self.encode_prompt(prompts, device, 1, False)[0]  # (n, L, D)
@@ -458,7 +466,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         blend = self._latent_blend(products, size, noise, scheduler)
         accepted = inspect.signature(scheduler.step).parameters
         extra = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in accepted}
-        with denoiser.batch(plan, memory) as step:
+        with denoiser.batch(plan, memory, deep_reuse_interval) as step:
             for i, t in enumerate(scheduler.timesteps):
                 eps = step(scheduler.scale_model_input(latents, t), t)
                 latents = scheduler.step(eps, t, latents, **extra).prev_sample

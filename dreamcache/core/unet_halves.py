@@ -10,6 +10,12 @@ and its outputs are repeated into the 3n rows of the decoder half (method note, 
 modules called in the same order as diffusers' `UNet2DConditionModel.forward`, for the Stable
 Diffusion configurations (no class, addition or timestep-condition embeddings); `supports_halves`
 says whether a UNet is one of them.
+
+The decoder half splits again for feature reuse across steps (DeepCache; `denoiser.py`): its deep
+path (the middle block and every decoder block but the last) ends in the input of the last decoder
+block, and its shallow path is that block and the output layers, which read only the first encoder
+block's skips. `decode` is `decode_shallow(decode_deep(...))`, the same modules in the same order;
+a step that reuses the deep features runs `encode(..., blocks=1)` and `decode_shallow` alone.
 """
 
 from __future__ import annotations
@@ -54,11 +60,12 @@ def can_share_encoder(unet: UNet2DConditionModel, layers: tuple[Layer, ...] | li
 
 
 def encode(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor,
-           encoder_hidden_states: torch.Tensor) -> EncoderHalf:
+           encoder_hidden_states: torch.Tensor, blocks: int | None = None) -> EncoderHalf:
+    """The encoder half; with `blocks`, only the first `blocks` encoder blocks (the shallow path's)."""
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep))
     h = unet.conv_in(sample)
     residuals: tuple[torch.Tensor, ...] = (h,)
-    for block in unet.down_blocks:
+    for block in unet.down_blocks[:blocks]:
         if getattr(block, "has_cross_attention", False):
             h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
         else:
@@ -68,6 +75,11 @@ def encode(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Ten
 
 
 def decode(unet: UNet2DConditionModel, half: EncoderHalf, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    return decode_shallow(unet, decode_deep(unet, half, encoder_hidden_states), half, encoder_hidden_states)
+
+
+def decode_deep(unet: UNet2DConditionModel, half: EncoderHalf, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """The middle block and every decoder block but the last: the last decoder block's input (B, C, H, W)."""
     emb, residuals = half.emb, half.residuals
     h = half.sample
     if unet.mid_block is not None:
@@ -78,14 +90,31 @@ def decode(unet: UNet2DConditionModel, half: EncoderHalf, encoder_hidden_states:
     # Latent sides that are not multiples of the total upsampling need explicit upsample sizes.
     factor = 2 ** unet.num_upsamplers
     explicit_sizes = any(side % factor for side in residuals[0].shape[-2:])
-    for i, block in enumerate(unet.up_blocks):
+    for block in unet.up_blocks[:-1]:
         skips, residuals = residuals[-len(block.resnets):], residuals[: -len(block.resnets)]
-        size = residuals[-1].shape[2:] if explicit_sizes and i < len(unet.up_blocks) - 1 else None
+        size = residuals[-1].shape[2:] if explicit_sizes else None
         if getattr(block, "has_cross_attention", False):
             h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skips,
                       encoder_hidden_states=encoder_hidden_states, upsample_size=size)
         else:
             h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skips, upsample_size=size)
+    return h
+
+
+def decode_shallow(unet: UNet2DConditionModel, deep: torch.Tensor, half: EncoderHalf,
+                   encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """The last decoder block on `deep` with its skips (conv_in's and the first encoder block's), then the output.
+
+    `half` may be a whole encoder half or the shallow one (`encode(..., blocks=1)`): the skips the last
+    block reads are the first ones either way.
+    """
+    block = unet.up_blocks[-1]
+    skips = half.residuals[: len(block.resnets)]
+    if getattr(block, "has_cross_attention", False):
+        h = block(hidden_states=deep, temb=half.emb, res_hidden_states_tuple=skips,
+                  encoder_hidden_states=encoder_hidden_states, upsample_size=None)
+    else:
+        h = block(hidden_states=deep, temb=half.emb, res_hidden_states_tuple=skips, upsample_size=None)
     if unet.conv_norm_out is not None:
         h = unet.conv_act(unet.conv_norm_out(h))
     return unet.conv_out(h)

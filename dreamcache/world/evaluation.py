@@ -60,6 +60,7 @@ class Condition:
     timestep: int = 1  # the cached pass's noise level
     sampler: str | None = None  # a `schedulers.SAMPLERS` name; None: the model's own
     steps: int | None = None  # None: the evaluator's
+    deep_reuse_interval: int | None = None  # the UNet's deep features reused across steps (None: not reused)
 
 
 TEXT_ONLY = Condition("text-only", cache=False)
@@ -149,7 +150,8 @@ class FidelityEvaluator:
         images = self.pipe([world.caption(p.family, s) for p, s, _ in rows], subject=subjects,
                            seed=[seed for _, _, seed in rows], guidance=condition.guidance,
                            image_guidance_scale=condition.image_scale, num_inference_steps=condition.steps or self.steps,
-                           sampler=condition.sampler or "model", batch_size=self.batch_size, output_type="pt",
+                           sampler=condition.sampler or "model",
+                           deep_reuse_interval=condition.deep_reuse_interval, batch_size=self.batch_size, output_type="pt",
                            progress=False).images
         return images.float() * 2 - 1
 

@@ -234,7 +234,8 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
                       on_step=(lambda done: result.on_step(len(part), done, first.steps)) if result.on_step else None,
                       # a recorded class name is the model's own scheduler (`plan.sampler_name`)
                       sampler=first.sampler if first.sampler in SAMPLERS else "model", eta=first.eta,
-                      negative_prompt=first.negative_prompt).images
+                      negative_prompt=first.negative_prompt,
+                      deep_reuse_interval=first.parameters.get("deep_reuse_interval")).images
     except Exception as exc:
         if _is_out_of_memory(exc):
             raise GpuOutOfMemory(f"out of GPU memory for a batch of {len(texts)} images") from exc

@@ -40,6 +40,8 @@ def generation_parameters(platform: Platform, params: CatalogueRunParams, shop_f
         out["eta"] = params.eta
     if params.negative_prompt:
         out["negative_prompt"] = params.negative_prompt
+    if params.deep_reuse_interval > 1:
+        out["deep_reuse_interval"] = params.deep_reuse_interval
     if params.mode == "place":
         out["mode"] = "place"
         # The blend's own settings too: a shot placed with other ones is another shot.

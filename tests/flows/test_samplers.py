@@ -88,3 +88,24 @@ def test_the_prefect_form_parameters_reach_the_shots(served):
     assert len(rows) == 3 * 2 and {(r.sampler, r.negative_prompt, r.image_scale) for r in rows} == {
         ("dpm++2m", "blurred", 0.35)}  # the authors' preset, with the sampler and text the form chose
     assert {json.loads(r.cache_preparation)["reference_mode"] for r in rows} == {"stretch"}
+
+
+def test_deep_feature_reuse_is_part_of_a_shots_identity_only_when_on(platform_env, catalogue, tmp_path):
+    def parameters(home) -> list[dict]:
+        engine = create_engine(f"sqlite:///{home / 'dreamcache.db'}")
+        with engine.connect() as db:
+            rows = db.execute(text("SELECT parameters FROM generations ORDER BY id")).scalars().all()
+        engine.dispose()
+        return [json.loads(r) if isinstance(r, str) else r for r in rows]
+
+    home = tmp_path / "home"
+    result = run("--source", str(catalogue), "--steps", "3", "--deep-reuse-interval", "2")
+    assert result.exit_code == 0, result.output
+    assert [p.get("deep_reuse_interval") for p in parameters(home)] == [2, 2, 2]
+    # Interval 1 is no reuse: other shots, recorded as every shot made before reuse existed (no key, same hash).
+    result = run("--source", str(catalogue), "--steps", "3", "--deep-reuse-interval", "1")
+    assert result.exit_code == 0, result.output
+    assert "3 images generated" in result.output
+    assert ["deep_reuse_interval" in p for p in parameters(home)] == [True] * 3 + [False] * 3
+    result = run("--source", str(catalogue), "--steps", "3")  # 0: the model's, none for the bundled model
+    assert "0 images generated" in result.output
