@@ -82,7 +82,7 @@ def main() -> None:
     fast = np.stack(pipe(prompts, **kwargs).images)
     pipe.disable_fast_paths()
     eager = np.stack(pipe(prompts, **kwargs).images)
-    _, alpha = product.layer(check)
+    alpha = product.layer(check).alpha
     opaque = alpha >= 1
     diff = np.abs(fast - eager)
     results["fast_vs_eager"] = dict(width=check[0], height=check[1],

@@ -168,6 +168,7 @@ def run(
     placement_x: float = typer.Option(_default("placement_x"), help=_help("placement_x")),
     placement_y: float = typer.Option(_default("placement_y"), help=_help("placement_y")),
     placement_scale: float = typer.Option(_default("placement_scale"), help=_help("placement_scale")),
+    shadow: str = typer.Option(_default("shadow"), help=_help("shadow")),
     formats: Optional[list[str]] = typer.Option(None, "--format", "-f", help="A format, W:H or W:H@long side, e.g. "
                                                 "4:5@1080 (repeatable). " + _help("formats").split(". ", 1)[1]),
     cutout: bool = typer.Option(False, "--cutout", help=_help("cutout")),
@@ -209,7 +210,7 @@ def run(
         params = CatalogueRunParams(
             source=source, prompts=prompt or [], prompt_file=prompt_file, images_per_prompt=images_per_prompt,
             seed=seed, seed_policy=seed_policy, mode=mode, placement_x=placement_x, placement_y=placement_y,
-            placement_scale=placement_scale, formats=formats or [], cutout=cutout, packshot=packshot, preset=preset, sampler=sampler, eta=eta,
+            placement_scale=placement_scale, shadow=shadow, formats=formats or [], cutout=cutout, packshot=packshot, preset=preset, sampler=sampler, eta=eta,
             negative_prompt=negative_prompt, guidance=guidance.value, text_scale=text_scale, image_scale=image_scale,
             steps=steps, deep_reuse_interval=deep_reuse_interval, resolution=resolution, output_prefix=output_prefix, batch_size=batch_size,
             execution=execution, compare_text_only=compare_text_only, approve_if=approve_if or [], keep_best=keep_best,

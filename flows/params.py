@@ -167,6 +167,8 @@ class CatalogueRunParams(BaseModel):
     placement_scale: float = Field(
         default=0.6, gt=0.0, le=1.0,
         description="place: the product's size, as a fraction of the largest size that fits the image (never cropped).")
+    shadow: Literal["none", "soft"] = Field(
+        default="soft", description="place: a soft contact shadow under the product (composited), or none.")
     formats: list[str] = Field(
         default_factory=list, max_length=MAX_FORMATS,
         description="Aspect ratios and sizes, each W:H or W:H@long side in pixels, e.g. 1:1@1024, 4:5@1080, 16:9@1920: "

@@ -83,11 +83,16 @@ class StepPlan:
     shared_rows: torch.Tensor | None  # (k * n,): the encoder row feeding each decoder row, when shared
     image_scale: float
     text_scale: float
+    # (n, 1, h, w) in [0, 1]: where the image guidance acts (placed products: near the product); None: everywhere
+    image_region: torch.Tensor | None = None
 
     @classmethod
     def make(cls, mode: Guidance, text: torch.Tensor, empty: torch.Tensor, share_encoder: bool,
-             image_scale: float, text_scale: float) -> "StepPlan":
-        """text, empty: (n, L, D). Rows are stacked per pass in EVALUATIONS order."""
+             image_scale: float, text_scale: float, image_region: torch.Tensor | None = None) -> "StepPlan":
+        """text, empty: (n, L, D). Rows are stacked per pass in EVALUATIONS order. `image_region` needs
+        combined guidance: joint guidance has no image term of its own to limit."""
+        if image_region is not None and mode != COMBINED:
+            raise ValueError(f"an image guidance region needs {COMBINED} guidance, not {mode}")
         n = text.shape[0]
         by_pass = {"plain": empty, "image": empty, "full": text}
         passes = EVALUATIONS[mode]
@@ -99,7 +104,12 @@ class StepPlan:
             encoder_states = torch.cat([empty, text])
             n_idx = torch.arange(n, device=text.device)
             shared_rows = torch.cat([n_idx, n_idx, n_idx + n])
-        return cls(mode, n, encoder_states, decoder_states, shared_rows, image_scale, text_scale)
+        return cls(mode, n, encoder_states, decoder_states, shared_rows, image_scale, text_scale, image_region)
+
+    @property
+    def image_scales(self) -> float | torch.Tensor:
+        """The image scale, per latent cell where a region limits it."""
+        return self.image_scale if self.image_region is None else self.image_scale * self.image_region
 
     @property
     def encoder_passes(self) -> int:
@@ -115,12 +125,12 @@ def guided_eps(unet: UNet2DConditionModel, latents: torch.Tensor, t: torch.Tenso
     x = torch.cat([latents] * plan.encoder_passes)  # (k_enc * n, C, h, w)
     if encode_fn is None:
         eps = unet(x, t, encoder_hidden_states=plan.decoder_states).sample
-        return combine(plan.mode, eps, plan.image_scale, plan.text_scale)
+        return combine(plan.mode, eps, plan.image_scales, plan.text_scale)
     half = encode_fn(unet, x, t, plan.encoder_states)
     if plan.shared_rows is not None:
         half = half.rows(plan.shared_rows)  # (k * n, ...): the plain and image passes share rows
     eps = decode_fn(unet, half, plan.decoder_states)
-    return combine(plan.mode, eps, plan.image_scale, plan.text_scale)
+    return combine(plan.mode, eps, plan.image_scales, plan.text_scale)
 
 
 @dataclass
@@ -232,7 +242,7 @@ def _layout_key(plan: StepPlan, memories: Mapping[str, PreparedMemory | None]) -
     mem = tuple((name, None if m is None else (_shape(m.keys), _shape(m.rows), _shape(m.mask)))
                 for name, m in sorted(memories.items()))
     return (plan.mode, plan.rows, _shape(plan.encoder_states), _shape(plan.decoder_states),
-            _shape(plan.shared_rows), plan.image_scale, plan.text_scale, mem)
+            _shape(plan.shared_rows), plan.image_scale, plan.text_scale, _shape(plan.image_region), mem)
 
 
 class _CapturedStep:

@@ -43,8 +43,10 @@ def uses_image_scale(guidance: Guidance) -> bool:
 
 
 def combined_guidance(
-    eps_plain: torch.Tensor, eps_image: torch.Tensor, eps_full: torch.Tensor, image_scale: float, text_scale: float
+    eps_plain: torch.Tensor, eps_image: torch.Tensor, eps_full: torch.Tensor, image_scale: float | torch.Tensor,
+    text_scale: float,
 ) -> torch.Tensor:
+    """`image_scale` may vary over the image ((n, 1, h, w), broadcast): a placed product's cache acts near it only."""
     return eps_plain + image_scale * (eps_image - eps_plain) + text_scale * (eps_full - eps_image)
 
 
@@ -52,7 +54,7 @@ def joint_guidance(eps_plain: torch.Tensor, eps_full: torch.Tensor, scale: float
     return eps_plain + scale * (eps_full - eps_plain)
 
 
-def combine(guidance: Guidance, eps: torch.Tensor, image_scale: float, text_scale: float) -> torch.Tensor:
+def combine(guidance: Guidance, eps: torch.Tensor, image_scale: float | torch.Tensor, text_scale: float) -> torch.Tensor:
     """Split a stacked prediction (one chunk per evaluation, in EVALUATIONS order) and combine it."""
     if guidance == COMBINED:
         plain, image, full = eps.chunk(3)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -31,7 +32,7 @@ from dreamcache import __version__
 from dreamcache.core.adapter import DreamCacheAdapter, apply_dreamcache, dreamcache_processors, remove_dreamcache
 from dreamcache.core.cache import CacheMetadata, FeatureCache, collate_memory, extract_features, model_fingerprint
 from dreamcache.core.denoiser import Denoiser, FastPaths, StepPlan, check_reuse_interval
-from dreamcache.core.guidance import DEFAULT_GUIDANCE, EVALUATIONS, GUIDANCE_MODES, JOINT, Guidance
+from dreamcache.core.guidance import COMBINED, DEFAULT_GUIDANCE, EVALUATIONS, GUIDANCE_MODES, JOINT, Guidance
 from dreamcache.core.images import ImageInput, load_reference
 from dreamcache.core.layers import Layer, resolve_preset
 from dreamcache.core.placement import LatentBlend, PlacedProduct, paste as paste_products
@@ -452,15 +453,16 @@ class DreamCachePipeline(StableDiffusionPipeline):
         # No row has a cache: plain classifier-free guidance, two evaluations ("joint" reduces to it).
         mode = guidance if any(s is not None for s in subjects) else JOINT
         denoiser = self.denoiser
+        shape = (n, self.unet.config.in_channels, size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor)
+        region = self._image_region(products, size, shape[-2:], device, dtype) if mode == COMBINED else None
         plan = StepPlan.make(mode, text, empty, denoiser.share_encoder(self._dreamcache_layers), image_scale,
-                             text_scale)
+                             text_scale, region)
         rows = [s if name != "plain" else None for name in EVALUATIONS[mode] for s in subjects]
         memory = collate_memory(rows, [layer.name for layer in self._dreamcache_layers], device, dtype)
 
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         scheduler.set_timesteps(steps, device=device)
         # As diffusers' prepare_latents, with this call's scheduler's initial sigma.
-        shape = (n, self.unet.config.in_channels, size[1] // self.vae_scale_factor, size[0] // self.vae_scale_factor)
         noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
         latents = noise * scheduler.init_noise_sigma
         blend = self._latent_blend(products, size, noise, scheduler)
@@ -474,6 +476,16 @@ class DreamCachePipeline(StableDiffusionPipeline):
                     latents = blend(latents, i)
                 stepped()
         return latents
+
+    @staticmethod
+    def _image_region(products, size, latent_size, device, dtype) -> torch.Tensor | None:
+        """Where each row's image guidance acts, (n, 1, h, w): a placed product's `region` averaged over each latent
+        cell, 1 for rows without one; None when no row limits it."""
+        regions = [None if p is None else p.region(tuple(size)) for p in products]
+        if all(r is None for r in regions):
+            return None
+        pixels = torch.stack([torch.ones(size[1], size[0]) if r is None else torch.from_numpy(r) for r in regions])
+        return F.adaptive_avg_pool2d(pixels[:, None], tuple(latent_size)).to(device, dtype)
 
     def _latent_blend(self, products, size, noise, scheduler) -> LatentBlend | None:
         """The placed rows' canvases encoded (posterior mode) with their masks; None when no row has a product."""

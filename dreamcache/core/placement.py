@@ -8,12 +8,17 @@ Blended latent diffusion with the base UNet (no inpainting model), as diffusers'
 2. After each denoising step, the latent cells the product touches (`hold`) are replaced by z0 noised
    to the next step's level with the row's own initial noise; after the last step, by z0 itself.
 3. Over the last `free_steps` of the steps only the cells wholly inside the product (`core`) are
-   replaced: the band at its edge runs free, so the edge and the contact shadow blend into the scene.
-4. After decoding, the product's own pixels are pasted back inside its mask, ramped over `feather` at
-   its very edge (`composite`): the decoder mixes every latent into every pixel, so the product's
-   pixels come back from the photo, not from the latents.
+   replaced: the band at its edge runs free, so the edge blends into the scene.
+4. After decoding (`composite`), a thin band outside the product (`edge_band`) takes the colour of the scene
+   just beyond it: the decoder smears the product's held colours and the neutral canvas into that band (a
+   halo), and the scene beyond it is the model's own. A soft contact shadow (`shadow`) darkens the ground
+   under the product. Then the product's own pixels are pasted back inside its mask, ramped over `feather`
+   at its very edge: the decoder mixes every latent into every pixel, so the product's pixels come back
+   from the photo, not from the latents.
 
-The subject cache conditions the whole image as without placement; rows without a product sample as usual.
+The subject cache's image guidance acts only within `cache_band` of the product (`region`); elsewhere the
+scene gets text guidance alone. With the cache everywhere, the model draws the product a second time beside
+the placed one (bench/placement_quality.py measures how often). Rows without a product sample as usual.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,6 +37,11 @@ from scipy import ndimage
 
 # The canvas around the product before the scene is generated: mid grey, 0 in the VAE's [-1, 1].
 NEUTRAL = (128, 128, 128)
+SHADOWS = ("none", "soft")
+# The soft shadow: how dark at its centre (the ground keeps 1 - this of its light), and its ellipse's half
+# height as a share of its half width (a low sun-less studio light: wide and flat).
+SHADOW_DEPTH = 0.45
+SHADOW_FLATNESS = 0.22
 
 
 def canvas_size(aspect_w: float, aspect_h: float, short_side: int, multiple: int) -> tuple[int, int]:
@@ -57,6 +68,12 @@ class Placement:
     scale: float = 0.6  # the box contain-fitted to the canvas, times this: never cropped
     free_steps: float = 0.25  # fraction of the last steps in which only the core is held and the edge runs free
     feather: float = 0.02  # width of the pasted edge's ramp, as a fraction of the canvas's shorter side
+    # Outside the product, as fractions of the shorter side: the band whose pixels take the scene's colour from
+    # just beyond it (0: the decoded pixels as they are), and how far from the product the cache's image
+    # guidance acts (None: everywhere, the model then often draws a second product beside the placed one).
+    edge_band: float = 0.03
+    cache_band: float | None = 0.1
+    shadow: Literal["none", "soft"] = "soft"  # a contact shadow under the product, composited
 
     def __post_init__(self):
         for name in ("x", "y", "free_steps"):
@@ -66,6 +83,14 @@ class Placement:
             raise ValueError(f"placement scale {self.scale} must lie in (0, 1]: 1 fits the product to the canvas")
         if not 0.0 <= self.feather < 0.5:
             raise ValueError(f"placement feather {self.feather} must lie in [0, 0.5) (a fraction of the shorter side)")
+        for name in ("edge_band", "cache_band"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"placement {name} {value} must lie in [0, 1] (a fraction of the shorter side)")
+        if self.edge_band is None:
+            raise ValueError("placement edge_band must be a number: 0 leaves the decoded edge as it is")
+        if self.shadow not in SHADOWS:
+            raise ValueError(f"placement shadow {self.shadow!r}: choose one of {', '.join(SHADOWS)}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,27 +161,43 @@ class PlacedProduct:
         return image, mask
 
     @lru_cache(maxsize=8)
-    def layer(self, size: tuple[int, int],
-              generated_at: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """What `composite` pastes on a canvas of `size`: the product's pixels (H, W, 3) uint8 and their
-        alpha (H, W) float32, 1 inside the mask eroded by the feather band, ramping to 0 at its edge."""
+    def layer(self, size: tuple[int, int], generated_at: tuple[int, int] | None = None) -> "Layer":
+        """What `composite` puts on a scene of `size`: the edge band, the shadow and the product's pixels."""
         pixels, coverage, (left, top, right, bottom) = self._resampled(size, generated_at)
-        inside = np.pad(np.asarray(coverage) >= 128, 1)  # a border of outside: the box's edge is an edge
-        depth = ndimage.distance_transform_edt(inside)[1:-1, 1:-1]  # pixels to the nearest outside one
-        band = self.placement.feather * min(size)
-        alpha = np.zeros((size[1], size[0]), np.float32)
-        alpha[top:bottom, left:right] = np.clip(depth / band, 0, 1) if band > 0 else depth > 0
-        rgb = np.zeros((size[1], size[0], 3), np.uint8)
+        width, height = size
+        inside = np.zeros((height, width), bool)
+        inside[top:bottom, left:right] = np.asarray(coverage) >= 128
+        # Alpha: 1 inside the mask eroded by the feather band, ramping to 0 at its edge (the box's edge is an edge).
+        depth = ndimage.distance_transform_edt(np.pad(inside[top:bottom, left:right], 1))[1:-1, 1:-1]
+        feather = self.placement.feather * min(size)
+        alpha = np.zeros((height, width), np.float32)
+        alpha[top:bottom, left:right] = np.clip(depth / feather, 0, 1) if feather > 0 else depth > 0
+        rgb = np.zeros((height, width, 3), np.uint8)
         rgb[top:bottom, left:right] = np.asarray(pixels)
-        return rgb, alpha
+        band, source = edge_band(inside, self.placement.edge_band * min(size))
+        shade = contact_shadow(inside) if self.placement.shadow == "soft" else np.ones((height, width), np.float32)
+        return Layer(rgb, alpha, band, source, shade)
+
+    @lru_cache(maxsize=8)
+    def region(self, size: tuple[int, int]) -> np.ndarray | None:
+        """Where the cache's image guidance acts on a canvas of `size`, (H, W) float32: 1 on the product and within
+        `cache_band` of it, ramping to 0 over another `cache_band`; None where it acts everywhere."""
+        reach = self.placement.cache_band
+        if reach is None:
+            return None
+        _, mask = self.canvas(size)
+        distance = ndimage.distance_transform_edt(mask <= 0)  # pixels to the nearest product pixel
+        reach = max(reach * min(size), 1.0)
+        return np.clip(2 - distance / reach, 0, 1).astype(np.float32)
 
     def composite(self, image: Image.Image, generated_at: tuple[int, int] | None = None) -> Image.Image:
         """`image` with the product's pixels pasted at its box, resampled from the photo at `image`'s size
-        (a shot upscaled to the shop's size gets the photo's detail at that size); `generated_at` as in `box`."""
-        rgb, alpha = self.layer(tuple(image.size), None if generated_at is None else tuple(generated_at))
-        alpha = alpha[..., None].astype(np.float64)
-        mixed = np.asarray(image.convert("RGB"), np.float64) * (1 - alpha) + rgb * alpha
-        return Image.fromarray(np.round(mixed).astype(np.uint8), "RGB")
+        (a shot upscaled to the shop's size gets the photo's detail at that size); `generated_at` as in `box`.
+        The edge band and the shadow are put on the scene first (`Layer`)."""
+        layer = self.layer(tuple(image.size), None if generated_at is None else tuple(generated_at))
+        scene = np.asarray(image.convert("RGB"), np.float64).transpose(2, 0, 1) / 255  # (3, H, W) in [0, 1]
+        mixed = layer.apply(scene, layer.rgb.transpose(2, 0, 1) / 255, layer.alpha, layer.band, layer.shade)
+        return Image.fromarray(np.round(mixed.transpose(1, 2, 0) * 255).astype(np.uint8), "RGB")
 
     def _resampled(self, size, generated_at=None):
         box = self.box(size, generated_at)
@@ -166,17 +207,74 @@ class PlacedProduct:
         return pixels, coverage, box
 
 
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """What a placed product puts on a decoded scene of one size, in this order (`apply`):
+
+    1. the edge band: each pixel moved `band` of the way to the scene's colour at `source`, its nearest
+       pixel beyond the band (the decoder's halo replaced by the scene the model drew around it);
+    2. the contact shadow: the scene's light times `shade`;
+    3. the product's pixels, `rgb` over the result with `alpha`.
+    """
+
+    rgb: np.ndarray  # (H, W, 3) uint8: the product's pixels, resampled from the photo
+    alpha: np.ndarray  # (H, W) float32: 1 inside the mask eroded by the feather band, ramping to 0 at its edge
+    band: np.ndarray  # (H, W) float32 in [0, 1]: how far each pixel moves to its `source` colour
+    source: np.ndarray  # (2, H, W) int: the (row, column) of each pixel's nearest scene pixel beyond the band
+    shade: np.ndarray  # (H, W) float32 in (0, 1]: what the shadow leaves of the scene's light
+
+    def apply(self, scene, rgb, alpha, band, shade):
+        """The composite of a (3, H, W) scene in [0, 1] (numpy or torch alike); `rgb` (3, H, W) in [0, 1], `alpha`,
+        `band`, `shade` (H, W): this layer's, as the caller's array type."""
+        source = self.source if isinstance(scene, np.ndarray) else torch.from_numpy(self.source).to(scene.device)
+        scene = scene * (1 - band) + scene[:, source[0], source[1]] * band
+        return scene * shade * (1 - alpha) + rgb * alpha
+
+
+def edge_band(inside: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """The band outside a product's mask `inside` (H, W) bool that takes the scene's colour from beyond it:
+    (band (H, W) float32, 1 up to `width` / 2 from the product and ramping to 0 at `width`; source (2, H, W), each
+    pixel's nearest pixel farther than `width` from the product)."""
+    outside = ndimage.distance_transform_edt(~inside)  # pixels to the nearest product pixel (0 on it)
+    beyond = outside > width
+    if width <= 0 or not beyond.any():
+        return np.zeros(inside.shape, np.float32), np.indices(inside.shape)
+    _, source = ndimage.distance_transform_edt(~beyond, return_indices=True)
+    band = np.clip(2 - 2 * outside / width, 0, 1).astype(np.float32)
+    return band, source
+
+
+def contact_shadow(inside: np.ndarray, depth: float = SHADOW_DEPTH, flatness: float = SHADOW_FLATNESS) -> np.ndarray:
+    """What a soft contact shadow leaves of the light, (H, W) float32: an ellipse centred on the product's lowest
+    row, as wide as what the product stands on (its bottom tenth) and a little more, darkest (1 - depth) at its
+    centre and fading smoothly to 1 at its rim. The product is pasted over its upper half."""
+    rows = np.flatnonzero(inside.any(axis=1))
+    bottom = rows[-1]
+    foot = inside[max(rows[0], bottom - max(1, round(0.1 * (bottom - rows[0] + 1)))) : bottom + 1].any(axis=0)
+    cols = np.flatnonzero(foot)
+    half_width = max(1.0, 0.6 * (cols[-1] - cols[0] + 1))
+    half_height = max(1.0, flatness * half_width)
+    y, x = np.indices(inside.shape, dtype=np.float32)
+    r2 = ((x - (cols[0] + cols[-1]) / 2) / half_width) ** 2 + ((y - bottom) / half_height) ** 2
+    return (1 - depth * np.clip(1 - r2, 0, 1) ** 2).astype(np.float32)
+
+
 def paste(images: torch.Tensor, placed: list[PlacedProduct | None]) -> torch.Tensor:
-    """Decoded images (n, 3, H, W) in [-1, 1] with each row's product pasted back (`PlacedProduct.layer`)."""
+    """Decoded images (n, 3, H, W) in [-1, 1] with each row's product put on (`PlacedProduct.layer`)."""
     size = (images.shape[-1], images.shape[-2])
     out = images.clone()
     for j, product in enumerate(placed):
         if product is None:
             continue
-        rgb, alpha = product.layer(size)
-        rgb = torch.from_numpy(rgb).to(images.device).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
-        alpha = torch.from_numpy(alpha).to(images.device)  # (H, W)
-        out[j] = (images[j].float() * (1 - alpha) + rgb * alpha).to(images.dtype)
+        layer = product.layer(size)
+
+        def tensor(array):
+            return torch.from_numpy(array).to(images.device)
+
+        rgb = tensor(layer.rgb).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+        scene = (images[j].float() + 1) / 2
+        mixed = layer.apply(scene, rgb, tensor(layer.alpha), tensor(layer.band), tensor(layer.shade))
+        out[j] = (mixed * 2 - 1).to(images.dtype)
     return out
 
 

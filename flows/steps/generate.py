@@ -206,11 +206,25 @@ def _canvas(gen: Generation) -> tuple[int, int]:
     return int(width), int(height)
 
 
+# What a shot placed before the edge band, the limited cache and the shadow existed was made with (its recorded
+# placement names none of them): made again, it is made as it was.
+BEFORE_ISSUE_37 = dict(edge_band=0.0, cache_band=None, shadow="none")
+
+
 def product_to_place(platform: Platform, subject: Subject, seg: Segmentation, where: dict) -> PlacedProduct:
     """A product's photo and mask (its cut-out `seg`), to be kept pixel-exact where `where` says."""
     photo = decode_image(product_image(platform, subject), subject.source_uri)
     mask = read_image(platform, platform.objects.key_of(seg.mask_uri)).convert("L")
-    return PlacedProduct.from_photo(photo, mask, Placement(**where))
+    return PlacedProduct.from_photo(photo, mask, Placement(**(BEFORE_ISSUE_37 | where)))
+
+
+def negative_prompt(gen: Generation, subject: Subject) -> str:
+    """A shot's negative prompt: the run's, and in place mode the product's category ("a mug"), so that the
+    scene has no second one."""
+    texts = [gen.negative_prompt or ""]
+    if gen.parameters.get("negative_category") and subject.category:
+        texts.append(f"a {subject.category}")
+    return ", ".join(t for t in texts if t)
 
 
 def _generate_part(platform, part, caches, references, placed, output_prefix, compare_text_only: bool,
@@ -221,8 +235,9 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
     texts, seeds = [text for _, text, _ in part], [g.seed for g, _, _ in part]
     subjects = [caches[g.subject_cache_id] for g, _, _ in part]
     products = [_placed(placed, g, sub) for g, _, sub in part]
+    negatives = [negative_prompt(g, sub) for g, _, sub in part]
     if compare_text_only:  # the twins as rows without a subject: each image depends on its own row only
-        texts, seeds, subjects = texts * 2, seeds * 2, subjects + [None] * len(part)
+        texts, seeds, subjects, negatives = texts * 2, seeds * 2, subjects + [None] * len(part), negatives * 2
         products = products * 2  # a placed shot's twin places the product too: the cache's effect is the difference
     width, height = _canvas(first)
     started = time.perf_counter()
@@ -234,7 +249,7 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
                       on_step=(lambda done: result.on_step(len(part), done, first.steps)) if result.on_step else None,
                       # a recorded class name is the model's own scheduler (`plan.sampler_name`)
                       sampler=first.sampler if first.sampler in SAMPLERS else "model", eta=first.eta,
-                      negative_prompt=first.negative_prompt,
+                      negative_prompt=negatives,
                       deep_reuse_interval=first.parameters.get("deep_reuse_interval")).images
     except Exception as exc:
         if _is_out_of_memory(exc):

@@ -45,7 +45,11 @@ def generation_parameters(platform: Platform, params: CatalogueRunParams, shop_f
     if params.mode == "place":
         out["mode"] = "place"
         # The blend's own settings too: a shot placed with other ones is another shot.
-        out["placement"] = asdict(Placement(x=params.placement_x, y=params.placement_y, scale=params.placement_scale))
+        out["placement"] = asdict(Placement(x=params.placement_x, y=params.placement_y, scale=params.placement_scale,
+                                            shadow=params.shadow))
+        # The product's category is the negative prompt too: asked for "a mug on a beach", the model draws a
+        # second mug beside the placed one (bench/results/placement_quality_cpu.json).
+        out["negative_category"] = True
     if shop_format != SQUARE:
         canvas = generation_canvas(shop_format, resolution, pipe.size_multiple)
         out.update(aspect=shop_format.aspect, canvas=list(canvas), size=list(shop_format.size(canvas)))

@@ -179,6 +179,33 @@ def test_a_placed_shot_keeps_the_product_photo_pixels_at_the_delivered_size(plat
     assert np.abs(place[:, -20:] - place[cy, cx]).sum(axis=2).mean() > 30  # far from the product: a scene, not red
 
 
+def test_a_placed_shot_has_a_soft_shadow_by_default_and_none_when_asked(platform_env, catalogue, tmp_path):
+    one = tmp_path / "one" / "mug"
+    one.mkdir(parents=True)
+    (one / "MUG-1.png").write_bytes((catalogue / "mug" / "MUG-1.png").read_bytes())
+    common = ["run", "--source", str(one.parent), "--prompt", "a {category} on a table", "--images-per-prompt", "1",
+              "--steps", "3", "--mode", "place", "--placement-scale", "0.5", "--embedded"]
+    soft = CliRunner().invoke(app, common + ["--output-prefix", "soft"])
+    none = CliRunner().invoke(app, common + ["--shadow", "none", "--output-prefix", "none"])
+    assert soft.exit_code == 0 and none.exit_code == 0, soft.output + none.output
+    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    with engine.connect() as db:
+        rows = db.execute(text("SELECT output_uri, parameters FROM generations ORDER BY id")).all()
+    engine.dispose()
+    shots = {json.loads(r.parameters)["placement"]["shadow"]: r for r in rows}
+    assert set(shots) == {"soft", "none"}
+    for row in rows:  # the category is the negative prompt of a placed shot, recorded in its parameters
+        assert json.loads(row.parameters)["negative_category"] is True
+    shaded, plain = (np.asarray(Image.open(local(shots[k].output_uri)).convert("RGB")).astype(int)
+                     for k in ("soft", "none"))
+    darker = (plain - shaded).sum(axis=2)
+    assert (darker >= 0).all()  # the same scene, only darkened
+    rows_darker = np.flatnonzero((darker > 0).any(axis=1))
+    changed = darker > 0
+    assert changed.any() and rows_darker.min() > 0.5 * plain.shape[0]  # under the product (placed at y 0.55)
+    assert changed.mean() < 0.15
+
+
 def test_bad_formats_and_rules_are_refused_naming_the_field():
     for field, value, words in (("formats", ["21:5"], "between 1:4 and 4:1"), ("formats", ["wide"], "is not W:H"),
                                 ("approve_if", ["mdino>0.5"], "is not metric>=value"),

@@ -112,11 +112,12 @@ def test_the_cutout_is_the_masked_photo_cropped_to_its_box():
 
 def test_composite_pastes_the_photos_pixels_at_any_size():
     placed = textured_product(size=(240, 320), box=(32, 40, 208, 280))  # a photo larger than the shot
+    placed = replace(placed, placement=replace(placed.placement, edge_band=0.0, shadow="none"))  # the paste alone
     shot = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     for size in ((64, 64), (256, 256)):  # the generated size and the shop's, upscaled
         image = shot.resize(size, Image.Resampling.LANCZOS)
         out = np.asarray(placed.composite(image))
-        rgb, alpha = placed.layer(size)
+        rgb, alpha = placed.layer(size).rgb, placed.layer(size).alpha
         left, top, right, bottom = placed.box(size)
         expected = np.asarray(placed.cutout.convert("RGB").resize((right - left, bottom - top),
                                                                   Image.Resampling.LANCZOS))
@@ -143,7 +144,7 @@ def test_a_shot_resized_to_another_aspect_gets_its_product_where_the_canvas_had_
     scaled = (left * 192 / 112, top * 108 / 64, right * 192 / 112, bottom * 108 / 64)
     assert all(abs(a - b) <= 1 for a, b in zip(placed.box(delivered, generated_at=canvas), scaled))
     assert any(abs(a - b) > 1 for a, b in zip(placed.box(delivered), scaled))  # refitted: somewhere else
-    _, alpha = placed.layer(delivered, canvas)
+    alpha = placed.layer(delivered, canvas).alpha
     rows, cols = np.flatnonzero((alpha > 0).any(axis=1)), np.flatnonzero((alpha > 0).any(axis=0))
     assert abs(cols[0] - scaled[0]) <= 1 and abs(rows[-1] + 1 - scaled[3]) <= 1
     image = Image.new("RGB", delivered, (0, 0, 0))
@@ -220,9 +221,10 @@ def test_without_free_steps_every_touched_cell_is_held(tiny_pipe):
 def test_the_paste_puts_back_the_products_pixels_and_only_inside_its_mask(tiny_pipe):
     cache = tiny_pipe.cache_subject(product_image())
     placed = textured_product()
+    placed = replace(placed, placement=replace(placed.placement, edge_band=0.0, shadow="none"))  # the paste alone
     pasted = np.asarray(shoot(tiny_pipe, placed, subject=cache)[0])
     generated = np.asarray(shoot(tiny_pipe, placed, subject=cache, paste=False)[0])
-    rgb, alpha = placed.layer(SIZE)
+    rgb, alpha = placed.layer(SIZE).rgb, placed.layer(SIZE).alpha
     canvas, mask = placed.canvas(SIZE)
     inside = alpha == 1
     assert inside.sum() > 100
@@ -264,5 +266,99 @@ def test_a_product_placed_on_a_wide_canvas(tiny_pipe):
     assert latents.shape[-2:] == (20, 32)
     assert torch.equal(latents[..., core], z0[..., core])
     image = shoot(tiny_pipe, placed, width=size[0], height=size[1])[0]
-    rgb, alpha = placed.layer(size)
+    rgb, alpha = placed.layer(size).rgb, placed.layer(size).alpha
     assert image.size == size and np.array_equal(np.asarray(image)[alpha == 1], rgb[alpha == 1])
+
+
+# --- sitting in the scene: the edge band, the contact shadow, the cache near the product --------
+
+def _square_product(placement: Placement) -> PlacedProduct:
+    """A flat red square on white, placed on a 64x64 canvas."""
+    photo = Image.new("RGB", (40, 40), (255, 255, 255))
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:30] = True
+    photo.paste((200, 30, 40), (10, 10, 30, 30))
+    return PlacedProduct.from_photo(photo, mask, placement)
+
+
+def _scene_with_halo(layer) -> np.ndarray:
+    """A two-tone scene (sky above, ground below) with a magenta ring drawn around the product: a decoder's halo."""
+    scene = np.zeros((64, 64, 3), np.uint8)
+    scene[:32], scene[32:] = (120, 180, 235), (225, 200, 140)
+    near = (layer.band > 0) & (layer.alpha == 0)
+    scene[near] = (255, 0, 255)
+    return scene
+
+
+def test_the_edge_band_takes_the_scenes_colour_from_beyond_it():
+    placed = _square_product(Placement(shadow="none", edge_band=0.1))
+    layer = placed.layer((64, 64))
+    scene = _scene_with_halo(layer)
+    out = np.asarray(placed.composite(Image.fromarray(scene))).astype(int)
+    full = layer.band == 1
+    assert (full & (layer.alpha == 0)).sum() > 50
+    # where the band is whole, every magenta pixel became the sky's or the ground's colour
+    sky, ground = np.array((120, 180, 235)), np.array((225, 200, 140))
+    colours = out[full & (layer.alpha == 0)]
+    nearest = np.minimum(np.abs(colours - sky).max(-1), np.abs(colours - ground).max(-1))
+    assert nearest.max() == 0
+    # beyond the band the scene is untouched; without a band the halo stays
+    assert np.array_equal(out[layer.band == 0], scene[layer.band == 0])
+    plain = _square_product(Placement(shadow="none", edge_band=0.0))
+    assert (np.asarray(plain.composite(Image.fromarray(scene)))[full & (layer.alpha == 0)] == (255, 0, 255)).all()
+
+
+def test_the_soft_shadow_darkens_the_ground_under_the_product_only():
+    soft, none = (_square_product(Placement(edge_band=0.0, shadow=shadow)) for shadow in ("soft", "none"))
+    grey = Image.new("RGB", (64, 64), (200, 200, 200))
+    shaded, plain = (np.asarray(p.composite(grey)).astype(int) for p in (soft, none))
+    left, top, right, bottom = soft.box((64, 64))
+    below = shaded[bottom:bottom + 2, left + 2:right - 2]
+    assert (below < 200).all() and below.min() <= 200 * (1 - 0.45 * 0.6)  # darkest just under the product
+    assert (shaded[:top] == 200).all() and (shaded[:, : left - 3] == 200).all()  # not above it nor far beside it
+    alpha = soft.layer((64, 64)).alpha
+    assert np.array_equal(shaded[alpha == 1], plain[alpha == 1])  # the product's pixels as they were
+    assert (plain[alpha == 0] == 200).all()  # none: no shadow
+    with pytest.raises(ValueError, match="shadow 'hard': choose one of none, soft"):
+        Placement(shadow="hard")
+
+
+def test_the_shadow_sits_under_what_the_product_stands_on():
+    """A lamp-like shape (wide shade, thin stem, narrow base): the shadow is as wide as the base, not the shade."""
+    photo = Image.new("RGB", (40, 40), (255, 255, 255))
+    mask = np.zeros((40, 40), bool)
+    mask[0:15, 0:40] = True  # the shade
+    mask[15:35, 18:22] = True  # the stem
+    mask[35:40, 14:26] = True  # the base, 12 px of 40
+    placed = PlacedProduct.from_photo(photo, mask, Placement(x=0.5, y=0.4, scale=0.5, edge_band=0.0))
+    shade = placed.layer((64, 64)).shade
+    left, _, right, bottom = placed.box((64, 64))
+    dark = np.flatnonzero(shade[bottom - 1] < 0.95)
+    assert 0 < len(dark) < 0.5 * (right - left)  # the base's width and a little more, not the shade's
+    assert abs(dark.mean() - (left + right - 1) / 2) <= 1  # centred under the base
+
+
+def test_the_cache_acts_near_the_product_only():
+    placed = _square_product(Placement(cache_band=0.1))
+    region = placed.region((64, 64))
+    _, mask = placed.canvas((64, 64))
+    assert (region[mask > 0] == 1).all()
+    assert region[0, 0] == 0 and region[-1, -1] == 0  # far corners: text guidance alone
+    assert ((region > 0) & (region < 1)).any()  # a ramp, not a seam
+    assert _square_product(Placement(cache_band=None)).region((64, 64)) is None
+
+
+def test_a_limited_cache_leaves_the_product_and_changes_only_the_scene_far_away(tiny_pipe):
+    cache = tiny_pipe.cache_subject(product_image())
+    base = textured_product()
+    near, everywhere = (replace(base, placement=replace(base.placement, cache_band=band, edge_band=0.0, shadow="none"))
+                        for band in (0.05, None))
+    kwargs = dict(subject=cache, image_guidance_scale=5.0, output_type="latent")
+    limited, full = shoot(tiny_pipe, near, **kwargs), shoot(tiny_pipe, everywhere, **kwargs)
+    z0, _, core = encoded(tiny_pipe, near)
+    assert torch.equal(limited[..., core], z0[..., core])  # the product is held either way
+    far = torch.from_numpy(near.region(SIZE) == 0)[None, None].float()
+    far = torch.nn.functional.avg_pool2d(far, tiny_pipe.vae_scale_factor)[0, 0] == 1
+    assert far.any() and (limited - full)[..., far].abs().max() > 1e-3
+    # without a cache there is no image term to limit: the region changes nothing
+    assert torch.equal(shoot(tiny_pipe, near, output_type="latent"), shoot(tiny_pipe, everywhere, output_type="latent"))

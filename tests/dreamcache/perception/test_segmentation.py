@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from dreamcache.perception.segmentation import (
+    keep_holes,
     BorderColourSegmenter,
     QualityLimits,
     SamSegmenter,
@@ -90,3 +91,45 @@ def test_sam_segments_with_a_border_box_prompt():
 
 def test_without_a_sam_checkpoint_the_classical_segmenter_is_used():
     assert isinstance(build_segmenter(None), BorderColourSegmenter)
+
+
+def _mug_on_white(noise: float = 0.0) -> tuple[Image.Image, np.ndarray, np.ndarray, np.ndarray]:
+    """A ring-handled mug on white: (photo, its body-and-handle mask with the hole filled, the hole, its white logo).
+    The logo is near-white (250) ringed by a dark outline, as the world draws logos."""
+    rgb = np.full((64, 64, 3), 255.0)
+    yy, xx = np.mgrid[:64, :64]
+    body = (yy >= 16) & (yy < 48) & (xx >= 10) & (xx < 38)
+    ring = np.hypot(yy - 32, xx - 40) < 10
+    hole = np.hypot(yy - 32, xx - 40) < 6
+    handle = ring & ~hole & ~body
+    hole &= ~body
+    outline = (np.abs(yy - 32) <= 5) & (np.abs(xx - 24) <= 5)
+    logo = (np.abs(yy - 32) <= 3) & (np.abs(xx - 24) <= 3)
+    rgb[body | handle] = (30, 150, 150)
+    rgb[outline], rgb[logo] = (20, 20, 20), (250, 250, 250)
+    rgb += np.random.default_rng(0).normal(0, noise, rgb.shape)
+    photo = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    return photo, body | handle | hole, hole, logo
+
+
+def test_a_hole_found_in_part_is_taken_out_whole_and_a_white_logo_stays():
+    photo, filled, hole, logo = _mug_on_white()
+    partly = filled.copy()
+    partly[30:33, 40:42] = False  # the segmenter found a few pixels of the hole
+    kept = keep_holes(photo, partly)
+    assert not (kept & hole).any()
+    assert kept[logo].all() and (kept & ~hole).sum() == (filled & ~hole).sum()
+
+
+def test_a_filled_hole_stays_filled_and_a_scene_is_left_alone():
+    photo, filled, hole, logo = _mug_on_white()
+    # no trace of the hole: as like a white logo as a hole can be, so it stays (the border-colour segmenter's case)
+    assert np.array_equal(keep_holes(photo, filled), filled)
+    noisy, *_ = _mug_on_white(noise=20.0)  # a border with a texture: not a studio backdrop
+    partly = filled.copy()
+    partly[30:33, 40:42] = False
+    assert np.array_equal(keep_holes(noisy, partly), partly)
+    # a rim of the backdrop around the product, marked as product, goes too
+    rim = np.zeros_like(filled)
+    rim[15:49, 9:51] = True
+    assert not (keep_holes(photo, rim | filled) & ~filled).any()
