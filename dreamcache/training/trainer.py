@@ -507,10 +507,6 @@ def main(argv: list[str] | None = None, loader: Loader = read_bytes,
     print(f"adapters written to {final}")
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
-
-
 def _named_base(name: str, base, dtype: torch.dtype) -> str:
     """How the adapters' config names their base (`weights.base_identity`): its hub id, or for a folder (the
     training machine's path, which means nothing elsewhere) the base weights' fingerprint. A bfloat16 copy
@@ -523,3 +519,7 @@ def _named_base(name: str, base, dtype: torch.dtype) -> str:
                                                                             torch_dtype=torch.float16),
                                  AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=torch.float16))
     return identity
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
