@@ -79,10 +79,12 @@ class PostgresServer:
 
     def create_database(self, name: str) -> str:
         import psycopg
+        from psycopg import sql
 
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
                              autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            # The name is data: psycopg quotes it as an identifier (composed, never a formatted string).
+            conn.execute(sql.Composed([sql.SQL("CREATE DATABASE "), sql.Identifier(name)]))
         return self.url(name)
 
     def destroy(self, mode: str = "immediate") -> None:

@@ -46,8 +46,8 @@ def test_prefect_yaml_deploys(prefect_server, monkeypatch):
     params = schema["definitions"]["CatalogueRunParams"]["properties"]
     assert params["steps"]["minimum"] == 0 and params["guidance"]["enum"] == ["combined", "joint"]
     # The form reads as a person fills it: what, how many, what the shop gets, how, where; review last.
-    assert list(params)[:25] == ["source", "prompts", "prompt_file", "images_per_prompt", "seed", "seed_policy",
-                                 "mode", "placement_x", "placement_y", "placement_scale", "formats", "cutout",
+    assert list(params)[:26] == ["source", "prompts", "prompt_file", "images_per_prompt", "seed", "seed_policy",
+                                 "mode", "placement_x", "placement_y", "placement_scale", "shadow", "formats", "cutout",
                                  "packshot", "preset", "sampler", "eta", "negative_prompt", "guidance", "text_scale",
                                  "image_scale", "steps", "deep_reuse_interval", "resolution", "output_prefix",
                                  "execution"]

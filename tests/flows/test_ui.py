@@ -9,9 +9,9 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # What, how many, how, where: the parameter form's fields from the top.
 FORM_ORDER = ["Source", "Prompts", "Prompt File", "Images Per Prompt", "Seed", "Seed Policy", "Mode", "Placement X",
-              "Placement Y", "Placement Scale", "Formats", "Cutout", "Packshot", "Preset", "Sampler", "Eta",
-              "Negative Prompt", "Guidance", "Text Scale", "Image Scale", "Steps", "Resolution", "Output Prefix",
-              "Execution"]
+              "Placement Y", "Placement Scale", "Shadow", "Formats", "Cutout", "Packshot", "Preset", "Sampler", "Eta",
+              "Negative Prompt", "Guidance", "Text Scale", "Image Scale", "Steps", "Deep Reuse Interval", "Resolution",
+              "Output Prefix", "Execution"]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
