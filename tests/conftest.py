@@ -139,7 +139,8 @@ def prefect_server_on_postgres(tmp_path_factory, postgres_server):
     """Another, its database on the suite's PostgreSQL (as the compose stack and docs/operations.md have it)."""
     from tests.servers import PrefectServer
 
-    database = postgres_server.create_database("prefect").replace("+psycopg:", "+asyncpg:")
+    # Not "prefect": the compose init script (tests/infra/test_compose.py) creates that one on this server.
+    database = postgres_server.create_database("prefect_ui_tests").replace("+psycopg:", "+asyncpg:")
     server = PrefectServer(tmp_path_factory.mktemp("prefect-pg"), database).start()
     yield server
     server.stop()
