@@ -80,7 +80,7 @@ def main() -> None:
 
     report = dict(
         benchmark="startup", repeats=args.repeats, commands=results,
-        checkout=str(args.checkout), **(git_commit() if args.checkout == ROOT else {}),
+        checkout="this repository" if args.checkout == ROOT else args.checkout.name, **(git_commit() if args.checkout == ROOT else {}),
         machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                      cpus=os.cpu_count(), python=platform.python_version(),
                      load_average_1min=[round(load_before[0], 2), round(load_after[0], 2)]),

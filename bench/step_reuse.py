@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     recommended = read_adapter_config(args.model / "adapter").recommended
     sampler, steps, scale = recommended.sampler, recommended.steps, recommended.image_scale
     evaluator = FidelityEvaluator(args.model, args.device, steps=steps)
-    report = dict(settings=dict(model=str(args.model), products=args.products, seeds=args.seeds, scenes=4,
+    report = dict(settings=dict(model="bundled:product-world" if args.model == BUNDLED_DIR else str(args.model), products=args.products, seeds=args.seeds, scenes=4,
                                 repeats=args.repeats, sampler=sampler, steps=steps, image_scale=scale,
                                 guidance="combined", device=str(args.device),
                                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
