@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from dreamcache import __version__
 from dreamcache.core.adapter import DreamCacheAdapter, apply_dreamcache, dreamcache_processors, remove_dreamcache
 from dreamcache.core.cache import CacheMetadata, FeatureCache, collate_memory, extract_features, model_fingerprint
-from dreamcache.core.denoiser import Denoiser, FastPaths, StepPlan, check_reuse_interval
+from dreamcache.core.denoiser import Denoiser, FastPaths, StepPlan
 from dreamcache.core.guidance import COMBINED, DEFAULT_GUIDANCE, EVALUATIONS, GUIDANCE_MODES, JOINT, Guidance
 from dreamcache.core.images import ImageInput, load_reference
 from dreamcache.core.layers import Layer, resolve_preset
@@ -402,7 +402,6 @@ class DreamCachePipeline(StableDiffusionPipeline):
         if not (len(subjects) == len(seeds) == len(negatives) == n):
             raise ValueError(f"got {n} prompts, {len(subjects)} subjects, {len(seeds)} seeds and {len(negatives)} "
                              "negative prompts: give one each")
-        check_reuse_interval(settings.deep_reuse_interval)
         scheduler = self.scheduler if settings.sampler == "model" else make_scheduler(settings.sampler, self.scheduler)
         if any(s is not None for s in subjects):
             layer_names = [layer.name for layer in self._dreamcache_layers] if self._dreamcache_preset else []
