@@ -16,7 +16,7 @@ reuse           channels_last, combined guidance at the recommended sampler (Uni
                 without reuse (with and without CUDA graphs), then the deep features reused every 2 and 3
                 steps (`deep_reuse_interval`; compiled halves, no CUDA graphs): issue 35's speed figures
 
-    python3 bench/levers.py --config reuse --batches 16 32 --output bench/results/levers_reuse_h200.json
+    python3 bench/levers.py --config reuse --batches 16 32 --output bench/results/levers_reuse_h100.json
 """
 
 from __future__ import annotations
