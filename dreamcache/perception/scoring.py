@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dreamcache.perception.metrics import METRICS, RANKING, canonical_name, metric_name, ranking_key  # noqa: F401
-from dreamcache.perception.segmentation import Segmenter, SegmentationError
+from dreamcache.perception.segmentation import Segmenter, SegmentationError, doubts_logged_at_info
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ class Scorer:
         Logged at info, not as a warning: a shot without its product is the generator's miss, not a fault,
         and the shot simply has no masked scores (a catalogue run counts them in its summary)."""
         try:
-            return self.segmenter.segment(image, category, name).subject_on_white(image, MASKED_SIZE)
+            with doubts_logged_at_info():  # a fragmented or small mask on a shot still scores; no warning each
+                return self.segmenter.segment(image, category, name).subject_on_white(image, MASKED_SIZE)
         except SegmentationError as exc:
             logger.info("masked scores skipped: %s", exc)
             return None

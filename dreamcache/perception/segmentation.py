@@ -16,7 +16,10 @@ error naming the item and the figures, a doubtful one a warning, never a silent 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +33,22 @@ from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.images import fit_on_white
 
 logger = logging.getLogger(__name__)
+
+
+# Doubts about a mask (small, fragmented, at the border) are warnings when the mask cuts out a reference,
+# whose cut-out every shot of the product inherits; for a generated shot being scored they are the
+# generator's look, not a fault, and one per shot would bury a run's real warnings (issue 32).
+_DOUBTS_AS_INFO: contextvars.ContextVar[bool] = contextvars.ContextVar("mask_doubts_as_info", default=False)
+
+
+@contextlib.contextmanager
+def doubts_logged_at_info() -> Iterator[None]:
+    """Within this block (this thread or task only), `check_mask` logs doubtful masks at info."""
+    token = _DOUBTS_AS_INFO.set(True)
+    try:
+        yield
+    finally:
+        _DOUBTS_AS_INFO.reset(token)
 
 
 class SegmentationError(DreamCacheError, ValueError):
@@ -135,8 +154,9 @@ def check_mask(mask: np.ndarray, method: str, name: str, limits: QualityLimits =
         warnings.append(f"mask is fragmented: largest of {count} parts holds {largest:.0%}")
     if touches:
         warnings.append(f"mask touches the image border on {perimeter.mean():.0%} of it: product may be cut off")
+    level = logging.INFO if _DOUBTS_AS_INFO.get() else logging.WARNING
     for warning in warnings:
-        logger.warning("%s: %s", name, warning)
+        logger.log(level, "%s: %s", name, warning)
     return Segmentation(mask, method, area, largest, touches, warnings)
 
 

@@ -96,3 +96,25 @@ def test_the_bundled_model_scores_with_the_world_clip_dino_and_segmenter_in_floa
     values = by_name(scores)
     assert set(values) == {"clip_i", "clip_t", "mclip_i", "dino", "mdino"}
     assert all(-1.0 <= v <= 1.0 for v in values.values())
+
+
+def test_a_doubtful_mask_on_a_shot_scores_without_a_warning_and_still_warns_on_a_reference(scorer, caplog):
+    from dreamcache.perception.segmentation import check_mask
+
+    product, _ = scene(background=(240, 240, 240))
+    # Two products side by side: the border-colour mask is fragmented (two parts of similar size).
+    pair = Image.new("RGB", (product.width * 2, product.height), (240, 240, 240))
+    pair.paste(product, (0, 0))
+    pair.paste(product, (product.width, 0))
+    pair = pair.resize(product.size)
+    with caplog.at_level(logging.INFO):
+        (scores,) = scorer.score([pair], [product], ["two mugs"], ["mug"], names=["MUG-1 seed 4"])
+    assert {"mclip_i", "mdino"} <= set(by_name(scores))
+    doubts = [r for r in caplog.records if "MUG-1 seed 4 (generated): mask is fragmented" in r.getMessage()]
+    assert doubts and all(r.levelno == logging.INFO for r in doubts)
+    # Outside scoring (a reference's cut-out, which every shot inherits) the same doubt is a warning.
+    caplog.clear()
+    mask = scorer.segmenter.segment(pair, "mug", "MUG-1 (reference)").mask
+    with caplog.at_level(logging.INFO):
+        check_mask(mask, "border", "MUG-1 (reference)")
+    assert any(r.levelno == logging.WARNING and "fragmented" in r.getMessage() for r in caplog.records)
