@@ -11,6 +11,8 @@
 - **halo**: in the band just outside the product's true outline (4% of the short side), the share of pixels whose
   colour is far (RGB distance > 48) from every colour of the product's edge and of the scene just beyond the band
   (the photo's white pasted with a mask a pixel too wide counts, as does the decoder's smear).
+  `halo_strict` measures the delivered shot against the scene beyond alone (the product's edge colours not
+  allowed), so a rim of the product's own colours or the photo's white counts too.
 - **holes**: for the mugs, the share of the true hole inside the handle that the paste covers (the photo's white).
 - **identity / scene**: the world's classifier on the square around the product (identity heads against the
   product's attributes, scene head against the prompt's scene).
@@ -18,7 +20,8 @@
 Variants (each shot the same product, prompt and seed): `today` (the cache's image guidance everywhere, no
 negative prompt, the network's mask, no edge band, no shadow), `fixed` (Placement's defaults: image guidance
 within `cache_band` of the product, the product's category as negative prompt, holes kept, edge band, soft
-shadow), and two ablations on the first shots (`region only`, `negative only`). The halo is also measured on
+shadow), and two ablations on the first `--ablation-shots` shots (`region only`, `negative only`);
+`--variants` runs only those named. The halo is also measured on
 the same decoded scenes with and without the edge band. Results are written after each variant.
 """
 
@@ -97,8 +100,10 @@ def second_products(unet, classifier, image: Image.Image, placed_mask: np.ndarra
     return dict(parts=parts, same_family=same)
 
 
-def halo(image: Image.Image, placed_mask: np.ndarray) -> float:
-    """Share of the band outside the product whose colours are far from the product's edge and the scene beyond."""
+def halo(image: Image.Image, placed_mask: np.ndarray, allow_edge: bool = True) -> float:
+    """Share of the band outside the product whose colours are far from the product's edge and the scene beyond
+    (strict, `allow_edge=False`: from the scene beyond alone, so that a rim of the photo's white or of the
+    product's own colours pasted a pixel too wide counts too)."""
     rgb = np.asarray(image, np.float32)
     short = min(placed_mask.shape)
     outside = ndimage.distance_transform_edt(~placed_mask)
@@ -106,7 +111,7 @@ def halo(image: Image.Image, placed_mask: np.ndarray) -> float:
     band = (outside > 0) & (outside <= HALO_BAND * short)
     ring = (outside > HALO_BAND * short) & (outside <= HALO_RING * short)
     edge = (inside > 0) & (inside <= HALO_BAND * short)
-    references = np.concatenate([rgb[ring], rgb[edge]])[:, None, :]  # (R, 1, 3)
+    references = (np.concatenate([rgb[ring], rgb[edge]]) if allow_edge else rgb[ring])[:, None, :]  # (R, 1, 3)
     pixels = rgb[band][None]  # (1, B, 3)
     nearest = np.sqrt(((references - pixels) ** 2).sum(-1)).min(0)  # (B,)
     return float((nearest > HALO_DISTANCE).mean())
@@ -183,13 +188,19 @@ def run_variant(pipe, name, shots, masks, placements, negatives, unet, classifie
         true_mask = on_canvas(product, mask, shot["mask"])  # the halo is measured against the product's true outline
         plain = PlacedProduct(product.cutout, replace(product.placement, edge_band=0.0, shadow="none"))
         banded = PlacedProduct(product.cutout, replace(product.placement, edge_band=FIXED.edge_band, shadow="none"))
+        unshaded = PlacedProduct(product.cutout, replace(product.placement, shadow="none"))
         rows.append(dict(
             sku=shot["sku"], family=shot["item"].family, prompt=shot["prompt"], seed=shot["seed"],
             second=second_products(unet, classifier, delivered, placed_mask, shot["item"].family),
             halo_without_band=halo(plain.composite(scene), true_mask),
             halo_with_band=halo(banded.composite(scene), true_mask),
+            # Strict: the delivered shot's band against the scene beyond it alone.
+            halo_strict=halo(delivered, true_mask, allow_edge=False),
             hole_covered=hole_covered(product, mask, shot["hole"]),
-            **classify(classifier, delivered, shot["item"], shot["scene"], product)))
+            **classify(classifier, delivered, shot["item"], shot["scene"], product),
+            # The same shot without the composited shadow: does the shadow alone move the scene head?
+            scene_without_shadow=classify(classifier, unshaded.composite(scene), shot["item"], shot["scene"],
+                                          product)["scene"]))
         shot.setdefault("images", {})[name] = delivered
     print(f"{name}: {len(shots)} shots in {seconds:.0f} s", flush=True)
     return rows
@@ -202,9 +213,11 @@ def summary(rows: list[dict]) -> dict:
                 second_same_family_rate=float(np.mean([r["second"]["same_family"] > 0 for r in rows])),
                 halo_without_band=float(np.mean([r["halo_without_band"] for r in rows])),
                 halo_with_band=float(np.mean([r["halo_with_band"] for r in rows])),
+                halo_strict=float(np.mean([r["halo_strict"] for r in rows])),
                 mugs=len(holes), hole_covered=float(np.mean(holes)) if holes else None,
                 identity_accuracy=float(np.mean([r["identity"] for r in rows])),
-                scene_accuracy=float(np.mean([r["scene"] for r in rows])))
+                scene_accuracy=float(np.mean([r["scene"] for r in rows])),
+                scene_accuracy_without_shadow=float(np.mean([r["scene_without_shadow"] for r in rows])))
 
 
 def figure(shots, names, path: Path, count: int = 12) -> None:
@@ -228,6 +241,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=48)
     parser.add_argument("--ablation-shots", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", help="run only these variants (default: all)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "placement_quality_cpu.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "placement_quality.png")
     args = parser.parse_args()
@@ -263,6 +277,9 @@ def main() -> None:
              ("fixed", shots, kept, [FIXED] * n, categories),
              ("region only", shots[:a], kept[:a], [FIXED] * a, [""] * a),
              ("negative only", shots[:a], kept[:a], [replace(FIXED, cache_band=None)] * a, categories[:a])]
+    plans = [p for p in plans if not args.variants or p[0] in args.variants]
+    record["command"] += "".join(f" --ablation-shots {a}" for _ in [0] if a != 6)
+    record["command"] += " --variants " + " ".join(repr(p[0]) if " " in p[0] else p[0] for p in plans) if args.variants else ""
     for name, subset, masks, placements, negatives in plans:
         rows = run_variant(pipe, name, subset, masks, placements, negatives, unet, classifier)
         record["variants"][name] = dict(summary=summary(rows), shots=rows)
