@@ -26,6 +26,7 @@ from sqlalchemy import select
 from db import queries
 from db.models import RejectedItem
 from db.session import transaction
+from dreamcache.core.schedulers import TAKES_ETA
 from dreamcache.perception.metrics import METRICS
 from flows.places import InvalidInputs, Places
 from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
@@ -398,7 +399,7 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
     try:
         params = params.with_recommended(recommended)
     except ValueError as exc:  # an eta the preset's sampler does not take
-        raise InvalidInputs(f"{exc}, or name the ddim sampler (the {params.preset} preset samples with "
+        raise InvalidInputs(f"{exc}, or name the {' or '.join(TAKES_ETA)} sampler (the {params.preset} preset samples with "
                             f"{recommended.sampler})") from None
     preparation = caches.Preparation(params.negative_prompt, recommended.reference_mode, recommended.latent)
     on_stage("checking inputs")
