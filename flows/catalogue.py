@@ -39,6 +39,7 @@ from flows.failures import is_expected, one_line, retry_unless_permanent
 from flows.markdown import md, plain
 from flows.params import CatalogueRunParams, parse_rule, shop_formats
 from flows.platform import get_platform, require_named_stores
+from flows.summary import DryRunSummary, RunSummary
 
 # Named, not __name__: a worker runs this file as the script `catalogue`, and only the platform's loggers
 # (PLATFORM_LOGGERS) reach the flow run's logs.
@@ -112,7 +113,7 @@ class Runner:
     def generate(self, run_id: int, todo: list[int], params: CatalogueRunParams) -> None:
         raise NotImplementedError
 
-    def report(self, summary: dict) -> None:
+    def report(self, summary: RunSummary) -> None:
         pass
 
 
@@ -166,43 +167,41 @@ class PrefectRunner(Runner):
                     shard, params, progress)
             done += len(shard)
 
-    def report(self, summary):
+    def report(self, summary: RunSummary) -> None:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-        sheets = summary.get("contact_sheets", {})
+        sheets = summary.contact_sheets
         with transaction(get_platform().sessions) as session:
-            failed = queries.failures_by_sku(session, summary["run_id"])
-        create_table_artifact(key="catalogue-run-products", table=product_rows(summary.get("products", []), failed,
-                                                                                sheets) or [{}],
+            failed = queries.failures_by_sku(session, summary.run_id)
+        create_table_artifact(key="catalogue-run-products", table=product_rows(summary.products, failed, sheets) or [{}],
                               description="Products of this run: images made and failed, best scores, contact sheet")
-        lines = [f"# Catalogue run {summary.get('run_id')}: {summary.get('status')}", "",
-                 f"{summary['images_generated']} images generated, {summary['images_failed']} failed"
-                 + (f" ({summary['images_already_made']} already made)" if summary.get("images_already_made") else "")
-                 + f", {summary['rejected']} inputs rejected; output `{summary['output']}`.", ""]
-        if summary.get("products_not_found"):
+        lines = [f"# Catalogue run {summary.run_id}: {summary.status}", "",
+                 f"{summary.images_generated} images generated, {summary.images_failed} failed"
+                 + (f" ({summary.images_already_made} already made)" if summary.images_already_made else "")
+                 + f", {summary.rejected} inputs rejected; output `{summary.output}`.", ""]
+        if summary.products_not_found:
             lines += [not_found_line(summary), ""]
-        if summary.get("status") == "incomplete":
-            lines += [f"**Incomplete**: {summary['images_open']} images and {summary['caches_open']} product caches "
+        if summary.status == "incomplete":
+            lines += [f"**Incomplete**: {summary.images_open} images and {summary.caches_open} product caches "
                       "are still open; run again once they are free.", "", "| item | held by | its run | free at |",
                       "|---|---|---|---|"]
             lines += [f"| {md(h['item'])} | {h['held_by']} | {h['run'] or ''} | {h['free_at']} |"
-                      for h in summary["held"]]
+                      for h in summary.held]
             lines += [""]
-        review_counts = summary.get("review")
-        if review_counts:
-            lines += [f"Review: {review_counts['approved']} approved, {review_counts['rejected']} rejected, "
-                      f"{review_counts['pending']} waiting (the ids are on the contact sheets).", ""]
+        if summary.review:
+            lines += [f"Review: {summary.review['approved']} approved, {summary.review['rejected']} rejected, "
+                      f"{summary.review['pending']} waiting (the ids are on the contact sheets).", ""]
         lines += ["## Contact sheets", ""]
         lines += sheet_lines(sheets) or ["(none)"]
-        if summary.get("rejections"):
+        if summary.rejections:
             lines += ["", "## Rejected inputs", "", "| stage | item | reason |", "|---|---|---|"]
-            lines += [f"| {r['stage']} | {md(r['item'])} | {md(r['reason'])} |" for r in summary["rejections"]]
+            lines += [f"| {r.stage} | {md(r.item)} | {md(r.reason)} |" for r in summary.rejections]
         create_markdown_artifact(key="catalogue-run-summary", markdown="\n".join(lines),
                                  description="The run's outcome, each product's contact sheet, the rejected inputs")
         logger.info("run %s %s: %s products listed, %s ingested, %s cached, %s inputs rejected; %s images generated, "
-                    "%s failed; output %s", summary.get("run_id"), summary.get("status"), summary.get("products_listed"),
-                    summary.get("products_ingested"), summary.get("products_cached"), summary.get("rejected"),
-                    summary.get("images_generated"), summary.get("images_failed"), summary.get("output"))
+                    "%s failed; output %s", summary.run_id, summary.status, summary.products_listed,
+                    summary.products_ingested, summary.products_cached, summary.rejected, summary.images_generated,
+                    summary.images_failed, summary.output)
 
 
 # Contact sheets shown as pictures in a run's summary artifact; the others are listed as links.
@@ -212,9 +211,9 @@ PICTURE_SIDE = 1024
 THUMBNAIL_SIDE = 72  # a shot's picture in the review form's table
 
 
-def not_found_line(summary: dict) -> str:
+def not_found_line(summary: RunSummary) -> str:
     """The one line a run's summary gives to shots in which the segmenter found no product."""
-    return (f"product not found in {summary['products_not_found']} of {summary['images_generated']} shots: "
+    return (f"product not found in {summary.products_not_found} of {summary.images_generated} shots: "
             "they have no masked scores (mdino, mclip_i)")
 
 
@@ -393,7 +392,8 @@ def generate_shard(generation_ids: list[int], params: CatalogueRunParams, progre
 
 
 def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | None = None,
-                name: str | None = None, on_stage: Callable[[str], None] = lambda stage: None) -> dict:
+                name: str | None = None, on_stage: Callable[[str], None] = lambda stage: None,
+                ) -> RunSummary | DryRunSummary:
     platform = get_platform()
     recommended = params.recommended(platform.settings.recommended)
     try:
@@ -460,16 +460,10 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         runner.map(approve_task, [(planned["planned"], params.approve_if, params.keep_best)])
         with transaction(platform.sessions) as session:
             caches_open = caches.open_caches(session, platform, usable, preparation)
-        summary = runs.summarise(platform, run_id, len(listing.items) + len(listing.rejected), subject_ids, cache_ids, len(todo), sheet_uris,
-                                  params.output_prefix, caches_open)
-        summary["run_id"], summary["shots_repaired"] = run_id, planned["repaired"]
-        summary["images_already_made"] = made
-        summary["assets"] = asset_uris
-        summary["files_skipped"], summary["skipped"] = len(listing.skipped), listing.skipped[:20]
-        with transaction(platform.sessions) as session:
-            summary["products"] = queries.best_scores(session, run_id)
-            summary["review"] = runs.review_counts(session, run_id)
-            summary["products_not_found"] = queries.shots_without_masked_scores(session, run_id)
+        summary = runs.summarise(
+            platform, run_id, len(listing.items) + len(listing.rejected), subject_ids, cache_ids, len(todo), sheet_uris,
+            params.output_prefix, caches_open, already_made=made, repaired=planned["repaired"], assets=asset_uris,
+            skipped=listing.skipped)
     except KeyboardInterrupt:
         runs.cancel_run(platform, run_id, "interrupted (SIGINT)")
         raise
@@ -533,7 +527,8 @@ def prepare(params: CatalogueRunParams, places: Places) -> Inputs:
 
 @flow(name="catalogue-run", flow_run_name="catalogue-{params.output_prefix}", persist_result=False)
 def catalogue_run(params: CatalogueRunParams) -> dict:
-    """Personalised product shots for a catalogue: ingest, segment, cache once, generate, score, write back."""
+    """Personalised product shots for a catalogue: ingest, segment, cache once, generate, score, write back.
+    Returns the run's summary as its record keeps it (`RunSummary.as_record`: JSON, for the API and the UI)."""
     from prefect import get_run_logger
     from prefect.runtime import flow_run
     from prefect.states import Failed
@@ -542,7 +537,7 @@ def catalogue_run(params: CatalogueRunParams) -> dict:
     try:
         require_named_stores(get_platform().settings, f"flow run {flow_run.name}")
         summary = orchestrate(params, PrefectRunner(), flow_run_id=str(flow_run.id), name=flow_run.name)
-        if summary.get("status") == "completed":
+        if isinstance(summary, RunSummary) and summary.status == "completed":
             summary = review_and_publish(params, summary, on_prefect=True)
     except Exception as exc:
         # The run's state says why in one line, the line `dreamcache run` prints after "error:"; calling the
@@ -551,10 +546,10 @@ def catalogue_run(params: CatalogueRunParams) -> dict:
         if not is_expected(exc):
             get_run_logger().error("the run failed: %s", one_line(exc), exc_info=exc)
         return Failed(message=one_line(exc), data=exc)
-    if summary.get("status") == "incomplete":  # the flow run fails, so that schedulers and the UI see it
+    if isinstance(summary, RunSummary) and summary.status == "incomplete":  # the flow run fails: schedulers see it
         incomplete = RunIncomplete(summary)
         return Failed(message=str(incomplete), data=incomplete)
-    return summary
+    return summary.as_record()
 
 
 # How often a paused run asks the server whether a reviewer has answered.
@@ -581,17 +576,17 @@ def wait_for_review(run_id: int, pending: int, timeout_minutes: int):
         return None
 
 
-def review_and_publish(params: CatalogueRunParams, summary: dict, on_prefect: bool = False) -> dict:
+def review_and_publish(params: CatalogueRunParams, summary: RunSummary, on_prefect: bool = False) -> RunSummary:
     """After a completed run: the reviewer's decision (when the run pauses for one: Prefect only), then the
     approved shots published (when the run names a prefix). Both are added to the run's summary."""
-    platform, run_id = get_platform(), summary["run_id"]
+    platform, run_id = get_platform(), summary.run_id
     facts = {}
-    if params.review == "pause" and summary["review"]["pending"]:
+    if params.review == "pause" and summary.review["pending"]:
         if not on_prefect:
             logger.warning("run %d: review=pause needs a Prefect run; the %d shots waiting for review wait for "
-                           "`dreamcache review %d`", run_id, summary["review"]["pending"], run_id)
+                           "`dreamcache review %d`", run_id, summary.review["pending"], run_id)
         else:
-            decision = wait_for_review(run_id, summary["review"]["pending"], params.review_timeout_minutes)
+            decision = wait_for_review(run_id, summary.review["pending"], params.review_timeout_minutes)
             try:
                 if decision is not None:
                     facts["review_decision"] = review.decide(platform, run_id, decision.approve, decision.reject,
@@ -610,27 +605,30 @@ def review_and_publish(params: CatalogueRunParams, summary: dict, on_prefect: bo
         published = facts["published"]
         logger.info("run %d published to %s: %d added, %d withdrawn, %d in all", run_id, params.publish_prefix,
                     published.get("added", 0), published.get("withdrawn", 0), published.get("total", 0))
-    if facts:
-        runs.record(platform, run_id, **facts)
-    return {**summary, **facts}
+    if not facts:
+        return summary
+    summary = summary.model_copy(update=facts)
+    runs.record(platform, summary)
+    return summary
 
 
 class RunIncomplete(RuntimeError):
     """A run that ended with planned work still open (held by other workers); carries its summary."""
 
-    def __init__(self, summary: dict):
-        super().__init__(f"incomplete: {summary['images_open']} images and {summary['caches_open']} product caches are "
+    def __init__(self, summary: RunSummary):
+        super().__init__(f"incomplete: {summary.images_open} images and {summary.caches_open} product caches are "
                          "still open (held by other workers); run again once they are free")
         self.summary = summary
 
 
 def run_embedded(params: CatalogueRunParams, progress: bool = True) -> dict:
-    """The same run without Prefect: every step in this process (the embedded default)."""
+    """The same run without Prefect: every step in this process (the embedded default). Returns the summary's
+    record, as the flow run does."""
     def stage(text: str) -> None:
         if progress:
             tqdm.write(text)
 
     summary = orchestrate(params, EmbeddedRunner(progress), name="embedded", on_stage=stage)
-    if summary.get("status") == "completed":
+    if isinstance(summary, RunSummary) and summary.status == "completed":
         summary = review_and_publish(params, summary)
-    return summary
+    return summary.as_record()

@@ -18,6 +18,7 @@ from sqlalchemy import make_url
 from dreamcache.app import cli as library_cli
 from dreamcache.app.config import Settings
 from flows.params import PUBLISH_PREFIX, CatalogueRunParams
+from flows.summary import DryRunSummary, RunSummary, read_summary
 
 app = library_cli.app
 db_app = typer.Typer(help="The platform database (SQLite embedded, PostgreSQL in production).", no_args_is_help=True)
@@ -280,11 +281,11 @@ def run(**options: Any) -> None:
         if use_prefect:
             from flows.catalogue import catalogue_run
 
-            summary = catalogue_run(params)
+            summary = read_summary(catalogue_run(params))
         else:
             from flows.catalogue import run_embedded
 
-            summary = run_embedded(params)
+            summary = read_summary(run_embedded(params))
     except KeyboardInterrupt:
         typer.secho("\ninterrupted: the run is cancelled and what it held is free for the next run", err=True,
                     fg=typer.colors.YELLOW)
@@ -300,7 +301,7 @@ def run(**options: Any) -> None:
 
         library_cli.fail(one_line(exc))
     _print_summary(summary, settings)
-    if summary.get("status") == "incomplete":
+    if getattr(summary, "status", None) == "incomplete":  # a dry run has no status
         raise typer.Exit(EXIT_INCOMPLETE)
 
 
@@ -328,48 +329,48 @@ def _check_prefect_server() -> None:
 EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED = 3, 130, 143
 
 
-def _print_summary(summary: dict, settings: Settings) -> None:
-    if summary.get("dry_run"):
-        typer.echo(f"\ndry run: {summary['products_listed']} products listed, {summary['products_valid']} valid, "
-                   f"{summary['rejected']} rejected; {summary['prompts']} prompts; "
-                   f"{summary['images_planned']} images would be generated")
-        for r in summary["rejections"]:
-            typer.echo(f"  rejected {r['item']}: {r['reason']}")
+def _print_summary(summary: RunSummary | DryRunSummary, settings: Settings) -> None:
+    if isinstance(summary, DryRunSummary):
+        typer.echo(f"\ndry run: {summary.products_listed} products listed, {summary.products_valid} valid, "
+                   f"{summary.rejected} rejected; {summary.prompts} prompts; "
+                   f"{summary.images_planned} images would be generated")
+        for r in summary.rejections:
+            typer.echo(f"  rejected {r.item}: {r.reason}")
         _print_skipped(summary)
         return
     typer.echo(
-        f"\nrun {summary['run_id']}: {summary['products_listed']} products listed, {summary['products_ingested']} ingested, "
-        f"{summary['rejected']} rejected, {summary['products_cached']} cached; "
-        f"{summary['images_generated']} images generated, {summary['images_failed']} failed "
-        f"({_already_made(summary)}{summary['images_planned']} to do this run"
-        + (f", {summary['shots_repaired']} of them found missing or damaged" if summary.get("shots_repaired") else "")
+        f"\nrun {summary.run_id}: {summary.products_listed} products listed, {summary.products_ingested} ingested, "
+        f"{summary.rejected} rejected, {summary.products_cached} cached; "
+        f"{summary.images_generated} images generated, {summary.images_failed} failed "
+        f"({_already_made(summary)}{summary.images_planned} to do this run"
+        + (f", {summary.shots_repaired} of them found missing or damaged" if summary.shots_repaired else "")
         + ")")
-    for r in summary["rejections"]:
-        typer.secho(f"  rejected at {r['stage']}: {r['item']}: {r['reason']}", fg=typer.colors.YELLOW)
+    for r in summary.rejections:
+        typer.secho(f"  rejected at {r.stage}: {r.item}: {r.reason}", fg=typer.colors.YELLOW)
     _print_skipped(summary)
-    if summary.get("status") == "incomplete":
+    if summary.status == "incomplete":
         from flows.liveness import held_line
 
-        typer.secho(f"incomplete: {summary['images_open']} images and {summary['caches_open']} product caches are still "
+        typer.secho(f"incomplete: {summary.images_open} images and {summary.caches_open} product caches are still "
                     "open", fg=typer.colors.YELLOW)
-        for held in summary["held"]:
+        for held in summary.held:
             typer.secho(f"  {held_line(held)}", fg=typer.colors.YELLOW)
         typer.secho("  run again once they are free (a live worker finishes them; a dead one's are taken over at once)",
                     fg=typer.colors.YELLOW)
-    if summary.get("products_not_found"):
+    if summary.products_not_found:
         from flows.catalogue import not_found_line
 
         typer.echo(not_found_line(summary))
-    typer.echo(f"images and sidecars: {summary['output']}")
-    for sku, uri in summary["contact_sheets"].items():
+    typer.echo(f"images and sidecars: {summary.output}")
+    for sku, uri in summary.contact_sheets.items():
         typer.echo(f"contact sheet {sku}: {uri}")
-    for sku, uris in summary.get("assets", {}).items():
+    for sku, uris in summary.assets.items():
         typer.echo(f"cut-out and packshots {sku}: {', '.join(uris)}")
-    review = summary.get("review")
+    review = summary.review
     if review:
         typer.echo(f"review: {review['approved']} approved, {review['rejected']} rejected, {review['pending']} waiting"
-                   + (f" (see them: dreamcache review {summary['run_id']})" if review["pending"] else ""))
-    published = summary.get("published")
+                   + (f" (see them: dreamcache review {summary.run_id})" if review["pending"] else ""))
+    published = summary.published
     if published:
         typer.echo(f"published: {published.get('added', 0)} added, {published.get('withdrawn', 0)} withdrawn, "
                    f"{published.get('total', 0)} in all; manifest {published.get('manifest_csv', '')}")
@@ -379,16 +380,16 @@ def _print_summary(summary: dict, settings: Settings) -> None:
                "ORDER BY generation_id DESC LIMIT 10;)")
 
 
-def _already_made(summary: dict) -> str:
+def _already_made(summary: RunSummary) -> str:
     """'18 already made, ' where earlier runs made shots of this plan: a re-run that does nothing says why."""
-    made = summary.get("images_already_made")
+    made = summary.images_already_made
     return f"{made} already made, " if made else ""
 
 
-def _print_skipped(summary: dict) -> None:
-    if summary.get("files_skipped"):
-        shown = ", ".join(summary["skipped"]) + (", ..." if summary["files_skipped"] > len(summary["skipped"]) else "")
-        typer.secho(f"  skipped {summary['files_skipped']} files that are not product images: {shown}",
+def _print_skipped(summary: RunSummary | DryRunSummary) -> None:
+    if summary.files_skipped:
+        shown = ", ".join(summary.skipped) + (", ..." if summary.files_skipped > len(summary.skipped) else "")
+        typer.secho(f"  skipped {summary.files_skipped} files that are not product images: {shown}",
                     fg=typer.colors.YELLOW)
 
 
