@@ -184,8 +184,10 @@ class CatalogueRunParams(BaseModel):
     preset: Literal["model", "authors"] = Field(
         default="model",
         description="Where the settings left at 0 or 'preset' come from: the model's recommended ones, or the authors' "
-        "released inference (DDIM 50 steps, eta 0, image scale 0.35, their negative prompt for the unconditional "
-        "passes and the cache, the reference photo stretched to the square, the VAE posterior sampled; docs/models.md).",
+        f"released inference ({AUTHORS_INFERENCE.sampler.upper()} {AUTHORS_INFERENCE.steps} steps, eta "
+        f"{AUTHORS_INFERENCE.eta:g}, image scale {AUTHORS_INFERENCE.image_scale:g}, their negative prompt for the "
+        "unconditional passes and the cache, the reference photo stretched to the square, the VAE posterior sampled; "
+        "docs/models.md).",
     )
     sampler: Literal["preset", *SAMPLERS] = Field(
         default="preset", description="The scheduler: " + ", ".join(SAMPLERS) + " (model: the base model's own); "
@@ -208,7 +210,7 @@ class CatalogueRunParams(BaseModel):
     image_scale: float = Field(
         default=0.0, ge=0.0, le=MAX_IMAGE_SCALE,
         description=f"Image guidance scale ({COMBINED} only): higher keeps more of the product; 0: the model's "
-        "working point (the authors' 0.35 on Stable Diffusion, 5 for the bundled model).")
+        f"working point (the authors' {AUTHORS_INFERENCE.image_scale:g} on Stable Diffusion, 5 for the bundled model).")
     steps: int = Field(default=0, ge=0, le=500, description="Denoising steps per image; 0: the model's.")
     deep_reuse_interval: int = Field(
         default=0, ge=0, le=10,
