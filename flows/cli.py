@@ -358,7 +358,7 @@ def _print_summary(summary: RunSummary | DryRunSummary, settings: Settings) -> N
         typer.secho("  run again once they are free (a live worker finishes them; a dead one's are taken over at once)",
                     fg=typer.colors.YELLOW)
     if summary.products_not_found:
-        from flows.catalogue import not_found_line
+        from flows.run_report import not_found_line
 
         typer.echo(not_found_line(summary))
     typer.echo(f"images and sidecars: {summary.output}")
@@ -519,8 +519,9 @@ def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GP
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        from flows.catalogue import generate_task, log_platform_info
+        from flows.catalogue import generate_task
         from flows.platform import get_platform
+        from flows.run_logs import log_platform_info
         from flows.worker import serve_until_stopped
 
         log_platform_info()  # its batches' lines go to their task runs' logs
