@@ -4,7 +4,8 @@ One orchestration, two ways to run it. On Prefect (`catalogue_run`, a deployment
 step is a task, the unit of retry; generation goes out in batches, in-process or to long-lived GPU
 task workers, and large plans are sharded into child flow runs. Embedded (`run_embedded`, the
 CLI without a Prefect server) the same steps run directly in this process with a progress bar.
-Tasks take and return keys (ids, URIs), never images or tensors.
+Tasks take and return keys (ids, URIs), never images or tensors. What the run shows in the UI (its
+artifacts) is flows/run_report.py's; how the platform's log lines reach a run's logs, flows/run_logs.py's.
 
 (No `from __future__ import annotations` here: Prefect reads the flow's parameter types at run time.)
 """
@@ -23,10 +24,9 @@ from tqdm.auto import tqdm
 
 from sqlalchemy import select
 
-from db import queries
 from db.models import RejectedItem
 from db.session import transaction
-from dreamcache.perception.metrics import METRICS
+from dreamcache.core.schedulers import TAKES_ETA
 from flows.places import InvalidInputs, Places
 from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
 from flows.steps.prompts import Prompts, check_templates, load_prompts
@@ -35,9 +35,11 @@ from flows.steps import assets, caches, generate, ingest, plan, runs, segment, s
 from flows.steps.shared import chunks
 from flows import liveness
 from flows.failures import is_expected, one_line, retry_unless_permanent
-from flows.markdown import md, plain
 from flows.params import CatalogueRunParams, parse_rule, shop_formats
 from flows.platform import get_platform, require_named_stores
+from flows.run_logs import log_platform_info, send_platform_logs_to_prefect
+from flows.run_report import report_run, thumbnail
+from flows.summary import DryRunSummary, RunSummary
 
 # Named, not __name__: a worker runs this file as the script `catalogue`, and only the platform's loggers
 # (PLATFORM_LOGGERS) reach the flow run's logs.
@@ -52,23 +54,25 @@ TASK_BATCHES = 4
 
 # Tasks: each reads its inputs from the database and object store by key, so a retry is safe.
 # NO_CACHE: whether work is done is the database's answer, never a cached task result.
+step_task = task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+
+@step_task
 def ingest_task(run_id: int, items: list[SourceItem], places: Places) -> list[int]:
     return ingest.ingest(get_platform(), run_id, items, places)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+@step_task
 def segment_task(run_id: int, subject_ids: list[int]) -> list[int]:
     return segment.segment(get_platform(), run_id, subject_ids)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+@step_task
 def cache_task(run_id: int, subject_ids: list[int], preparation: caches.Preparation) -> list[int]:
     return caches.cache(get_platform(), run_id, subject_ids, preparation)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+@step_task
 def plan_task(run_id: int, cache_ids: list[int], params: CatalogueRunParams, templates: list[str]) -> dict:
     return plan.plan(get_platform(), run_id, cache_ids, params, templates)
 
@@ -80,24 +84,24 @@ def generate_task(generation_ids: list[int], output_prefix: str, batch_size: int
     return dict(done=len(result.done), failed=len(result.failed), skipped=len(result.skipped))
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+@step_task
 def contact_sheets_task(subject_ids: list[int], output_prefix: str) -> dict[str, str]:
     return sheets.contact_sheets(get_platform(), subject_ids, output_prefix)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+@step_task
 def assets_task(run_id: int, subject_ids: list[int], output_prefix: str, formats: list[str], cutout: bool,
                 packshot: bool) -> dict[str, list[str]]:
     return assets.product_assets(get_platform(), run_id, subject_ids, output_prefix, shop_formats(formats), cutout,
                                  packshot)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+@step_task
 def approve_task(generation_ids: list[int], approve_if: list[str], keep_best: int) -> dict:
     return review.auto_approve(get_platform(), generation_ids, [parse_rule(rule) for rule in approve_if], keep_best)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
+@step_task
 def publish_task(run_id: int, prefix: str) -> dict:
     return publish.publish(get_platform(), run_id, prefix)
 
@@ -111,7 +115,7 @@ class Runner:
     def generate(self, run_id: int, todo: list[int], params: CatalogueRunParams) -> None:
         raise NotImplementedError
 
-    def report(self, summary: dict) -> None:
+    def report(self, summary: RunSummary) -> None:
         pass
 
 
@@ -165,172 +169,16 @@ class PrefectRunner(Runner):
                     shard, params, progress)
             done += len(shard)
 
-    def report(self, summary):
-        from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-        sheets = summary.get("contact_sheets", {})
-        with transaction(get_platform().sessions) as session:
-            failed = queries.failures_by_sku(session, summary["run_id"])
-        create_table_artifact(key="catalogue-run-products", table=product_rows(summary.get("products", []), failed,
-                                                                                sheets) or [{}],
-                              description="Products of this run: images made and failed, best scores, contact sheet")
-        lines = [f"# Catalogue run {summary.get('run_id')}: {summary.get('status')}", "",
-                 f"{summary['images_generated']} images generated, {summary['images_failed']} failed"
-                 + (f" ({summary['images_already_made']} already made)" if summary.get("images_already_made") else "")
-                 + f", {summary['rejected']} inputs rejected; output `{summary['output']}`.", ""]
-        if summary.get("products_not_found"):
-            lines += [not_found_line(summary), ""]
-        if summary.get("status") == "incomplete":
-            lines += [f"**Incomplete**: {summary['images_open']} images and {summary['caches_open']} product caches "
-                      "are still open; run again once they are free.", "", "| item | held by | its run | free at |",
-                      "|---|---|---|---|"]
-            lines += [f"| {md(h['item'])} | {h['held_by']} | {h['run'] or ''} | {h['free_at']} |"
-                      for h in summary["held"]]
-            lines += [""]
-        review_counts = summary.get("review")
-        if review_counts:
-            lines += [f"Review: {review_counts['approved']} approved, {review_counts['rejected']} rejected, "
-                      f"{review_counts['pending']} waiting (the ids are on the contact sheets).", ""]
-        lines += ["## Contact sheets", ""]
-        lines += sheet_lines(sheets) or ["(none)"]
-        if summary.get("rejections"):
-            lines += ["", "## Rejected inputs", "", "| stage | item | reason |", "|---|---|---|"]
-            lines += [f"| {r['stage']} | {md(r['item'])} | {md(r['reason'])} |" for r in summary["rejections"]]
-        create_markdown_artifact(key="catalogue-run-summary", markdown="\n".join(lines),
-                                 description="The run's outcome, each product's contact sheet, the rejected inputs")
+    def report(self, summary: RunSummary) -> None:
+        report_run(summary)
         logger.info("run %s %s: %s products listed, %s ingested, %s cached, %s inputs rejected; %s images generated, "
-                    "%s failed; output %s", summary.get("run_id"), summary.get("status"), summary.get("products_listed"),
-                    summary.get("products_ingested"), summary.get("products_cached"), summary.get("rejected"),
-                    summary.get("images_generated"), summary.get("images_failed"), summary.get("output"))
+                    "%s failed; output %s", summary.run_id, summary.status, summary.products_listed,
+                    summary.products_ingested, summary.products_cached, summary.rejected, summary.images_generated,
+                    summary.images_failed, summary.output)
 
 
-# Contact sheets shown as pictures in a run's summary artifact; the others are listed as links.
-MAX_PICTURES = 24
-# A local store's sheet is embedded in the artifact, shrunk to this many pixels on its longer side.
-PICTURE_SIDE = 1024
-THUMBNAIL_SIDE = 72  # a shot's picture in the review form's table
-
-
-def not_found_line(summary: dict) -> str:
-    """The one line a run's summary gives to shots in which the segmenter found no product."""
-    return (f"product not found in {summary['products_not_found']} of {summary['images_generated']} shots: "
-            "they have no masked scores (mdino, mclip_i)")
-
-
-def product_rows(products: list[dict], failed: dict[str, int], sheets: dict[str, str]) -> list[dict]:
-    """The products table: one row per product of the run, each with the same columns (the UI takes its columns
-    from the first row): images made and failed, the best score of each metric recorded, its contact sheet."""
-    best = {row["sku"]: row for row in products}
-    recorded = {key.removeprefix("best_") for row in products for key in row if key.startswith("best_")}
-    metrics = [m for m in METRICS if m in recorded] + sorted(recorded - set(METRICS))
-    rows = []
-    for sku in sorted(set(best) | set(failed) | set(sheets)):
-        row = dict(sku=md(sku), images=best.get(sku, {}).get("images", 0), failed=failed.get(sku, 0))
-        row.update({f"best_{m}": best.get(sku, {}).get(f"best_{m}") for m in metrics})
-        # Table cells that are text are rendered as markdown by the UI: a link is clickable.
-        row["contact_sheet"] = f"[contact sheet](<{_public(sheets[sku])}>)" if sku in sheets else ""
-        rows.append(row)
-    return rows
-
-
-def sheet_lines(sheets: dict[str, str]) -> list[str]:
-    """Markdown of the contact sheets: a heading, the picture (the first MAX_PICTURES) and a link per product."""
-    lines = []
-    for index, (sku, uri) in enumerate(sorted(sheets.items())):
-        url = _public(uri)
-        picture = _picture(uri, url) if index < MAX_PICTURES else None
-        lines += [f"### {md(sku)}", ""]
-        lines += [f"![contact sheet of {plain(sku)}](<{picture}>)", ""] if picture else []
-        lines += [f"[{plain(uri)}](<{url}>)", ""]
-    return lines
-
-
-def _public(uri: str) -> str:
-    """A link the UI's viewer can open: presigned for S3, the URI itself otherwise."""
-    objects = get_platform().objects
-    try:
-        return objects.public_url(objects.key_of(uri), expires_s=7 * 24 * 3600)
-    except ValueError:
-        return uri
-
-
-def _picture(uri: str, url: str) -> str | None:
-    """What the browser showing the UI can load as the picture of a contact sheet: its presigned URL; for a local
-    store (file://, which a web page may not load) the sheet itself, shrunk, as a data: URL; None if unreadable
-    (the link is still listed, and a report never fails a run that is done)."""
-    if not url.startswith("file:"):
-        return url
-    return _embedded(uri, PICTURE_SIDE, "contact sheet %s is not shown in the run's artifact: %s")
-
-
-def _thumbnail(uri: str) -> str | None:
-    """A shot as the review form shows it: shrunk and embedded, so that the table stays small and fits the
-    dialog whatever the store (a presigned link would load the full image at its full size)."""
-    return _embedded(uri, THUMBNAIL_SIDE, "shot %s is not shown in the review form: %s")
-
-
-def _embedded(uri: str, side: int, unreadable: str) -> str | None:
-    """The picture at `uri`, at most `side` pixels a side, as a data: URL; None (with `unreadable` logged) when
-    it cannot be read: a picture is never a reason to fail a run."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    objects = get_platform().objects
-    try:
-        image = Image.open(io.BytesIO(objects.get(objects.key_of(uri))))
-        image.thumbnail((side, side))
-        data = io.BytesIO()
-        image.convert("RGB").save(data, "JPEG", quality=80)
-    except Exception as exc:
-        logger.warning(unreadable, uri, exc)
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(data.getvalue()).decode()
-
-
-# The platform's own loggers: their lines go to the console as ever and, when made inside a Prefect flow or task
-# run, to that run's logs in the UI as well.
-PLATFORM_LOGGERS = ("flows", "db", "dreamcache")
-_RUN_LOGS = "dreamcache-run-logs"  # the handler's name: attached once, however often this file is loaded
-
-
-def send_platform_logs_to_prefect() -> None:
-    """Send the platform's log lines made inside a Prefect flow or task run to that run's logs, in whichever
-    process runs it: a worker's flow run, a served deployment, `dreamcache run --prefect`, a task worker.
-
-    Done here, on import, rather than with PREFECT_LOGGING_EXTRA_LOGGERS: that setting must reach every
-    process's environment, and it attaches the handler without a level, so the loggers would keep the root's
-    WARNING and drop the INFO lines (the run's summary; `log_platform_info` lets them through where a run
-    starts). Lines made outside any run (embedded runs, a heartbeat thread) have no run to go to.
-    """
-    from prefect.logging.handlers import APILogHandler
-
-    for name in PLATFORM_LOGGERS:
-        platform_logger = logging.getLogger(name)
-        if any(handler.get_name() == _RUN_LOGS for handler in platform_logger.handlers):
-            continue
-        handler = APILogHandler()
-        handler.set_name(_RUN_LOGS)
-        handler.addFilter(_in_a_prefect_run)
-        platform_logger.addHandler(handler)
-
-
-def log_platform_info() -> None:
-    """Let the platform's INFO lines through, for a Prefect run's logs: called where a flow run or a task worker
-    starts, not on import, so that an embedded run's console keeps to warnings (it prints its own progress)."""
-    for name in PLATFORM_LOGGERS:
-        platform_logger = logging.getLogger(name)
-        if platform_logger.level == logging.NOTSET:  # a level the operator set stays
-            platform_logger.setLevel(logging.INFO)
-
-
-def _in_a_prefect_run(record: logging.LogRecord) -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
-
-
+# On load of this file, in every process that runs the flow or its tasks (a worker runs it as the script
+# `catalogue`): the platform's log lines made in a run go to that run's logs (flows/run_logs.py).
 send_platform_logs_to_prefect()
 
 
@@ -392,13 +240,14 @@ def generate_shard(generation_ids: list[int], params: CatalogueRunParams, progre
 
 
 def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | None = None,
-                name: str | None = None, on_stage: Callable[[str], None] = lambda stage: None) -> dict:
+                name: str | None = None, on_stage: Callable[[str], None] = lambda stage: None,
+                ) -> RunSummary | DryRunSummary:
     platform = get_platform()
     recommended = params.recommended(platform.settings.recommended)
     try:
         params = params.with_recommended(recommended)
     except ValueError as exc:  # an eta the preset's sampler does not take
-        raise InvalidInputs(f"{exc}, or name the ddim sampler (the {params.preset} preset samples with "
+        raise InvalidInputs(f"{exc}, or name the {' or '.join(TAKES_ETA)} sampler (the {params.preset} preset samples with "
                             f"{recommended.sampler})") from None
     preparation = caches.Preparation(params.negative_prompt, recommended.reference_mode, recommended.latent)
     on_stage("checking inputs")
@@ -459,16 +308,10 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         runner.map(approve_task, [(planned["planned"], params.approve_if, params.keep_best)])
         with transaction(platform.sessions) as session:
             caches_open = caches.open_caches(session, platform, usable, preparation)
-        summary = runs.summarise(platform, run_id, len(listing.items) + len(listing.rejected), subject_ids, cache_ids, len(todo), sheet_uris,
-                                  params.output_prefix, caches_open)
-        summary["run_id"], summary["shots_repaired"] = run_id, planned["repaired"]
-        summary["images_already_made"] = made
-        summary["assets"] = asset_uris
-        summary["files_skipped"], summary["skipped"] = len(listing.skipped), listing.skipped[:20]
-        with transaction(platform.sessions) as session:
-            summary["products"] = queries.best_scores(session, run_id)
-            summary["review"] = runs.review_counts(session, run_id)
-            summary["products_not_found"] = queries.shots_without_masked_scores(session, run_id)
+        summary = runs.summarise(
+            platform, run_id, len(listing.items) + len(listing.rejected), subject_ids, cache_ids, len(todo), sheet_uris,
+            params.output_prefix, caches_open, already_made=made, repaired=planned["repaired"], assets=asset_uris,
+            skipped=listing.skipped)
     except KeyboardInterrupt:
         runs.cancel_run(platform, run_id, "interrupted (SIGINT)")
         raise
@@ -532,7 +375,8 @@ def prepare(params: CatalogueRunParams, places: Places) -> Inputs:
 
 @flow(name="catalogue-run", flow_run_name="catalogue-{params.output_prefix}", persist_result=False)
 def catalogue_run(params: CatalogueRunParams) -> dict:
-    """Personalised product shots for a catalogue: ingest, segment, cache once, generate, score, write back."""
+    """Personalised product shots for a catalogue: ingest, segment, cache once, generate, score, write back.
+    Returns the run's summary as its record keeps it (`RunSummary.as_record`: JSON, for the API and the UI)."""
     from prefect import get_run_logger
     from prefect.runtime import flow_run
     from prefect.states import Failed
@@ -541,7 +385,7 @@ def catalogue_run(params: CatalogueRunParams) -> dict:
     try:
         require_named_stores(get_platform().settings, f"flow run {flow_run.name}")
         summary = orchestrate(params, PrefectRunner(), flow_run_id=str(flow_run.id), name=flow_run.name)
-        if summary.get("status") == "completed":
+        if isinstance(summary, RunSummary) and summary.status == "completed":
             summary = review_and_publish(params, summary, on_prefect=True)
     except Exception as exc:
         # The run's state says why in one line, the line `dreamcache run` prints after "error:"; calling the
@@ -550,10 +394,10 @@ def catalogue_run(params: CatalogueRunParams) -> dict:
         if not is_expected(exc):
             get_run_logger().error("the run failed: %s", one_line(exc), exc_info=exc)
         return Failed(message=one_line(exc), data=exc)
-    if summary.get("status") == "incomplete":  # the flow run fails, so that schedulers and the UI see it
+    if isinstance(summary, RunSummary) and summary.status == "incomplete":  # the flow run fails: schedulers see it
         incomplete = RunIncomplete(summary)
         return Failed(message=str(incomplete), data=incomplete)
-    return summary
+    return summary.as_record()
 
 
 # How often a paused run asks the server whether a reviewer has answered.
@@ -572,7 +416,7 @@ def wait_for_review(run_id: int, pending: int, timeout_minutes: int):
                 "with a decision)", run_id, pending, timeout_minutes)
     try:
         return pause_flow_run(wait_for_input=review.ReviewDecision.with_initial_data(
-            description=review.review_markdown(rows, run_id, picture=_thumbnail)), timeout=timeout_minutes * 60,
+            description=review.review_markdown(rows, run_id, picture=thumbnail)), timeout=timeout_minutes * 60,
             poll_interval=REVIEW_POLL_S)
     except FlowPauseTimeout:
         logger.warning("run %d: no review decision within %d minutes; the shots wait for `dreamcache review %d`",
@@ -580,17 +424,17 @@ def wait_for_review(run_id: int, pending: int, timeout_minutes: int):
         return None
 
 
-def review_and_publish(params: CatalogueRunParams, summary: dict, on_prefect: bool = False) -> dict:
+def review_and_publish(params: CatalogueRunParams, summary: RunSummary, on_prefect: bool = False) -> RunSummary:
     """After a completed run: the reviewer's decision (when the run pauses for one: Prefect only), then the
     approved shots published (when the run names a prefix). Both are added to the run's summary."""
-    platform, run_id = get_platform(), summary["run_id"]
+    platform, run_id = get_platform(), summary.run_id
     facts = {}
-    if params.review == "pause" and summary["review"]["pending"]:
+    if params.review == "pause" and summary.review["pending"]:
         if not on_prefect:
             logger.warning("run %d: review=pause needs a Prefect run; the %d shots waiting for review wait for "
-                           "`dreamcache review %d`", run_id, summary["review"]["pending"], run_id)
+                           "`dreamcache review %d`", run_id, summary.review["pending"], run_id)
         else:
-            decision = wait_for_review(run_id, summary["review"]["pending"], params.review_timeout_minutes)
+            decision = wait_for_review(run_id, summary.review["pending"], params.review_timeout_minutes)
             try:
                 if decision is not None:
                     facts["review_decision"] = review.decide(platform, run_id, decision.approve, decision.reject,
@@ -609,27 +453,30 @@ def review_and_publish(params: CatalogueRunParams, summary: dict, on_prefect: bo
         published = facts["published"]
         logger.info("run %d published to %s: %d added, %d withdrawn, %d in all", run_id, params.publish_prefix,
                     published.get("added", 0), published.get("withdrawn", 0), published.get("total", 0))
-    if facts:
-        runs.record(platform, run_id, **facts)
-    return {**summary, **facts}
+    if not facts:
+        return summary
+    summary = summary.model_copy(update=facts)
+    runs.record(platform, summary)
+    return summary
 
 
 class RunIncomplete(RuntimeError):
     """A run that ended with planned work still open (held by other workers); carries its summary."""
 
-    def __init__(self, summary: dict):
-        super().__init__(f"incomplete: {summary['images_open']} images and {summary['caches_open']} product caches are "
+    def __init__(self, summary: RunSummary):
+        super().__init__(f"incomplete: {summary.images_open} images and {summary.caches_open} product caches are "
                          "still open (held by other workers); run again once they are free")
         self.summary = summary
 
 
 def run_embedded(params: CatalogueRunParams, progress: bool = True) -> dict:
-    """The same run without Prefect: every step in this process (the embedded default)."""
+    """The same run without Prefect: every step in this process (the embedded default). Returns the summary's
+    record, as the flow run does."""
     def stage(text: str) -> None:
         if progress:
             tqdm.write(text)
 
     summary = orchestrate(params, EmbeddedRunner(progress), name="embedded", on_stage=stage)
-    if summary.get("status") == "completed":
+    if isinstance(summary, RunSummary) and summary.status == "completed":
         summary = review_and_publish(params, summary)
-    return summary
+    return summary.as_record()

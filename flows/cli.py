@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import enum
+import inspect
 import os
 import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Literal, NamedTuple, Optional, get_args, get_origin
 
 import typer
+from pydantic.fields import FieldInfo
 from sqlalchemy import make_url
 
 from dreamcache.app import cli as library_cli
 from dreamcache.app.config import Settings
-from flows.params import CatalogueRunParams
+from flows.params import PUBLISH_PREFIX, CatalogueRunParams
+from flows.summary import DryRunSummary, RunSummary, read_summary
 
 app = library_cli.app
 db_app = typer.Typer(help="The platform database (SQLite embedded, PostgreSQL in production).", no_args_is_help=True)
@@ -25,6 +29,7 @@ stack_app = typer.Typer(help="PostgreSQL, an S3 endpoint and a Prefect server on
 app.add_typer(stack_app, name="stack")
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
+_FIELD_DEFAULT = object()  # RunOption's default: the field's
 
 
 def _safe(url: str) -> str:
@@ -147,77 +152,109 @@ def stack_down() -> None:
     typer.echo(f"stack stopped (process {pid})")
 
 
-def _default(name: str):
-    """A run parameter's default and help come from CatalogueRunParams, their one home."""
-    return CatalogueRunParams.model_fields[name].default
+# `dreamcache run`'s options are CatalogueRunParams' fields, made here from the model (names, help, defaults, bounds
+# and choices), so that a new run parameter is one field there. Validation stays the model's: the command passes
+# what it is given to CatalogueRunParams and prints its messages, the same as the Prefect form's.
 
 
-def _help(name: str) -> str:
-    return CatalogueRunParams.model_fields[name].description
+class RunOption(NamedTuple):
+    """Where a field is spelled otherwise on the command line (the names and flags scripts already use)."""
+
+    decls: tuple[str, ...] = ()  # the option's names; none: --field-name
+    help: str = ""  # the help; empty: the field's description
+    default: Any = _FIELD_DEFAULT  # the option's default, where the command fills it in itself
 
 
-@app.command()
-def run(
-    source: Optional[str] = typer.Option(None, help="S3 prefix, local folder or manifest; default: the bundled example catalogue."),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt template (repeatable)."),
-    prompt_file: str = typer.Option("", help=_help("prompt_file")),
-    images_per_prompt: int = typer.Option(_default("images_per_prompt"), help=_help("images_per_prompt")),
-    seed: int = typer.Option(_default("seed"), help=_help("seed")),
-    seed_policy: str = typer.Option(_default("seed_policy"), help=_help("seed_policy")),
-    mode: str = typer.Option(_default("mode"), help=_help("mode")),
-    placement_x: float = typer.Option(_default("placement_x"), help=_help("placement_x")),
-    placement_y: float = typer.Option(_default("placement_y"), help=_help("placement_y")),
-    placement_scale: float = typer.Option(_default("placement_scale"), help=_help("placement_scale")),
-    shadow: str = typer.Option(_default("shadow"), help=_help("shadow")),
-    formats: Optional[list[str]] = typer.Option(None, "--format", "-f", help="A format, W:H or W:H@long side, e.g. "
-                                                "4:5@1080 (repeatable). " + _help("formats").split(". ", 1)[1]),
-    cutout: bool = typer.Option(False, "--cutout", help=_help("cutout")),
-    packshot: bool = typer.Option(False, "--packshot", help=_help("packshot")),
-    preset: str = typer.Option(_default("preset"), help=_help("preset")),
-    sampler: str = typer.Option(_default("sampler"), help=_help("sampler")),
-    eta: float = typer.Option(_default("eta"), help=_help("eta")),
-    negative_prompt: str = typer.Option(_default("negative_prompt"), "--negative-prompt", "-n",
-                                        help=_help("negative_prompt")),
-    guidance: library_cli.GuidanceChoice = typer.Option(_default("guidance"), help=_help("guidance")),
-    text_scale: float = typer.Option(_default("text_scale"), help=_help("text_scale")),
-    image_scale: float = typer.Option(_default("image_scale"), help=_help("image_scale")),
-    steps: int = typer.Option(_default("steps"), help=_help("steps")),
-    deep_reuse_interval: int = typer.Option(_default("deep_reuse_interval"), help=_help("deep_reuse_interval")),
-    resolution: int = typer.Option(_default("resolution"), help=_help("resolution")),
-    output_prefix: str = typer.Option(_default("output_prefix"), help=_help("output_prefix")),
-    batch_size: int = typer.Option(_default("batch_size"), help=_help("batch_size")),
-    execution: str = typer.Option(_default("execution"), help=_help("execution")),
-    compare_text_only: bool = typer.Option(
-        _default("compare_text_only"), "--compare-text-only/--no-compare-text-only", help=_help("compare_text_only")),
-    approve_if: Optional[list[str]] = typer.Option(None, "--approve-if", help="A review rule, metric>=value, e.g. "
-                                                   "mdino>=0.5 (repeatable). " + _help("approve_if").split(". ", 1)[1]),
-    keep_best: int = typer.Option(_default("keep_best"), help=_help("keep_best")),
-    review: str = typer.Option(_default("review"), help=_help("review")),
-    review_timeout_minutes: int = typer.Option(_default("review_timeout_minutes"), help=_help("review_timeout_minutes")),
-    publish_to: str = typer.Option(_default("publish_prefix"), "--publish-to", help=_help("publish_prefix")),
-    dry_run: bool = typer.Option(False, "--dry-run", help=_help("dry_run")),
-    use_prefect: Optional[bool] = typer.Option(
-        None, "--prefect/--embedded", help="Run as a Prefect flow (default when PREFECT_API_URL is set) or in-process."),
-) -> None:
-    """A catalogue run: ingest, segment, cache once, generate, score, write images, sheets and history."""
+def _after_first_sentence(name: str) -> str:
+    return CatalogueRunParams.model_fields[name].description.split(". ", 1)[1]
+
+
+RUN_OPTIONS = {
+    # None: the bundled example catalogue, with its prompts unless some are given (filled in by `run`).
+    "source": RunOption(help="S3 prefix, local folder or manifest; default: the bundled example catalogue.",
+                        default=None),
+    # A list is given one item per option, repeated.
+    "prompts": RunOption(("--prompt", "-p"), "A prompt template (repeatable)."),
+    "formats": RunOption(("--format", "-f"), "A format, W:H or W:H@long side, e.g. 4:5@1080 (repeatable). "
+                         + _after_first_sentence("formats")),
+    "approve_if": RunOption(("--approve-if",), "A review rule, metric>=value, e.g. mdino>=0.5 (repeatable). "
+                            + _after_first_sentence("approve_if")),
+    "negative_prompt": RunOption(("--negative-prompt", "-n")),
+    "compare_text_only": RunOption(("--compare-text-only/--no-compare-text-only",)),
+    "publish_prefix": RunOption(("--publish-to",)),
+}
+
+
+def _bounds(field: FieldInfo) -> str:
+    """A number field's bounds as click writes a range: `0<=x<=500`; empty for none."""
+    low = high = ""
+    for rule in field.metadata:
+        for bound, written in (("ge", "{}<="), ("gt", "{}<")):
+            if getattr(rule, bound, None) is not None:
+                low = written.format(getattr(rule, bound))
+        for bound, written in (("le", "<={}"), ("lt", "<{}")):
+            if getattr(rule, bound, None) is not None:
+                high = written.format(getattr(rule, bound))
+    return f"{low}x{high}" if low or high else ""
+
+
+def _run_option(name: str, field: FieldInfo) -> inspect.Parameter:
+    spelling = RUN_OPTIONS.get(name, RunOption())
+    default = field.get_default(call_default_factory=True) if spelling.default is _FIELD_DEFAULT else spelling.default
+    help_text = spelling.help or field.description
+    decls = spelling.decls
+    kind, metavar = field.annotation, None
+    if get_origin(kind) is Literal:
+        choices = get_args(kind)
+        if choices == tuple(library_cli.GuidanceChoice.__members__):  # typer's choices, as `generate --guidance`
+            kind = library_cli.GuidanceChoice
+        else:
+            kind, metavar = str, "<" + "|".join(choices) + ">"  # as typer writes the choices of `--guidance`
+    elif get_origin(kind) is list:
+        kind, default = Optional[kind], None  # None: not given (typer's empty list), the field's empty default
+    elif kind is bool:
+        decls = decls or (f"--{name.replace('_', '-')}",)  # a flag: given, it is on
+    elif kind in (int, float) and _bounds(field):
+        metavar = f"<{kind.__name__} {_bounds(field)}>"
+    option = typer.Option(default, *decls, help=help_text, metavar=metavar)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                             annotation=Optional[kind] if default is None else kind)
+
+
+def _run_signature() -> inspect.Signature:
+    options = [_run_option(name, field) for name, field in CatalogueRunParams.model_fields.items()]
+    options.append(inspect.Parameter(
+        "use_prefect", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool], default=typer.Option(
+            None, "--prefect/--embedded", help="Run as a Prefect flow (default when PREFECT_API_URL is set) or "
+            "in-process.")))
+    return inspect.Signature(options, return_annotation=None)
+
+
+def _run_params(options: dict) -> CatalogueRunParams:
+    """The run's parameters from the command's options; bad ones end the command with the model's messages."""
     from pydantic import ValidationError
 
-    if source is None:
-        source = str(EXAMPLES / "catalogue")
-        if not prompt and not prompt_file:
-            prompt_file = str(EXAMPLES / "prompts.txt")
+    values = {name: value for name, value in options.items() if name in CatalogueRunParams.model_fields}
+    if values["source"] is None:
+        values["source"] = str(EXAMPLES / "catalogue")
+        if not values["prompts"] and not values["prompt_file"]:
+            values["prompt_file"] = str(EXAMPLES / "prompts.txt")
+    for name, value in values.items():
+        if value is None:  # a list option not given
+            values[name] = []
+        elif isinstance(value, enum.Enum):
+            values[name] = value.value
     try:
-        params = CatalogueRunParams(
-            source=source, prompts=prompt or [], prompt_file=prompt_file, images_per_prompt=images_per_prompt,
-            seed=seed, seed_policy=seed_policy, mode=mode, placement_x=placement_x, placement_y=placement_y,
-            placement_scale=placement_scale, shadow=shadow, formats=formats or [], cutout=cutout, packshot=packshot, preset=preset, sampler=sampler, eta=eta,
-            negative_prompt=negative_prompt, guidance=guidance.value, text_scale=text_scale, image_scale=image_scale,
-            steps=steps, deep_reuse_interval=deep_reuse_interval, resolution=resolution, output_prefix=output_prefix, batch_size=batch_size,
-            execution=execution, compare_text_only=compare_text_only, approve_if=approve_if or [], keep_best=keep_best,
-            review=review, review_timeout_minutes=review_timeout_minutes, publish_prefix=publish_to, dry_run=dry_run)
+        return CatalogueRunParams(**values)
     except ValidationError as exc:
         library_cli.fail("invalid run parameters:\n" + "\n".join(
             f"  {'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}" for e in exc.errors()))
+
+
+def run(**options: Any) -> None:
+    """A catalogue run: ingest, segment, cache once, generate, score, write images, sheets and history."""
+    params = _run_params(options)
+    use_prefect = options["use_prefect"]
     settings = library_cli.settings_or_fail()
     if use_prefect is None:
         use_prefect = bool(os.environ.get("PREFECT_API_URL"))
@@ -244,11 +281,11 @@ def run(
         if use_prefect:
             from flows.catalogue import catalogue_run
 
-            summary = catalogue_run(params)
+            summary = read_summary(catalogue_run(params))
         else:
             from flows.catalogue import run_embedded
 
-            summary = run_embedded(params)
+            summary = read_summary(run_embedded(params))
     except KeyboardInterrupt:
         typer.secho("\ninterrupted: the run is cancelled and what it held is free for the next run", err=True,
                     fg=typer.colors.YELLOW)
@@ -264,8 +301,12 @@ def run(
 
         library_cli.fail(one_line(exc))
     _print_summary(summary, settings)
-    if summary.get("status") == "incomplete":
+    if getattr(summary, "status", None) == "incomplete":  # a dry run has no status
         raise typer.Exit(EXIT_INCOMPLETE)
+
+
+run.__signature__ = _run_signature()  # what typer reads: the options made from CatalogueRunParams
+app.command()(run)
 
 
 def _check_prefect_server() -> None:
@@ -288,48 +329,48 @@ def _check_prefect_server() -> None:
 EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED = 3, 130, 143
 
 
-def _print_summary(summary: dict, settings: Settings) -> None:
-    if summary.get("dry_run"):
-        typer.echo(f"\ndry run: {summary['products_listed']} products listed, {summary['products_valid']} valid, "
-                   f"{summary['rejected']} rejected; {summary['prompts']} prompts; "
-                   f"{summary['images_planned']} images would be generated")
-        for r in summary["rejections"]:
-            typer.echo(f"  rejected {r['item']}: {r['reason']}")
+def _print_summary(summary: RunSummary | DryRunSummary, settings: Settings) -> None:
+    if isinstance(summary, DryRunSummary):
+        typer.echo(f"\ndry run: {summary.products_listed} products listed, {summary.products_valid} valid, "
+                   f"{summary.rejected} rejected; {summary.prompts} prompts; "
+                   f"{summary.images_planned} images would be generated")
+        for r in summary.rejections:
+            typer.echo(f"  rejected {r.item}: {r.reason}")
         _print_skipped(summary)
         return
     typer.echo(
-        f"\nrun {summary['run_id']}: {summary['products_listed']} products listed, {summary['products_ingested']} ingested, "
-        f"{summary['rejected']} rejected, {summary['products_cached']} cached; "
-        f"{summary['images_generated']} images generated, {summary['images_failed']} failed "
-        f"({_already_made(summary)}{summary['images_planned']} to do this run"
-        + (f", {summary['shots_repaired']} of them found missing or damaged" if summary.get("shots_repaired") else "")
+        f"\nrun {summary.run_id}: {summary.products_listed} products listed, {summary.products_ingested} ingested, "
+        f"{summary.rejected} rejected, {summary.products_cached} cached; "
+        f"{summary.images_generated} images generated, {summary.images_failed} failed "
+        f"({_already_made(summary)}{summary.images_planned} to do this run"
+        + (f", {summary.shots_repaired} of them found missing or damaged" if summary.shots_repaired else "")
         + ")")
-    for r in summary["rejections"]:
-        typer.secho(f"  rejected at {r['stage']}: {r['item']}: {r['reason']}", fg=typer.colors.YELLOW)
+    for r in summary.rejections:
+        typer.secho(f"  rejected at {r.stage}: {r.item}: {r.reason}", fg=typer.colors.YELLOW)
     _print_skipped(summary)
-    if summary.get("status") == "incomplete":
+    if summary.status == "incomplete":
         from flows.liveness import held_line
 
-        typer.secho(f"incomplete: {summary['images_open']} images and {summary['caches_open']} product caches are still "
+        typer.secho(f"incomplete: {summary.images_open} images and {summary.caches_open} product caches are still "
                     "open", fg=typer.colors.YELLOW)
-        for held in summary["held"]:
+        for held in summary.held:
             typer.secho(f"  {held_line(held)}", fg=typer.colors.YELLOW)
         typer.secho("  run again once they are free (a live worker finishes them; a dead one's are taken over at once)",
                     fg=typer.colors.YELLOW)
-    if summary.get("products_not_found"):
-        from flows.catalogue import not_found_line
+    if summary.products_not_found:
+        from flows.run_report import not_found_line
 
         typer.echo(not_found_line(summary))
-    typer.echo(f"images and sidecars: {summary['output']}")
-    for sku, uri in summary["contact_sheets"].items():
+    typer.echo(f"images and sidecars: {summary.output}")
+    for sku, uri in summary.contact_sheets.items():
         typer.echo(f"contact sheet {sku}: {uri}")
-    for sku, uris in summary.get("assets", {}).items():
+    for sku, uris in summary.assets.items():
         typer.echo(f"cut-out and packshots {sku}: {', '.join(uris)}")
-    review = summary.get("review")
+    review = summary.review
     if review:
         typer.echo(f"review: {review['approved']} approved, {review['rejected']} rejected, {review['pending']} waiting"
-                   + (f" (see them: dreamcache review {summary['run_id']})" if review["pending"] else ""))
-    published = summary.get("published")
+                   + (f" (see them: dreamcache review {summary.run_id})" if review["pending"] else ""))
+    published = summary.published
     if published:
         typer.echo(f"published: {published.get('added', 0)} added, {published.get('withdrawn', 0)} withdrawn, "
                    f"{published.get('total', 0)} in all; manifest {published.get('manifest_csv', '')}")
@@ -339,16 +380,16 @@ def _print_summary(summary: dict, settings: Settings) -> None:
                "ORDER BY generation_id DESC LIMIT 10;)")
 
 
-def _already_made(summary: dict) -> str:
+def _already_made(summary: RunSummary) -> str:
     """'18 already made, ' where earlier runs made shots of this plan: a re-run that does nothing says why."""
-    made = summary.get("images_already_made")
+    made = summary.images_already_made
     return f"{made} already made, " if made else ""
 
 
-def _print_skipped(summary: dict) -> None:
-    if summary.get("files_skipped"):
-        shown = ", ".join(summary["skipped"]) + (", ..." if summary["files_skipped"] > len(summary["skipped"]) else "")
-        typer.secho(f"  skipped {summary['files_skipped']} files that are not product images: {shown}",
+def _print_skipped(summary: RunSummary | DryRunSummary) -> None:
+    if summary.files_skipped:
+        shown = ", ".join(summary.skipped) + (", ..." if summary.files_skipped > len(summary.skipped) else "")
+        typer.secho(f"  skipped {summary.files_skipped} files that are not product images: {shown}",
                     fg=typer.colors.YELLOW)
 
 
@@ -478,8 +519,9 @@ def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GP
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        from flows.catalogue import generate_task, log_platform_info
+        from flows.catalogue import generate_task
         from flows.platform import get_platform
+        from flows.run_logs import log_platform_info
         from flows.worker import serve_until_stopped
 
         log_platform_info()  # its batches' lines go to their task runs' logs
@@ -604,7 +646,7 @@ def review(
 @app.command()
 def publish(
     run_id: int = typer.Argument(..., help="The run whose approved shots to publish."),
-    to: str = typer.Option("published", "--to", help="The shop's key prefix in the object store: the shots, "
+    to: str = typer.Option(PUBLISH_PREFIX, "--to", help="The shop's key prefix in the object store: the shots, "
                            "manifest.csv and manifest.json go there."),
 ) -> None:
     """Copy the run's approved shots to a prefix of their own with a CSV and JSON manifest of everything

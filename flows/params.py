@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import string
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dreamcache.core.schedulers import SAMPLERS
+from dreamcache.core.schedulers import SAMPLERS, TAKES_ETA
 from dreamcache.perception.metrics import METRICS
 from dreamcache.core.adapter_config import AUTHORS_INFERENCE, Recommended
 from dreamcache.core.guidance import (
@@ -21,6 +22,7 @@ MAX_FORMATS = 8
 PREFIX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,200}"
 # Where the platform keeps its own objects (ingest's copies, cut-outs, feature caches): no run writes or publishes there.
 RESERVED_PREFIXES = ("products", "subjects", "caches")
+PUBLISH_PREFIX = "published"  # where `dreamcache publish` copies a run's approved shots unless told otherwise
 MAX_LONG_SIDE = 4096
 
 # The checks below, written again in JSON Schema, travel with the deployment's parameter schema: the Prefect server
@@ -115,7 +117,7 @@ def _run_schema(schema: dict) -> None:
     schema["then"] = {"required": ["prompts"], "properties": {"prompts": {"minItems": 1}}}
     # An eta above 0: the sampler is ddim, or the preset's.
     schema["dependentSchemas"] = {"eta": {"if": {"properties": {"eta": {"exclusiveMinimum": 0}}},
-                                          "then": {"properties": {"sampler": {"enum": ["ddim", "preset"]}}}}}
+                                          "then": {"properties": {"sampler": {"enum": [*TAKES_ETA, "preset"]}}}}}
 
 
 class CatalogueRunParams(BaseModel):
@@ -182,8 +184,10 @@ class CatalogueRunParams(BaseModel):
     preset: Literal["model", "authors"] = Field(
         default="model",
         description="Where the settings left at 0 or 'preset' come from: the model's recommended ones, or the authors' "
-        "released inference (DDIM 50 steps, eta 0, image scale 0.35, their negative prompt for the unconditional "
-        "passes and the cache, the reference photo stretched to the square, the VAE posterior sampled; docs/models.md).",
+        f"released inference ({AUTHORS_INFERENCE.sampler.upper()} {AUTHORS_INFERENCE.steps} steps, eta "
+        f"{AUTHORS_INFERENCE.eta:g}, image scale {AUTHORS_INFERENCE.image_scale:g}, their negative prompt for the "
+        "unconditional passes and the cache, the reference photo stretched to the square, the VAE posterior sampled; "
+        "docs/models.md).",
     )
     sampler: Literal["preset", *SAMPLERS] = Field(
         default="preset", description="The scheduler: " + ", ".join(SAMPLERS) + " (model: the base model's own); "
@@ -206,7 +210,7 @@ class CatalogueRunParams(BaseModel):
     image_scale: float = Field(
         default=0.0, ge=0.0, le=MAX_IMAGE_SCALE,
         description=f"Image guidance scale ({COMBINED} only): higher keeps more of the product; 0: the model's "
-        "working point (the authors' 0.35 on Stable Diffusion, 5 for the bundled model).")
+        f"working point (the authors' {AUTHORS_INFERENCE.image_scale:g} on Stable Diffusion, 5 for the bundled model).")
     steps: int = Field(default=0, ge=0, le=500, description="Denoising steps per image; 0: the model's.")
     deep_reuse_interval: int = Field(
         default=0, ge=0, le=10,
@@ -276,18 +280,16 @@ class CatalogueRunParams(BaseModel):
         return [parse_rule(text) for text in self.approve_if]
 
     def with_recommended(self, recommended: Recommended) -> "CatalogueRunParams":
-        """These parameters with every setting left to the model replaced by the model's value, filled by
-        `Recommended.resolve` as a library call's None is (resolution stays 0 until the model is loaded: its
-        native size is the pipeline's). A ValueError names a setting the model's sampler does not take."""
-        settings = recommended.resolve(
-            steps=self.steps or None, images_per_prompt=self.images_per_prompt or None,
-            image_scale=self.image_scale or None, text_scale=self.text_scale or None,
-            sampler=None if self.sampler == "preset" else self.sampler, eta=self.eta or None,
-            negative_prompt=self.negative_prompt or None, deep_reuse_interval=self.deep_reuse_interval or None)
-        return self.model_copy(update=dict(
-            steps=settings.steps, images_per_prompt=settings.images_per_prompt, image_scale=settings.image_scale,
-            text_scale=settings.text_scale, sampler=settings.sampler, eta=settings.eta,
-            negative_prompt=settings.negative_prompt, deep_reuse_interval=settings.deep_reuse_interval or 1))
+        """These parameters with every setting left to the model (`LEFT_TO_MODEL`, at its default) replaced by
+        the model's value, filled by `Recommended.resolve` as a library call's None is (resolution stays 0 until
+        the model is loaded: its native size is the pipeline's). A ValueError names a setting the model's
+        sampler does not take."""
+        given = {name: None if getattr(self, name) == CatalogueRunParams.model_fields[name].default
+                 else getattr(self, name) for name in LEFT_TO_MODEL}
+        settings = recommended.resolve(**given)
+        filled = {name: getattr(settings, name) for name in LEFT_TO_MODEL}
+        filled["deep_reuse_interval"] = settings.deep_reuse_interval or 1  # the library's None (no reuse) is 1 here
+        return self.model_copy(update=filled)
 
     def recommended(self, model: Recommended) -> Recommended:
         """The settings this run's preset stands for: the model's, or the authors' released inference."""
@@ -351,9 +353,17 @@ class CatalogueRunParams(BaseModel):
         if self.publish_prefix and prefix_overlap(self.publish_prefix, self.output_prefix):
             raise ValueError(f"publish_prefix {self.publish_prefix!r} and output_prefix {self.output_prefix!r} must not "
                              "contain one another: the shop's folder holds approved shots only")
-        if self.eta and self.sampler not in ("ddim", "preset"):
-            raise ValueError(f"eta {self.eta} applies to the ddim sampler only, not {self.sampler!r}: set eta to 0")
+        if self.eta and self.sampler not in (*TAKES_ETA, "preset"):  # the preset's sampler: checked once resolved
+            raise ValueError(f"eta {self.eta} applies to the {' or '.join(TAKES_ETA)} sampler only, not "
+                             f"{self.sampler!r}: set eta to 0")
         return self
+
+
+# The settings a run may leave to the model: the recommended ones (`Recommended`'s fields) that are run parameters
+# too. Each is left by its default (0, the sampler 'preset', an empty negative prompt), the one "unset" of the
+# run's parameters; the reference mode and the latent are not parameters: they are always the preset's.
+LEFT_TO_MODEL = tuple(field.name for field in dataclasses.fields(Recommended)
+                      if field.name in CatalogueRunParams.model_fields)
 
 
 def check_prefix(prefix: str, name: str) -> str:

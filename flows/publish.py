@@ -27,10 +27,9 @@ from db.objects import ObjectStoreError, put_if_changed
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.perception.metrics import METRICS
-from flows.params import PREFIX_PATTERN, check_prefix, prefix_overlap
+from flows.params import PREFIX_PATTERN, PUBLISH_PREFIX, check_prefix, prefix_overlap
 from flows.platform import Platform, safe_key_part
 
-DEFAULT_PREFIX = "published"
 # The manifests' columns, in order (CSV header, JSON keys): the shot, its scores, where it is and who approved it.
 COLUMNS = ("generation_id", "sku", "category", "prompt", "seed", "mode", "aspect", "width", "height", *METRICS,
            "uri", "source_uri", "reviewed_by", "reviewed_at", "published_at")
@@ -40,7 +39,7 @@ class PublishError(DreamCacheError, ValueError):
     """A publication that cannot be made; the message names the run, shot or prefix and what to do."""
 
 
-def publish(platform: Platform, run_id: int, prefix: str = DEFAULT_PREFIX) -> dict:
+def publish(platform: Platform, run_id: int, prefix: str = PUBLISH_PREFIX) -> dict:
     """Publish run `run_id`'s approved shots under `prefix`: withdraw what is published there but no longer
     approved, copy what is approved and not yet published, then write the manifests.
 

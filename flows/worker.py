@@ -5,9 +5,13 @@ started, and any it has received and acknowledged: the server sends those to no 
 but not yet acknowledged goes back to the server when the worker disconnects, for another worker. A second
 signal stops it at once; what it held is then taken over like a dead worker's (docs/reliability.md).
 
-The subscription loop is Prefect 3's own (`TaskWorker._subscribe_to_task_scheduling`), with one change: it
-waits for the next run *or* the stop, so that a stop never interrupts a run between its acknowledgement and
-its start.
+Prefect has no public way to stop a task worker *between* runs: `TaskWorker.astop` raises into the
+subscription loop wherever it waits, and a cancel scope around `serve` cancels the runs in hand with it, so
+either could stop a run between its acknowledgement and its start. `StoppableTaskWorker` therefore replaces
+Prefect 3's subscription loop (`TaskWorker._subscribe_to_task_scheduling`) with a copy that waits for the next
+run *or* the stop. It is the one place in flows/ that uses Prefect's private names; they are listed in
+`PREFECT_PRIVATE_NAMES`, and tests/flows/test_worker_prefect_internals.py fails on any Prefect whose task
+worker no longer has them as this class expects (upgrade Prefect there first).
 """
 
 from __future__ import annotations
@@ -31,11 +35,21 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StoppableTaskWorker(TaskWorker):
     """A task worker that stops between task runs, letting the runs it holds finish."""
 
+    # The private parts of Prefect's TaskWorker this class overrides or uses, with the parameters each
+    # takes (None: an attribute); the test checks them against the installed Prefect.
+    PREFECT_PRIVATE_NAMES = {
+        "_subscribe_to_task_scheduling": ("self",),  # overridden: the subscription loop `astart` runs
+        "_acquire_token": ("self", "task_run_id"),  # a slot of `limit` for the run, or False if it holds one
+        "_safe_submit_scheduled_task_run": ("self", "task_run"),  # runs it, records it, gives the slot back
+        "_runs_task_group": None,  # where the runs in hand live (entered by `__aenter__`)
+    }
+
     def __init__(self, *tasks: Any, limit: int | None = 1):
         super().__init__(*tasks, limit=limit)
+        # Public names of our own: a private one could collide with one a later Prefect adds to TaskWorker.
         self.stopped_by: str | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._stopping = asyncio.Event()
+        self.stop_requested = asyncio.Event()
 
     def handle_sigterm(self, signum: int, frame: object) -> None:
         # Prefect installs this for SIGTERM when a worker starts in the main thread: stop as on any signal.
@@ -47,7 +61,7 @@ class StoppableTaskWorker(TaskWorker):
             os._exit(128 + signal.Signals[name].value)
         self.stopped_by = name
         if self.loop is not None:  # thread-safe, and it wakes the loop from its wait
-            self.loop.call_soon_threadsafe(self._stopping.set)
+            self.loop.call_soon_threadsafe(self.stop_requested.set)
 
     async def _subscribe_to_task_scheduling(self) -> None:
         base_url = get_current_settings().api.url
@@ -57,10 +71,10 @@ class StoppableTaskWorker(TaskWorker):
         logger.info(f"Subscribing to runs of task(s): {names}")
         subscription = Subscription(model=TaskRun, path="/task_runs/subscriptions/scheduled", keys=self.task_keys,
                                     client_id=self.client_id, base_url=base_url)
-        stop = asyncio.ensure_future(self._stopping.wait())
+        stop = asyncio.ensure_future(self.stop_requested.wait())
         receiving = None
         try:
-            while not self._stopping.is_set():
+            while not self.stop_requested.is_set():
                 receiving = asyncio.ensure_future(subscription.__anext__())
                 await asyncio.wait({receiving, stop}, return_when=asyncio.FIRST_COMPLETED)
                 if not receiving.done():
@@ -68,7 +82,7 @@ class StoppableTaskWorker(TaskWorker):
                 try:
                     task_run = await receiving
                 except asyncio.CancelledError:
-                    if receiving.cancelled() and self._stopping.is_set():
+                    if receiving.cancelled() and self.stop_requested.is_set():
                         break
                     raise
                 logger.info(f"Received task run: {task_run.id} - {task_run.name}")
@@ -78,14 +92,21 @@ class StoppableTaskWorker(TaskWorker):
             for waiting in (stop, receiving):
                 if waiting is not None and not waiting.done():
                     waiting.cancel()
-            websocket = subscription._websocket  # (Prefect's Subscription has no close of its own)
-            if websocket is not None:
-                try:
-                    await websocket.close()
-                except Exception:
-                    pass
+            await _disconnect(subscription)
         while self.current_tasks:  # finish the runs in hand before the worker closes its pool and client
             await asyncio.sleep(0.1)
+
+
+async def _disconnect(subscription: Subscription) -> None:
+    """Close the subscription's websocket, if it is connected (Prefect's Subscription has no close of its own)."""
+    try:
+        websocket = subscription.websocket
+    except RuntimeError:  # "Subscription is not connected"
+        return
+    try:
+        await websocket.close()
+    except Exception:
+        pass  # already closed by the server or the network: nothing is left to give back
 
 
 async def _serve(*tasks: Any, limit: int) -> str | None:

@@ -19,11 +19,11 @@ from db.repository import insert_missing
 from db.session import transaction
 from dreamcache.core.images import decode_image
 from dreamcache.core.placement import PlacedProduct, Placement
-from dreamcache.core.schedulers import SAMPLERS
 from dreamcache.perception.scoring import canonical_name, metric_name
 from flows import liveness
 from flows.platform import Platform, safe_key_part, worker_id
 from flows.steps.caches import load_cache
+from flows.steps.generation_settings import GenerationSettings
 from flows.steps.shared import giving_back, png, product_image, read_image, reference, sha256
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _generate_claimed(platform: Platform, claimed: list[int], output_prefix: str
     references = {subject_id: image for subject_id, (_, image) in cutouts.items()}
     placed = {}  # (subject id, placement) -> the product to place, for the rows in place mode
     for gen, _, subject in rows:
-        where = gen.parameters.get("placement")
+        where = GenerationSettings.of(gen).placement
         if where is not None and (subject.id, _key(where)) not in placed:
             try:
                 placed[subject.id, _key(where)] = product_to_place(platform, subject, cutouts[subject.id][0], where)
@@ -196,14 +196,13 @@ def _key(placement: dict) -> tuple:
 
 
 def _placed(placed: dict, gen: Generation, subject: Subject):
-    where = gen.parameters.get("placement")
+    where = GenerationSettings.of(gen).placement
     return None if where is None else placed[subject.id, _key(where)]
 
 
 def _canvas(gen: Generation) -> tuple[int, int]:
     """The size a shot is generated at (`plan.generation_canvas`): its format's canvas, or the square."""
-    width, height = gen.parameters.get("canvas") or (gen.resolution, gen.resolution)
-    return int(width), int(height)
+    return GenerationSettings.of(gen).canvas_size
 
 
 # What a shot placed before the edge band, the limited cache and the shadow existed was made with (its recorded
@@ -221,8 +220,9 @@ def product_to_place(platform: Platform, subject: Subject, seg: Segmentation, wh
 def negative_prompt(gen: Generation, subject: Subject) -> str:
     """A shot's negative prompt: the run's, and in place mode the product's category ("a mug"), so that the
     scene has no second one."""
-    texts = [gen.negative_prompt or ""]
-    if gen.parameters.get("negative_category") and subject.category:
+    settings = GenerationSettings.of(gen)
+    texts = [settings.negative_prompt]
+    if settings.negative_category and subject.category:
         texts.append(f"a {subject.category}")
     return ", ".join(t for t in texts if t)
 
@@ -231,7 +231,7 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
                    result: BatchResult) -> Callable[[], None] | None:
     """Generate one batch; returns the function that scores, writes and records it (for the writer thread),
     or None when the batch failed (recorded). Raises GpuOutOfMemory (nothing recorded) for the caller to split."""
-    me, pipe, first = worker_id(), platform.pipeline, part[0][0]
+    me, pipe, first = worker_id(), platform.pipeline, GenerationSettings.of(part[0][0])  # one run's: the part's
     texts, seeds = [text for _, text, _ in part], [g.seed for g, _, _ in part]
     subjects = [caches[g.subject_cache_id] for g, _, _ in part]
     products = [_placed(placed, g, sub) for g, _, sub in part]
@@ -239,7 +239,7 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
     if compare_text_only:  # the twins as rows without a subject: each image depends on its own row only
         texts, seeds, subjects, negatives = texts * 2, seeds * 2, subjects + [None] * len(part), negatives * 2
         products = products * 2  # a placed shot's twin places the product too: the cache's effect is the difference
-    width, height = _canvas(first)
+    width, height = first.canvas_size
     started = time.perf_counter()
     try:
         images = pipe(texts, subject=subjects, seed=seeds, guidance=first.guidance, guidance_scale=first.text_scale,
@@ -247,10 +247,8 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
                       width=width, height=height, placed=products if any(products) else None,
                       batch_size=len(texts), progress=False,
                       on_step=(lambda done: result.on_step(len(part), done, first.steps)) if result.on_step else None,
-                      # a recorded class name is the model's own scheduler (`plan.sampler_name`)
-                      sampler=first.sampler if first.sampler in SAMPLERS else "model", eta=first.eta,
-                      negative_prompt=negatives,
-                      deep_reuse_interval=first.parameters.get("deep_reuse_interval")).images
+                      sampler=first.scheduler, eta=first.eta, negative_prompt=negatives,
+                      deep_reuse_interval=first.deep_reuse_interval).images
     except Exception as exc:
         if _is_out_of_memory(exc):
             raise GpuOutOfMemory(f"out of GPU memory for a batch of {len(texts)} images") from exc
@@ -275,7 +273,7 @@ def _generate_part(platform, part, caches, references, placed, output_prefix, co
 def delivered(image: Image.Image, gen: Generation, product: PlacedProduct | None) -> Image.Image:
     """A shot as the shop gets it: resized to its format's size (the scene only; never cropped), and in place
     mode the product's own pixels pasted again at that size, from the full-resolution photo."""
-    size, canvas = tuple(gen.parameters.get("size") or image.size), image.size
+    size, canvas = GenerationSettings.of(gen).size or image.size, image.size
     if size != canvas:
         image = image.resize(size, Image.Resampling.LANCZOS)
         if product is not None:  # where the scene was generated around it, scaled with the scene

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 from typing import Sequence
@@ -19,6 +18,7 @@ from dreamcache.core.placement import Placement, canvas_size
 from flows.params import SQUARE, CatalogueRunParams, Format
 from flows.platform import Platform
 from flows.steps.generate import sidecar_key
+from flows.steps.generation_settings import GenerationSettings
 from flows.steps.prompts import MissingColumn, render_prompt
 from flows.steps.runs import reject
 from flows.steps.shared import chunks, sha256
@@ -26,34 +26,28 @@ from flows.steps.shared import chunks, sha256
 logger = logging.getLogger(__name__)
 
 
-def generation_parameters(platform: Platform, params: CatalogueRunParams, shop_format: Format = SQUARE) -> dict:
+def generation_settings(platform: Platform, params: CatalogueRunParams,
+                        shop_format: Format = SQUARE) -> GenerationSettings:
     """Everything besides cache, prompt and seed that decides an image; its hash is part of the key."""
     pipe, ident = platform.pipeline, platform.identity
     resolution = params.resolution or pipe.resolution
-    out = dict(guidance=params.guidance, text_scale=params.text_scale,
-               image_scale=params.image_scale if uses_image_scale(params.guidance) else None, steps=params.steps,
-               sampler=sampler_name(pipe, params.sampler), resolution=resolution,
-               base_model_id=ident.base_model_id, adapter_id=ident.adapter_id,
-               base_model_revision=ident.base_model_revision)
-    # Only when set, so that the identity (and hash) of every shot made before they existed stays the same.
-    if params.eta:
-        out["eta"] = params.eta
-    if params.negative_prompt:
-        out["negative_prompt"] = params.negative_prompt
-    if params.deep_reuse_interval > 1:
-        out["deep_reuse_interval"] = params.deep_reuse_interval
+    settings = dict(
+        guidance=params.guidance, text_scale=params.text_scale,
+        image_scale=params.image_scale if uses_image_scale(params.guidance) else None, steps=params.steps,
+        sampler=sampler_name(pipe, params.sampler), resolution=resolution, base_model_id=ident.base_model_id,
+        adapter_id=ident.adapter_id, base_model_revision=ident.base_model_revision, eta=params.eta,
+        negative_prompt=params.negative_prompt,
+        deep_reuse_interval=params.deep_reuse_interval if params.deep_reuse_interval > 1 else None)
     if params.mode == "place":
-        out["mode"] = "place"
-        # The blend's own settings too: a shot placed with other ones is another shot.
-        out["placement"] = asdict(Placement(x=params.placement_x, y=params.placement_y, scale=params.placement_scale,
-                                            shadow=params.shadow))
-        # The product's category is the negative prompt too: asked for "a mug on a beach", the model draws a
-        # second mug beside the placed one (bench/results/placement_quality_cpu.json).
-        out["negative_category"] = True
+        # The blend's own settings too: a shot placed with other ones is another shot. The product's category
+        # is the negative prompt too: asked for "a mug on a beach", the model draws a second mug beside the
+        # placed one (bench/results/placement_quality_cpu.json).
+        settings.update(mode="place", negative_category=True, placement=asdict(Placement(
+            x=params.placement_x, y=params.placement_y, scale=params.placement_scale, shadow=params.shadow)))
     if shop_format != SQUARE:
         canvas = generation_canvas(shop_format, resolution, pipe.size_multiple)
-        out.update(aspect=shop_format.aspect, canvas=list(canvas), size=list(shop_format.size(canvas)))
-    return out
+        settings.update(aspect=shop_format.aspect, canvas=canvas, size=shop_format.size(canvas))
+    return GenerationSettings(**settings)
 
 
 def generation_canvas(shop_format: Format, resolution: int, multiple: int) -> tuple[int, int]:
@@ -72,15 +66,10 @@ def plan(platform: Platform, run_id: int, cache_ids: Sequence[int], params: Cata
          templates: Sequence[str]) -> dict:
     """Record every (cache, prompt, seed, format) of the run once; returns the generations still to do (`todo`),
     how many done ones were found broken and made pending again (`repaired`), and every one planned (`planned`)."""
-    by_format = []  # (parameters, their hash, the columns they set) per format of the run
+    by_format = []  # (the settings' record, its hash, the columns it sets) per format of the run
     for shop_format in params.shop_formats:
-        gen_params = generation_parameters(platform, params, shop_format)
-        columns = {k: gen_params[k] for k in ("guidance", "text_scale", "image_scale", "steps", "sampler",
-                                              "resolution", "base_model_id", "adapter_id")}
-        width, height = gen_params.get("size", (gen_params["resolution"],) * 2)
-        columns.update(eta=params.eta, negative_prompt=params.negative_prompt, mode=params.mode,
-                       aspect=shop_format.aspect, width=width, height=height)
-        by_format.append((gen_params, sha256(json.dumps(gen_params, sort_keys=True)), columns))
+        settings = generation_settings(platform, params, shop_format)
+        by_format.append((settings.record(), settings.sha256, settings.columns()))
     rows, rejected = [], []
     with transaction(platform.sessions) as s:
         # Pairs the run rejected before it started (`catalogue.prepare`) are not rejected twice.

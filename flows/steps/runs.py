@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 from sqlalchemy import func, select
 
-from db import claims
+from db import claims, queries
 from db.models import Generation, RejectedItem, ReviewState, Run, RunStatus, WorkStatus, utcnow
 from db.session import transaction
 from dreamcache.core.images import decode_image
@@ -15,6 +15,7 @@ from flows import liveness
 from flows.params import CatalogueRunParams
 from flows.platform import Platform, worker_id
 from flows.sources import MAX_IMAGE_BYTES
+from flows.summary import DryRunSummary, Rejection, RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +41,22 @@ def start_run(platform: Platform, params: CatalogueRunParams, flow_run_id: str |
     return run_id
 
 
-def finish_run(platform: Platform, run_id: int, summary: dict, error: str | None = None,
+def finish_run(platform: Platform, run_id: int, summary: RunSummary | dict, error: str | None = None,
                status: RunStatus | None = None) -> RunStatus:
     """Record how the run ended: `failed` with an error, else `completed` when nothing it planned is open
-    (done, or failed with a reason) and `incomplete` when something is, or the `status` given."""
+    (done, or failed with a reason) and `incomplete` when something is, or the `status` given. A run that
+    worked records its RunSummary (its status set here); one that failed or was cancelled, what it knows."""
     with transaction(platform.sessions) as s:
         run = s.get(Run, run_id)
         if status is None:
-            open_work = summary.get("images_open", 0) + summary.get("caches_open", 0)
+            open_work = summary.open_work if isinstance(summary, RunSummary) else 0
             status = RunStatus.failed if error else RunStatus.incomplete if open_work else RunStatus.completed
-        summary["status"] = status.value
-        run.status, run.finished_at, run.summary, run.error = status, utcnow(), summary, error
+        if isinstance(summary, RunSummary):
+            summary.status = status.value
+            record = summary.as_record()
+        else:
+            record = {**summary, "status": status.value}
+        run.status, run.finished_at, run.summary, run.error = status, utcnow(), record, error
     platform.heartbeat.disown(run_id)
     return status
 
@@ -88,22 +94,27 @@ def one_line(text: str) -> str:
 
 
 def summarise(platform: Platform, run_id: int, listed: int, subject_ids, cache_ids, planned: int,
-              sheets: dict[str, str], output_prefix: str, caches_open: Sequence[int] = ()) -> dict:
-    """The run's figures; `caches_open`: the ids of its products' caches still unfinished (held elsewhere)."""
+              sheets: dict[str, str], output_prefix: str, caches_open: Sequence[int] = (), *, already_made: int = 0,
+              repaired: int = 0, assets: dict[str, list[str]] | None = None,
+              skipped: Sequence[str] = ()) -> RunSummary:
+    """The run's summary: what the orchestration counted, and what the database says of the run's shots;
+    `caches_open`: the ids of its products' caches still unfinished (held elsewhere)."""
     with transaction(platform.sessions) as s:
         counts = dict(s.execute(select(Generation.status, func.count()).where(Generation.run_id == run_id)
                                 .group_by(Generation.status)).all())
         held = liveness.held_items(s, run_id, caches_open)
-        rejected = [dict(stage=r.stage, item=r.item, reason=r.reason)
+        rejected = [Rejection(stage=r.stage, item=r.item, reason=r.reason)
                     for r in s.scalars(select(RejectedItem).where(RejectedItem.run_id == run_id).order_by(RejectedItem.id))]
-    return dict(
-        products_listed=listed, products_ingested=len(subject_ids), products_cached=len(cache_ids),
-        rejected=len(rejected), rejections=rejected[:100], images_planned=planned,
+        products, review = queries.best_scores(s, run_id), review_counts(s, run_id)
+        not_found = queries.shots_without_masked_scores(s, run_id)
+    return RunSummary(
+        run_id=run_id, products_listed=listed, products_ingested=len(subject_ids), products_cached=len(cache_ids),
+        rejected=len(rejected), rejections=rejected[:100], files_skipped=len(skipped), skipped=list(skipped[:20]),
+        images_planned=planned, images_already_made=already_made, shots_repaired=repaired,
         images_generated=counts.get(WorkStatus.done, 0), images_failed=counts.get(WorkStatus.failed, 0),
         images_open=counts.get(WorkStatus.pending, 0) + counts.get(WorkStatus.running, 0),
-        caches_open=len(caches_open), held=held,
-        contact_sheets=sheets, output=platform.objects.uri(output_prefix),
-    )
+        caches_open=len(caches_open), held=held, output=platform.objects.uri(output_prefix), contact_sheets=sheets,
+        assets=assets or {}, products=products, products_not_found=not_found, review=review)
 
 
 def review_counts(session, run_id: int) -> dict[str, int]:
@@ -116,14 +127,13 @@ def review_counts(session, run_id: int) -> dict[str, int]:
     return counts
 
 
-def record(platform: Platform, run_id: int, **facts) -> None:
-    """Add facts learned after the run's record was finished (its review, its publication) to its summary."""
+def record(platform: Platform, summary: RunSummary) -> None:
+    """The run's summary again, with facts learned after its record was finished (its review, its publication)."""
     with transaction(platform.sessions) as s:
-        run = s.get(Run, run_id)
-        run.summary = {**run.summary, **facts}
+        s.get(Run, summary.run_id).summary = summary.as_record()
 
 
-def dry_run(params: CatalogueRunParams, inputs) -> dict:
+def dry_run(params: CatalogueRunParams, inputs) -> DryRunSummary:
     """What a run would do: inputs listed and validated (`catalogue.prepare`), every image read and decoded,
     images counted; nothing written."""
     listing, prompts, places = inputs
@@ -135,8 +145,8 @@ def dry_run(params: CatalogueRunParams, inputs) -> dict:
             good += 1
         except Exception as exc:
             bad.append((item.uri, str(exc)))
-    return dict(dry_run=True, products_listed=len(listing.items) + len(listing.rejected), products_valid=good, rejected=len(bad),
-                rejections=[dict(stage="inputs", item=i, reason=r) for i, r in bad[:100]],
-                files_skipped=len(listing.skipped), skipped=listing.skipped[:20],
-                prompts=len(prompts.templates), images_planned=good * len(prompts.templates) * params.images_per_prompt
-                * len(params.shop_formats))
+    return DryRunSummary(
+        products_listed=len(listing.items) + len(listing.rejected), products_valid=good, rejected=len(bad),
+        rejections=[Rejection(stage="inputs", item=i, reason=r) for i, r in bad[:100]],
+        files_skipped=len(listing.skipped), skipped=listing.skipped[:20], prompts=len(prompts.templates),
+        images_planned=good * len(prompts.templates) * params.images_per_prompt * len(params.shop_formats))

@@ -10,7 +10,7 @@ import urllib.request
 
 from PIL import Image
 
-from flows import catalogue
+from flows import catalogue, run_logs, run_report
 from flows.markdown import md
 from tests.flows.test_prefect_run import trigger
 
@@ -80,7 +80,7 @@ def test_a_run_shows_pictures_a_products_table_and_its_own_log_lines(served):
 
 def test_the_products_table_has_the_same_columns_on_every_row(platform_env):
     products = [dict(sku="A-1", images=2, best_clip_t=0.31, best_mdino=0.8), dict(sku="B_2", images=1, best_dino=0.5)]
-    rows = catalogue.product_rows(products, failed={"B_2": 1, "C-3": 4}, sheets={})
+    rows = run_report.product_rows(products, failed={"B_2": 1, "C-3": 4}, sheets={})
     assert [list(row) for row in rows] == [
         ["sku", "images", "failed", "best_mdino", "best_clip_t", "best_dino", "contact_sheet"]] * 3
     assert [(r["sku"], r["images"], r["failed"], r["best_mdino"], r["best_dino"]) for r in rows] == [
@@ -95,10 +95,10 @@ def test_a_local_stores_sheets_are_embedded_as_pictures(platform_env):
     uri = objects.put("shots/MUG-1/contact_sheet.png", sheet.getvalue(), "image/png").uri
     broken = objects.put("shots/BAD/contact_sheet.png", b"not a png", "image/png").uri
 
-    lines = "\n".join(catalogue.sheet_lines({"MUG-1": uri, "BAD": broken}))
+    lines = "\n".join(run_report.sheet_lines({"MUG-1": uri, "BAD": broken}))
     pictures = dict(PICTURE.findall(lines))
     assert list(pictures) == ["MUG-1"] and pictures["MUG-1"].startswith("data:image/jpeg;base64,")
-    assert load_image(pictures["MUG-1"]).size == (catalogue.PICTURE_SIDE, catalogue.PICTURE_SIDE // 4)
+    assert load_image(pictures["MUG-1"]).size == (run_report.PICTURE_SIDE, run_report.PICTURE_SIDE // 4)
     assert "### BAD" in lines and f"(<{broken}>)" in lines  # unreadable: listed with its link, no picture
 
 
@@ -107,15 +107,15 @@ def test_skus_and_reasons_are_shown_as_text_not_markdown():
 
 
 def test_platform_loggers_reach_the_run_logs_once_with_their_info_lines(monkeypatch):
-    catalogue.send_platform_logs_to_prefect()  # a second load of the file (a worker runs it as a script)
-    for name in catalogue.PLATFORM_LOGGERS:  # as a fresh process has them (setLevel also clears the loggers' caches)
+    run_logs.send_platform_logs_to_prefect()  # a second load of the flow's file (a worker runs it as a script)
+    for name in run_logs.PLATFORM_LOGGERS:  # as a fresh process has them (setLevel also clears the loggers' caches)
         platform_logger = logging.getLogger(name)
         monkeypatch.setattr(platform_logger, "level", platform_logger.level)  # restored after the test
         platform_logger.setLevel(logging.NOTSET)
     # Importing lets no INFO line through (an embedded run's console keeps to warnings); a run's start does.
     assert not logging.getLogger("flows").isEnabledFor(logging.INFO)
-    catalogue.log_platform_info()
-    for name in catalogue.PLATFORM_LOGGERS:
+    run_logs.log_platform_info()
+    for name in run_logs.PLATFORM_LOGGERS:
         platform_logger = logging.getLogger(name)
         handlers = [h for h in platform_logger.handlers if h.get_name() == "dreamcache-run-logs"]
         assert len(handlers) == 1 and platform_logger.isEnabledFor(logging.INFO)

@@ -3,7 +3,7 @@
 import urllib.request
 
 from flows import platform as platform_module
-from flows.catalogue import _public
+from flows.run_report import public_link
 
 
 def test_artifact_links_use_the_public_endpoint(platform_env, s3_bucket, s3_endpoint):
@@ -13,7 +13,7 @@ def test_artifact_links_use_the_public_endpoint(platform_env, s3_bucket, s3_endp
     platform_module.close_platforms()
     objects = platform_module.get_platform().objects
     stored = objects.put("shots/sheets/MUG-1.png", b"contact sheet", content_type="image/png")
-    url = _public(stored.uri)
+    url = public_link(stored.uri)
     assert url.startswith(f"{public}/{s3_bucket}/platform/shots/sheets/MUG-1.png?"), url
     with urllib.request.urlopen(url) as response:
         assert response.read() == b"contact sheet"

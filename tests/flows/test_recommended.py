@@ -42,3 +42,23 @@ def test_the_run_fills_its_settings_as_the_library_fills_a_none():
 def test_an_eta_the_models_sampler_does_not_take_is_named():
     with pytest.raises(ValueError, match="eta 0.5 applies to ddim only, not 'unipc'"):
         CatalogueRunParams(source="s", prompts=["a"], eta=0.5).with_recommended(Recommended(sampler="unipc"))
+
+
+def test_every_recommended_setting_that_is_a_run_parameter_is_left_to_the_model_by_its_default():
+    from dataclasses import fields
+
+    from flows.params import LEFT_TO_MODEL
+
+    assert set(LEFT_TO_MODEL) == {f.name for f in fields(Recommended)} & set(CatalogueRunParams.model_fields)
+    assert {"steps", "text_scale", "eta", "deep_reuse_interval"} <= set(LEFT_TO_MODEL)
+    model = Recommended(steps=7, images_per_prompt=3, image_scale=2.5, text_scale=3.5, sampler="ddim", eta=0.2,
+                        negative_prompt="grainy", deep_reuse_interval=2)
+    params = CatalogueRunParams(source="s", prompts=["a"]).with_recommended(model)
+    assert {name: getattr(params, name) for name in LEFT_TO_MODEL} == {name: getattr(model, name)
+                                                                       for name in LEFT_TO_MODEL}
+
+
+def test_no_reuse_recommended_is_written_1_not_the_unset_0():
+    params = CatalogueRunParams(source="s", prompts=["a"]).with_recommended(MODEL)  # MODEL recommends no reuse
+    assert params.deep_reuse_interval == 1
+    assert params.with_recommended(Recommended(deep_reuse_interval=3)).deep_reuse_interval == 1  # filled: kept

@@ -254,12 +254,17 @@ def test_the_cli_lists_the_shots_awaiting_review_and_decides(run):
 def test_a_decision_the_form_cannot_apply_leaves_the_shots_waiting_and_says_why(run, monkeypatch):
     """The paused run's answer names a shot both approved and rejected: the run does not fail (its shots are made),
     the decision is not applied, and the summary says why. (The pause itself is Prefect's: test_review_pause.py.)"""
+    from db.models import Run as RunRecord
     from flows import catalogue
+    from flows.summary import RunSummary
 
     shot = run.shots["MUG-1", 0]
+    with transaction(run.platform.sessions) as s:
+        recorded = RunSummary.model_validate(s.get(RunRecord, run.run_id).summary)
     monkeypatch.setattr(catalogue, "wait_for_review",
                         lambda run_id, pending, minutes: ReviewDecision(approve=[shot], reject=[shot], reviewer="ana"))
     params = CatalogueRunParams(source=run.source, prompts=["a {category} on a beach"], review="pause")
-    summary = catalogue.review_and_publish(params, dict(run_id=run.run_id, review=dict(pending=9)), on_prefect=True)
-    assert f"shot {shot} is both approved and rejected" in summary["review_error"]
+    summary = catalogue.review_and_publish(params, recorded.model_copy(update=dict(review=dict(pending=9))),
+                                           on_prefect=True)
+    assert f"shot {shot} is both approved and rejected" in summary.review_error
     assert set(_reviews(run.platform, run.shots.values()).values()) == {("pending", None)}

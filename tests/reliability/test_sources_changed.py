@@ -57,8 +57,8 @@ def test_a_lost_copy_comes_back_from_an_unchanged_source_and_a_changed_one_is_na
     assert usable == [by_sku["MUG-1"][0]]
     assert platform.objects.exists(product_key(by_sku["MUG-1"][1]))  # restored from the unchanged source
     summary = runs.summarise(platform, run_id, 2, subjects, [], 0, {}, "shots")
-    (rejection,) = summary["rejections"]
-    assert rejection["item"] == "LAMP-1" and "has changed since it was ingested" in rejection["reason"]
+    (rejection,) = summary.rejections
+    assert rejection.item == "LAMP-1" and "has changed since it was ingested" in rejection.reason
 
 
 def test_a_source_image_changed_between_runs_supersedes_the_old_images_shots(platform_env, catalogue):
