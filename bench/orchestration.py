@@ -76,8 +76,8 @@ def run_once(images: int) -> dict:
     from dreamcache.app.config import Settings
     from dreamcache.perception.scoring import Scorer
     from flows import platform as platform_module
-    from flows.catalogue import run_embedded
-    from flows.params import CatalogueRunParams
+    from flows.runs.catalogue import run_embedded
+    from flows.platform.params import CatalogueRunParams
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -3,7 +3,7 @@
 import urllib.request
 
 from flows import platform as platform_module
-from flows.catalogue import _public
+from flows.runs.catalogue import _public
 
 
 def test_artifact_links_use_the_public_endpoint(platform_env, s3_bucket, s3_endpoint):

@@ -4,7 +4,7 @@ way the library fills a None (`Recommended.resolve`): one home for the defaults.
 import pytest
 
 from dreamcache.core.weights import AUTHORS_INFERENCE, Recommended
-from flows.params import CatalogueRunParams
+from flows.platform.params import CatalogueRunParams
 
 MODEL = Recommended(steps=10, images_per_prompt=1, image_scale=5.0, text_scale=4.0, sampler="ddim", eta=0.3,
                     negative_prompt="blurred")

@@ -11,10 +11,10 @@ from db import claims
 from db.models import Generation, RejectedItem, ReviewState, Run, RunStatus, WorkStatus, utcnow
 from db.session import transaction
 from dreamcache.core.images import decode_image
-from flows import liveness
-from flows.params import CatalogueRunParams
-from flows.platform import Platform, worker_id
-from flows.sources import MAX_IMAGE_BYTES
+from flows.platform import liveness
+from flows.platform.params import CatalogueRunParams
+from flows.platform.resources import Platform, worker_id
+from flows.steps.source import MAX_IMAGE_BYTES
 
 logger = logging.getLogger(__name__)
 

@@ -27,21 +27,21 @@ from db import queries
 from db.models import RejectedItem
 from db.session import transaction
 from dreamcache.perception.metrics import METRICS
-from flows.places import InvalidInputs, Places
-from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
+from flows.platform.places import InvalidInputs, Places
+from flows.steps.source import IMAGE_SUFFIXES, Listing, SourceItem, list_source
 from flows.steps.prompts import Prompts, check_templates, load_prompts
-from flows import publish, review
-from flows.steps import assets, caches, generate, ingest, plan, runs, segment, sheets
+from flows.steps import publish, review
+from flows.steps import assets, caches, generate, ingest, plan, run_record, segment, sheets
 from flows.steps.shared import chunks
-from flows import liveness
-from flows.failures import is_expected, one_line, retry_unless_permanent
-from flows.markdown import md, plain
-from flows.params import CatalogueRunParams, parse_rule, shop_formats
-from flows.platform import get_platform, require_named_stores
+from flows.platform import liveness
+from flows.platform.failures import is_expected, one_line, retry_unless_permanent
+from flows.platform.markdown import md, plain
+from flows.platform.params import CatalogueRunParams, parse_rule, shop_formats
+from flows.platform.resources import get_platform, require_named_stores
 
 # Named, not __name__: a worker runs this file as the script `catalogue`, and only the platform's loggers
 # (PLATFORM_LOGGERS) reach the flow run's logs.
-logger = logging.getLogger("flows.catalogue")
+logger = logging.getLogger("flows.runs.catalogue")
 
 # Products per ingest/segment/cache/contact-sheet task: 10,000 products make ~630 task runs.
 INGEST_BATCH = 64
@@ -404,16 +404,16 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
     on_stage("checking inputs")
     inputs = prepare(params, Places.for_run(params.source, platform.settings.allowed_sources))
     if params.dry_run:
-        return runs.dry_run(params, inputs)
+        return run_record.dry_run(params, inputs)
     platform.migrate()
-    run_id = runs.start_run(platform, params, flow_run_id, name)
+    run_id = run_record.start_run(platform, params, flow_run_id, name)
     removed = platform.objects.remove_stale_temporaries()
     if removed:
         logger.info("removed %d temporary objects left by writers that died", removed)
     try:
         listing, prompts, places = inputs
-        runs.reject(platform, run_id, "ingest", listing.rejected)
-        runs.reject(platform, run_id, "prompts", prompts.rejected)
+        run_record.reject(platform, run_id, "ingest", listing.rejected)
+        run_record.reject(platform, run_id, "prompts", prompts.rejected)
         if listing.skipped:
             logger.warning("run %d: %d files of %s are not product images and are skipped (e.g. %s)", run_id,
                            len(listing.skipped), params.source, ", ".join(listing.skipped[:5]))
@@ -459,7 +459,7 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         runner.map(approve_task, [(planned["planned"], params.approve_if, params.keep_best)])
         with transaction(platform.sessions) as session:
             caches_open = caches.open_caches(session, platform, usable, preparation)
-        summary = runs.summarise(platform, run_id, len(listing.items) + len(listing.rejected), subject_ids, cache_ids, len(todo), sheet_uris,
+        summary = run_record.summarise(platform, run_id, len(listing.items) + len(listing.rejected), subject_ids, cache_ids, len(todo), sheet_uris,
                                   params.output_prefix, caches_open)
         summary["run_id"], summary["shots_repaired"] = run_id, planned["repaired"]
         summary["images_already_made"] = made
@@ -467,18 +467,18 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         summary["files_skipped"], summary["skipped"] = len(listing.skipped), listing.skipped[:20]
         with transaction(platform.sessions) as session:
             summary["products"] = queries.best_scores(session, run_id)
-            summary["review"] = runs.review_counts(session, run_id)
+            summary["review"] = run_record.review_counts(session, run_id)
             summary["products_not_found"] = queries.shots_without_masked_scores(session, run_id)
     except KeyboardInterrupt:
-        runs.cancel_run(platform, run_id, "interrupted (SIGINT)")
+        run_record.cancel_run(platform, run_id, "interrupted (SIGINT)")
         raise
     except liveness.Cancelled as exc:
-        runs.cancel_run(platform, run_id, f"stopped ({exc})")
+        run_record.cancel_run(platform, run_id, f"stopped ({exc})")
         raise
     except Exception as exc:
-        runs.finish_run(platform, run_id, {}, error=f"{type(exc).__name__}: {exc}")
+        run_record.finish_run(platform, run_id, {}, error=f"{type(exc).__name__}: {exc}")
         raise
-    runs.finish_run(platform, run_id, summary)
+    run_record.finish_run(platform, run_id, summary)
     runner.report(summary)
     return summary
 
@@ -596,7 +596,7 @@ def review_and_publish(params: CatalogueRunParams, summary: dict, on_prefect: bo
                     facts["review_decision"] = review.decide(platform, run_id, decision.approve, decision.reject,
                                                              decision.rest, decision.reviewer, decision.note)
                     with transaction(platform.sessions) as session:
-                        facts["review"] = runs.review_counts(session, run_id)
+                        facts["review"] = run_record.review_counts(session, run_id)
                     counts = facts["review"]
                     logger.info("run %d reviewed: %d approved, %d rejected, %d still waiting", run_id,
                                 counts["approved"], counts["rejected"], counts["pending"])
@@ -610,7 +610,7 @@ def review_and_publish(params: CatalogueRunParams, summary: dict, on_prefect: bo
         logger.info("run %d published to %s: %d added, %d withdrawn, %d in all", run_id, params.publish_prefix,
                     published.get("added", 0), published.get("withdrawn", 0), published.get("total", 0))
     if facts:
-        runs.record(platform, run_id, **facts)
+        run_record.record(platform, run_id, **facts)
     return {**summary, **facts}
 
 
