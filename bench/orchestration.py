@@ -75,7 +75,7 @@ def shape(images: int) -> tuple[int, int]:
 def run_once(images: int) -> dict:
     from dreamcache.app.config import Settings
     from dreamcache.perception.scoring import Scorer
-    from flows import platform as platform_module
+    from flows.platform import resources as platform_module
     from flows.runs.catalogue import run_embedded
     from flows.platform.params import CatalogueRunParams
 

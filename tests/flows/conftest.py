@@ -4,7 +4,7 @@ import threading
 import boto3
 import pytest
 
-from flows import platform as platform_module
+from flows.platform import resources as platform_module
 from tests.helpers import make_tiny_pipeline, scene
 
 

@@ -3,7 +3,7 @@ task batch, which on CPU sat at 0% for minutes), and a re-run says how much was 
 
 from typer.testing import CliRunner
 
-from flows import catalogue as catalogue_module
+from flows.runs import catalogue as catalogue_module
 from flows.runs.catalogue import run_embedded
 from flows.cli import app
 from flows.platform.params import CatalogueRunParams

@@ -2,7 +2,7 @@
 
 import urllib.request
 
-from flows import platform as platform_module
+from flows.platform import resources as platform_module
 from flows.runs.catalogue import _public
 
 
