@@ -4,7 +4,7 @@
     python3 bench/ddp.py --gpus 2 --model sd15 --global-batch 64 --precision bf16   # 1 GPU vs 2 GPUs over NCCL
 
 Each configuration is a real `accelerate launch ... -m dreamcache.app.training config.toml`, the library's
-form of the command docs/training.md gives users (`-m flows.training` adds the platform's S3 loader and
+form of the command docs/training.md gives users (`-m flows.runs.training` adds the platform's S3 loader and
 needs Prefect, which the GPU machines lack), on the procedural product world (world://), so every
 process count draws the same samples. N processes take global-batch/N samples each. The figures: samples/s over the steps
 after warm-up (from the training log's elapsed times), the speed-up over one process, and the largest

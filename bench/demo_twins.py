@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     from db.models import Generation, Prompt, Segmentation, Subject, SubjectCache
-    from flows.platform import Platform
+    from flows.platform.resources import Platform
 
     settings = Settings()
     platform = Platform(settings)

@@ -75,9 +75,9 @@ def shape(images: int) -> tuple[int, int]:
 def run_once(images: int) -> dict:
     from dreamcache.app.config import Settings
     from dreamcache.perception.scoring import Scorer
-    from flows import platform as platform_module
-    from flows.catalogue import run_embedded
-    from flows.params import CatalogueRunParams
+    from flows.platform import resources as platform_module
+    from flows.runs.catalogue import run_embedded
+    from flows.platform.params import CatalogueRunParams
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -32,8 +32,8 @@ from tests.servers import PostgresServer, PrefectServer  # noqa: E402  (the suit
 
 RUN = """
 import json, time
-from flows.catalogue import catalogue_run
-from flows.params import CatalogueRunParams
+from flows.runs.catalogue import catalogue_run
+from flows.platform.params import CatalogueRunParams
 params = CatalogueRunParams(**json.loads({params!r}))
 start = time.perf_counter()
 summary = catalogue_run(params)
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             env = dict(os.environ, DREAMCACHE_HOME=str(folder / "home"), PREFECT_API_URL=prefect.url,
                        PREFECT_HOME=str(prefect.home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                        **model_settings(args.model, folder / "model"))
-            # Workers under Prefect must be given the platform's stores (flows/platform.py): each round names
+            # Workers under Prefect must be given the platform's stores (flows/platform/resources.py): each round names
             # its own database (round_), and all share one object folder.
             env.pop("DREAMCACHE_CONFIG", None)
             env["DREAMCACHE_OBJECTS_URL"] = str(folder / "objects")

@@ -31,8 +31,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         os.environ["DREAMCACHE_HOME"] = home
         os.environ.pop("PREFECT_API_URL", None)
-        from flows.catalogue import run_embedded
-        from flows.params import CatalogueRunParams
+        from flows.runs.catalogue import run_embedded
+        from flows.platform.params import CatalogueRunParams
 
         source = Path(home) / "catalogue"
         for sku in SKUS:  # three products of the example catalogue

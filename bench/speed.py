@@ -312,8 +312,8 @@ class Bench:
             prompts_n, per_prompt, steps = (2, 1, 3) if self.args.tiny else (16, 4, 50)
             code = (
                 "import json, sys, time\n"
-                "from flows.catalogue import run_embedded\n"
-                "from flows.params import CatalogueRunParams\n"
+                "from flows.runs.catalogue import run_embedded\n"
+                "from flows.platform.params import CatalogueRunParams\n"
                 f"p = CatalogueRunParams(source='flows/examples/catalogue', prompts={prompts(prompts_n)!r}, "
                 f"images_per_prompt={per_prompt}, steps={steps}, guidance='combined', output_prefix='bench')\n"
                 "t = time.perf_counter(); s = run_embedded(p, progress=False); t = time.perf_counter() - t\n"

@@ -225,7 +225,7 @@ class Generation(WorkItem, Base):
     aspect: Mapped[str] = mapped_column(String(16), default="1:1", server_default="1:1")
     width: Mapped[int | None]
     height: Mapped[int | None]
-    # The review gate: nothing is published unless approved (flows/review.py, flows/publish.py).
+    # The review gate: nothing is published unless approved (flows/steps/review.py, flows/steps/publish.py).
     review: Mapped[ReviewState] = mapped_column(
         Enum(ReviewState, name="review_state", native_enum=False, length=16, validate_strings=True),
         default=ReviewState.pending, server_default=ReviewState.pending.value, index=True,

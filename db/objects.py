@@ -56,7 +56,7 @@ class CorruptObject(ObjectStoreError):
 
 
 # S3 error codes that no retry can fix (the bucket, key, name or credentials are wrong): such a request fails
-# at once, and the run's tasks do not retry it (flows/failures.py). Throttling, 5xx and dropped connections
+# at once, and the run's tasks do not retry it (flows/platform/failures.py). Throttling, 5xx and dropped connections
 # are retried, by botocore and then by the tasks.
 PERMANENT_S3_CODES = frozenset({
     "NoSuchKey", "NoSuchBucket", "NoSuchUpload", "AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden",

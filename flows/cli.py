@@ -17,8 +17,8 @@ from sqlalchemy import make_url
 
 from dreamcache.app import cli as library_cli
 from dreamcache.app.config import Settings
-from flows.params import PUBLISH_PREFIX, CatalogueRunParams
-from flows.summary import DryRunSummary, RunSummary, read_summary
+from flows.platform.params import PUBLISH_PREFIX, CatalogueRunParams
+from flows.steps.run_summary import DryRunSummary, RunSummary, read_summary
 
 app = library_cli.app
 db_app = typer.Typer(help="The platform database (SQLite embedded, PostgreSQL in production).", no_args_is_help=True)
@@ -45,7 +45,7 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     try:
         migrate.upgrade(url, revision)
     except Exception as exc:  # connection refused, permissions, ...: say which database and why
-        from flows.failures import database_problem
+        from flows.platform.failures import database_problem
 
         library_cli.fail("could not migrate " + database_problem(url, exc).removeprefix("database "))
     typer.echo(f"{_safe(url)} is at revision {migrate.current_revision(url)}")
@@ -56,7 +56,7 @@ def db_current() -> None:
     """Show the database's revision and the code's head revision."""
     from db import migrate
 
-    from flows.failures import database_problem
+    from flows.platform.failures import database_problem
 
     url = library_cli.settings_or_fail().resolved_database_url
     try:
@@ -102,7 +102,7 @@ def stack_up() -> None:
         typer.secho("interrupted while starting: what had started is stopped", err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as exc:  # binaries missing, a server that would not start: one line, nothing left running
-        from flows.failures import one_line
+        from flows.platform.failures import one_line
 
         library_cli.fail(f"the stack did not start: {one_line(exc)}")
     try:
@@ -260,8 +260,8 @@ def run(**options: Any) -> None:
         use_prefect = bool(os.environ.get("PREFECT_API_URL"))
     typer.echo(f"model {settings.base_model} on {settings.torch_device}; database {_safe(settings.resolved_database_url)}; "
                f"objects {settings.resolved_objects_url}; {'Prefect' if use_prefect else 'embedded'} run")
-    from flows.catalogue import RunIncomplete
-    from flows.liveness import Cancelled
+    from flows.runs.catalogue import RunIncomplete
+    from flows.platform.liveness import Cancelled
 
     def stop(signum, frame):  # SIGTERM (Kubernetes, systemd, kill): stop as cleanly as on Ctrl-C
         # Once: a second signal would cut short the giving back of claims and the run's record (SIGKILL still works).
@@ -279,11 +279,11 @@ def run(**options: Any) -> None:
         _check_prefect_server()
     try:
         if use_prefect:
-            from flows.catalogue import catalogue_run
+            from flows.runs.catalogue import catalogue_run
 
             summary = read_summary(catalogue_run(params))
         else:
-            from flows.catalogue import run_embedded
+            from flows.runs.catalogue import run_embedded
 
             summary = read_summary(run_embedded(params))
     except KeyboardInterrupt:
@@ -296,8 +296,8 @@ def run(**options: Any) -> None:
         raise typer.Exit(EXIT_TERMINATED) from None
     except RunIncomplete as exc:  # on Prefect, the flow run fails; the summary says what is open
         summary = exc.summary
-    except Exception as exc:  # the same one line as the Prefect run's state message (flows/failures.py)
-        from flows.failures import one_line
+    except Exception as exc:  # the same one line as the Prefect run's state message (flows/platform/failures.py)
+        from flows.platform.failures import one_line
 
         library_cli.fail(one_line(exc))
     _print_summary(summary, settings)
@@ -349,7 +349,7 @@ def _print_summary(summary: RunSummary | DryRunSummary, settings: Settings) -> N
         typer.secho(f"  rejected at {r.stage}: {r.item}: {r.reason}", fg=typer.colors.YELLOW)
     _print_skipped(summary)
     if summary.status == "incomplete":
-        from flows.liveness import held_line
+        from flows.platform.liveness import held_line
 
         typer.secho(f"incomplete: {summary.images_open} images and {summary.caches_open} product caches are still "
                     "open", fg=typer.colors.YELLOW)
@@ -358,7 +358,7 @@ def _print_summary(summary: RunSummary | DryRunSummary, settings: Settings) -> N
         typer.secho("  run again once they are free (a live worker finishes them; a dead one's are taken over at once)",
                     fg=typer.colors.YELLOW)
     if summary.products_not_found:
-        from flows.run_report import not_found_line
+        from flows.runs.run_report import not_found_line
 
         typer.echo(not_found_line(summary))
     typer.echo(f"images and sidecars: {summary.output}")
@@ -400,8 +400,8 @@ def verify(
 ) -> None:
     """Check every recorded shot, sidecar, cache, mask and reference by sha256 (exit 1 when something is wrong
     and not repaired)."""
-    from flows.platform import get_platform
-    from flows.verify import verify as run_verify
+    from flows.platform.resources import get_platform
+    from flows.runs.verify import verify as run_verify
 
     settings = library_cli.settings_or_fail()
     platform = get_platform(settings)
@@ -435,7 +435,7 @@ def history(
     from db import migrate
     from db.session import make_engine
 
-    from flows.failures import database_problem
+    from flows.platform.failures import database_problem
 
     url = library_cli.settings_or_fail().resolved_database_url
     # Typed NULL checks: PostgreSQL cannot infer a bare parameter's type in `:x IS NULL`.
@@ -467,11 +467,11 @@ def train(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="TOML training config (docs/training.md)."),
     resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint directory."),
 ) -> None:
-    """Train DreamCache adapters in this process (for several GPUs: accelerate launch -m flows.training)."""
+    """Train DreamCache adapters in this process (for several GPUs: accelerate launch -m flows.runs.training)."""
     from pydantic import ValidationError
 
     from dreamcache.training.trainer import TrainConfig
-    from flows.training import trainer_for
+    from flows.runs.training import trainer_for
 
     try:
         settings = TrainConfig.from_file(config)
@@ -494,7 +494,7 @@ def synthesize(
     shard_size: int = typer.Option(256, min=1, help="Items per shard (a child run on Prefect)."),
 ) -> None:
     """Synthetic training triplets: captions, target images, masks and references, and the manifest."""
-    from flows.synthetic import SyntheticParams, run_embedded, synthesize_triplets
+    from flows.runs.synthetic import SyntheticParams, run_embedded, synthesize_triplets
 
     params = SyntheticParams(output=str(output), count=count, text_to_image=text_to_image, captioner=captioner,
                              steps=steps, seed=seed, shard_size=shard_size)
@@ -512,16 +512,16 @@ def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GP
     Start one per GPU, e.g. `CUDA_VISIBLE_DEVICES=0 dreamcache worker`, with PREFECT_API_URL set. SIGTERM
     (Kubernetes, systemd) or Ctrl-C: it takes no more work, finishes the batches it holds, and exits 143 or 130.
     """
-    from flows.liveness import Cancelled
+    from flows.platform.liveness import Cancelled
 
     def stop(signum, frame):  # while starting and loading the model: nothing is held yet, stop at once
         raise Cancelled(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        from flows.catalogue import generate_task
-        from flows.platform import get_platform
-        from flows.run_logs import log_platform_info
+        from flows.runs.catalogue import generate_task
+        from flows.platform.resources import get_platform
+        from flows.runs.run_logs import log_platform_info
         from flows.worker import serve_until_stopped
 
         log_platform_info()  # its batches' lines go to their task runs' logs
@@ -544,8 +544,8 @@ def _check_stores(platform, who: str) -> None:
     what is wrong: a worker that cannot record its work must not wait for work."""
     from sqlalchemy import text
 
-    from flows.failures import database_problem, is_expected, one_line
-    from flows.platform import require_named_stores
+    from flows.platform.failures import database_problem, is_expected, one_line
+    from flows.platform.resources import require_named_stores
 
     settings = platform.settings
     try:
@@ -566,7 +566,7 @@ def _check_stores(platform, who: str) -> None:
 
 def _migrated_platform():
     """The configured platform, its database at the code's revision."""
-    from flows.platform import get_platform
+    from flows.platform.resources import get_platform
 
     platform = get_platform(library_cli.settings_or_fail())
     platform.migrate()
@@ -576,7 +576,7 @@ def _migrated_platform():
 @contextmanager
 def _expected_errors_in_one_line():
     """A failure named on purpose (a bad id, an unknown run) ends the command with its one line; a bug raises."""
-    from flows.failures import is_expected, one_line
+    from flows.platform.failures import is_expected, one_line
 
     try:
         yield
@@ -611,7 +611,7 @@ def review(
     shots are published (`dreamcache publish`)."""
     from db.models import Run
     from db.session import transaction
-    from flows.review import decide, pending_shots
+    from flows.steps.review import decide, pending_shots
 
     platform = _migrated_platform()
     approve_ids, reject_ids = _ids(approve, "--approve"), _ids(reject, "--reject")
@@ -651,7 +651,7 @@ def publish(
 ) -> None:
     """Copy the run's approved shots to a prefix of their own with a CSV and JSON manifest of everything
     published there; withdraw shots published there that are no longer approved."""
-    from flows.publish import publish as run_publish
+    from flows.steps.publish import publish as run_publish
 
     platform = _migrated_platform()
     with _expected_errors_in_one_line():

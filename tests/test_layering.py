@@ -42,3 +42,21 @@ def test_every_wing_says_what_it_is_and_what_it_may_import():
     for wing in ("core", "perception", "training", "world", "app"):
         doc = (ROOT / "dreamcache" / wing / "__init__.py").read_text()
         assert doc.startswith('"""') and "\nMay import " in doc, wing
+
+
+def test_no_module_of_flows_imports_itself_round_a_circle():
+    import grimp
+
+    graph = grimp.build_graph("flows")
+    modules = sorted(graph.modules)
+    circles = [(a, b) for a in modules for b in graph.find_modules_directly_imported_by(a)
+               if b.startswith("flows.") and graph.find_shortest_chain(importer=b, imported=a)]
+    assert circles == []
+
+
+def test_every_room_of_flows_says_what_it_is_and_what_it_may_import():
+    for room in ("runs", "steps", "platform"):
+        assert (ROOT / "flows" / room / "__init__.py").read_text().startswith('"""'), room
+    for room in ("runs", "platform"):
+        assert "\nMay import " in (ROOT / "flows" / room / "__init__.py").read_text(), room
+    assert "imports only the steps" in (ROOT / "flows" / "steps" / "__init__.py").read_text()

@@ -13,8 +13,9 @@ from db.repository import insert_missing
 from db.session import transaction
 from dreamcache.core.images import decode_image
 from dreamcache.perception.segmentation import cutout, packshot
-from flows.params import Format
-from flows.platform import Platform, safe_key_part
+from flows.platform.params import Format
+from flows.platform.resources import Platform
+from flows.steps.layout import cutout_key, packshot_key
 from flows.steps.plan import generation_canvas
 from flows.steps.shared import png, product_image, read_image, segmentation
 
@@ -34,15 +35,14 @@ def product_assets(platform: Platform, run_id: int, subject_ids: Sequence[int], 
     for subject in subjects:
         photo = decode_image(product_image(platform, subject), subject.source_uri)
         mask = np.asarray(read_image(platform, platform.objects.key_of(masks[subject.id])).convert("L")) > 127
-        folder = f"{output_prefix}/{safe_key_part(subject.sku)}"
         made = []  # (kind, aspect, image, key)
         if with_cutout:
-            made.append(("cutout", None, cutout(photo, mask), f"{folder}/cutout.png"))
+            made.append(("cutout", None, cutout(photo, mask), cutout_key(output_prefix, subject.sku)))
         if with_packshot:
             for shop_format in formats:
                 size = shop_format.size(generation_canvas(shop_format, resolution, multiple))
                 made.append(("packshot", shop_format.aspect, packshot(photo, mask, size),
-                             f"{folder}/packshot-{size[0]}x{size[1]}.png"))
+                             packshot_key(output_prefix, subject.sku, size)))
         for kind, aspect, image, key in made:
             stored = put_if_changed(platform.objects, key, png(image), "image/png")
             with transaction(platform.sessions) as s:

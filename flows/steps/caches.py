@@ -18,8 +18,8 @@ from db.tensors import requeue_cache
 from dreamcache.core.cache import FeatureCache
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.images import decode_image
-from flows import liveness
-from flows.platform import Platform, worker_id
+from flows.platform import liveness
+from flows.platform.resources import Platform, worker_id
 from flows.steps.shared import chunks, giving_back, product_image, reference
 
 logger = logging.getLogger(__name__)

@@ -20,10 +20,11 @@ from db.session import transaction
 from dreamcache.core.images import decode_image
 from dreamcache.core.placement import PlacedProduct, Placement
 from dreamcache.perception.scoring import canonical_name, metric_name
-from flows import liveness
-from flows.platform import Platform, safe_key_part, worker_id
+from flows.platform import liveness
+from flows.platform.resources import Platform, worker_id
 from flows.steps.caches import load_cache
 from flows.steps.generation_settings import GenerationSettings
+from flows.steps.layout import output_key, sidecar_key, text_only_key
 from flows.steps.shared import giving_back, png, product_image, read_image, reference, sha256
 
 logger = logging.getLogger(__name__)
@@ -46,14 +47,6 @@ class BatchResult:
             self.on_settled(len(ids))
 
 
-def output_key(prefix: str, sku: str, identity: str) -> str:
-    return f"{prefix}/{safe_key_part(sku)}/{identity[:20]}.png"
-
-
-def sidecar_key(shot_key: str) -> str:
-    return shot_key.removesuffix(".png") + ".json"
-
-
 def sidecar(gen: Generation, subject: Subject, prompt: str, scores: Sequence[dict], text_only_uri: str | None) -> bytes:
     """A shot's JSON sidecar: what the database says of it, so that it can be written again from there.
 
@@ -72,11 +65,6 @@ def read_sidecar(data: bytes) -> dict:
     document = json.loads(data)
     document["scores"] = {canonical_name(name): value for name, value in document.get("scores", {}).items()}
     return document
-
-
-def text_only_key(shot_key: str) -> str:
-    """Where a shot's text-only twin (same prompt and seed, no cache) is stored: beside the shot."""
-    return shot_key.removesuffix(".png") + ".text-only.png"
 
 
 def generate(platform: Platform, generation_ids: Sequence[int], output_prefix: str, batch_size: int = 16,

@@ -11,11 +11,12 @@ from db.repository import ids_by_key, insert_missing
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.images import decode_image
-from flows.platform import Platform
-from flows.places import Places
-from flows.sources import MAX_IMAGE_BYTES, SourceItem
-from flows.steps.runs import reject
-from flows.steps.shared import product_key, sha256
+from flows.platform.resources import Platform
+from flows.platform.places import Places
+from flows.steps.source import MAX_IMAGE_BYTES, SourceItem
+from flows.steps.run_record import reject
+from flows.steps.layout import product_key
+from flows.steps.shared import sha256
 
 
 def ingest(platform: Platform, run_id: int, items: Sequence[SourceItem], places: Places) -> list[int]:

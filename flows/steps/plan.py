@@ -15,12 +15,12 @@ from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.guidance import uses_image_scale
 from dreamcache.core.placement import Placement, canvas_size
-from flows.params import SQUARE, CatalogueRunParams, Format
-from flows.platform import Platform
-from flows.steps.generate import sidecar_key
+from flows.platform.params import SQUARE, CatalogueRunParams, Format
+from flows.platform.resources import Platform
+from flows.steps.layout import sidecar_key
 from flows.steps.generation_settings import GenerationSettings
 from flows.steps.prompts import MissingColumn, render_prompt
-from flows.steps.runs import reject
+from flows.steps.run_record import reject
 from flows.steps.shared import chunks, sha256
 
 logger = logging.getLogger(__name__)

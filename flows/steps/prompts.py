@@ -6,8 +6,8 @@ import string
 from typing import NamedTuple
 
 from db.models import Subject
-from flows.params import CatalogueRunParams, check_prompt, template_fields
-from flows.places import InvalidInputs, MissingInput, Places
+from flows.platform.params import CatalogueRunParams, check_prompt, template_fields
+from flows.platform.places import InvalidInputs, MissingInput, Places
 
 MAX_PROMPT_FILE_BYTES = 1_000_000
 

@@ -14,8 +14,9 @@ from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.images import decode_image
 from dreamcache.perception.segmentation import SegmentationError
-from flows.platform import Platform, safe_key_part
-from flows.steps.runs import reject
+from flows.platform.resources import Platform
+from flows.steps.layout import mask_key, reference_key, segmentation_folder
+from flows.steps.run_record import reject
 from flows.steps.shared import SourceChanged, png, product_image
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,9 @@ def segment(platform: Platform, run_id: int, subject_ids: Sequence[int]) -> list
                              mask_sha256=None, reference_sha256=None, area_fraction=None,
                              largest_component_share=None, touches_border=None, quality="rejected", message=str(exc)))
             continue
-        folder = f"subjects/{subject.content_sha256}/{safe_key_part(cut.method)}"
-        mask = platform.objects.put(f"{folder}/mask.png", png(Image.fromarray(cut.mask)), "image/png")
-        reference = platform.objects.put(f"{folder}/reference-{resolution}.png",
+        folder = segmentation_folder(subject.content_sha256, cut.method)
+        mask = platform.objects.put(mask_key(folder), png(Image.fromarray(cut.mask)), "image/png")
+        reference = platform.objects.put(reference_key(folder, resolution),
                                          png(cut.subject_on_white(image, resolution)), "image/png")
         rows.append(dict(subject_id=subject.id, method=cut.method, mask_uri=mask.uri, reference_uri=reference.uri,
                          mask_sha256=mask.sha256, reference_sha256=reference.sha256, area_fraction=cut.area_fraction, largest_component_share=cut.largest_component_share,

@@ -16,8 +16,9 @@ from db import claims
 from db.models import Segmentation
 from db.objects import CorruptObject, ObjectNotFound
 from db.session import transaction
-from flows.platform import Platform, worker_id
-from flows.sources import read_uri
+from flows.platform.resources import Platform, worker_id
+from flows.steps.layout import product_key
+from flows.steps.source import read_uri
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +29,6 @@ def sha256(data: bytes | str) -> str:
 
 def chunks(items: Sequence, size: int) -> list[list]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
-def product_key(content_sha256: str) -> str:
-    """Where ingest keeps its copy of a product image: by content, so one copy serves every SKU that has it."""
-    return f"products/{content_sha256[:2]}/{content_sha256}"
 
 
 def product_image(platform: Platform, subject) -> bytes:

@@ -14,8 +14,8 @@ from db.objects import CorruptObject, ObjectNotFound, put_if_changed
 from db.session import transaction
 from dreamcache.perception.contact_sheet import contact_sheet
 from dreamcache.perception.metrics import ranking_key
-from flows.platform import Platform, safe_key_part
-from flows.steps.generate import text_only_key
+from flows.platform.resources import Platform
+from flows.steps.layout import contact_sheet_key, text_only_key
 from flows.steps.plan import remake
 from flows.steps.shared import png, read_image, reference
 
@@ -73,6 +73,6 @@ def contact_sheets(platform: Platform, subject_ids: Sequence[int], output_prefix
             _, product = reference(platform, s, subject.id)
             sheet = contact_sheet(product, shots, title=f"{subject.sku} ({subject.category or 'product'})",
                                   text_only=twins)
-            key = f"{output_prefix}/{safe_key_part(subject.sku)}/contact_sheet.png"
+            key = contact_sheet_key(output_prefix, subject.sku)
             sheets[subject.sku] = put_if_changed(platform.objects, key, png(sheet), "image/png").uri
     return sheets

@@ -4,7 +4,7 @@ import threading
 import boto3
 import pytest
 
-from flows import platform as platform_module
+from flows.platform import resources as platform_module
 from tests.helpers import make_tiny_pipeline, scene
 
 
@@ -72,7 +72,7 @@ def served(prefect_env):
     """The catalogue deployment served by an in-process runner, as `prefect deploy` + a worker would."""
     from prefect.runner import Runner
 
-    from flows.catalogue import catalogue_run
+    from flows.runs.catalogue import catalogue_run
 
     runner = Runner(name="test-runner", query_seconds=1)
     loop = asyncio.new_event_loop()  # the runner lives on its own loop, in a thread

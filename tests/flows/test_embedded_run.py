@@ -13,9 +13,9 @@ from sqlalchemy import create_engine, func, select, text
 from typer.testing import CliRunner
 
 from db.models import Generation, RejectedItem
-from flows.catalogue import run_embedded
+from flows.runs.catalogue import run_embedded
 from flows.cli import app
-from flows.params import CatalogueRunParams
+from flows.platform.params import CatalogueRunParams
 
 PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
 

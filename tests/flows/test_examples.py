@@ -5,8 +5,8 @@ from PIL import Image
 from db.models import Subject
 from dreamcache.world import scene as world
 from flows.cli import EXAMPLES
-from flows.params import CatalogueRunParams
-from flows.places import Places
+from flows.platform.params import CatalogueRunParams
+from flows.platform.places import Places
 from flows.steps.prompts import load_prompts, render_prompt
 
 

@@ -6,9 +6,9 @@ The fault injected: an object store whose uploads are slow (0.4 s each, as a dis
 import threading
 import time
 
-from flows.catalogue import TASK_BATCHES, run_embedded
-from flows.params import CatalogueRunParams
-from flows.platform import get_platform
+from flows.runs.catalogue import TASK_BATCHES, run_embedded
+from flows.platform.params import CatalogueRunParams
+from flows.platform.resources import get_platform
 
 
 def test_the_next_batch_is_denoised_while_the_last_one_is_written(platform_env, catalogue, monkeypatch):

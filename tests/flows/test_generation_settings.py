@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flows.params import CatalogueRunParams, Format
+from flows.platform.params import CatalogueRunParams, Format
 from flows.steps.generation_settings import GenerationSettings
 from flows.steps.plan import generation_settings
 

@@ -5,7 +5,7 @@ refuses what CatalogueRunParams refuses and takes what it takes."""
 import pytest
 from pydantic import ValidationError
 
-from flows.params import CatalogueRunParams
+from flows.platform.params import CatalogueRunParams
 
 GOOD = [
     {},
@@ -39,7 +39,7 @@ def schema_errors(params: dict) -> list:
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools.validation import validate
 
-    from flows.catalogue import catalogue_run
+    from flows.runs.catalogue import catalogue_run
 
     schema = parameter_schema(catalogue_run).model_dump_for_openapi()
     return validate({"params": params}, schema)
@@ -70,7 +70,7 @@ def test_a_run_with_bad_parameters_is_refused_by_the_server_and_never_exists(pre
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from flows.catalogue import catalogue_run
+    from flows.runs.catalogue import catalogue_run
 
     deployment_id = catalogue_run.to_deployment(name="parameter-checks").apply()
     refused = [{"formats": ["4:5@99999"]}, {"approve_if": ["mdino>=0.5", "mdino>=0.6"]},

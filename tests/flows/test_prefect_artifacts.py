@@ -10,8 +10,8 @@ import urllib.request
 
 from PIL import Image
 
-from flows import catalogue, run_logs, run_report
-from flows.markdown import md
+from flows.runs import catalogue, run_logs, run_report
+from flows.platform.markdown import md
 from tests.flows.test_prefect_run import trigger
 
 PICTURE = re.compile(r"!\[contact sheet of ([^\]]+)\]\(<([^>]+)>\)")
@@ -37,7 +37,7 @@ async def artifacts_and_logs(flow_run_id):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         for _ in range(30):  # the run's process sends its logs in batches; the last one may still be on its way
             logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-            if any(log.name == "flows.catalogue" and "images generated" in log.message for log in logs):
+            if any(log.name == "flows.runs.catalogue" and "images generated" in log.message for log in logs):
                 break
             await asyncio.sleep(1)
     return {a.type: a for a in artifacts}, logs
@@ -69,9 +69,9 @@ def test_a_run_shows_pictures_a_products_table_and_its_own_log_lines(served):
 
     # The platform's own lines, not only Prefect's: the rejected inputs and the run's summary.
     lines = [(log.name, log.message) for log in logs]
-    rejected = [message for name, message in lines if name == "flows.steps.runs" and "rejected at" in message]
+    rejected = [message for name, message in lines if name == "flows.steps.run_record" and "rejected at" in message]
     assert any("BROKEN.png" in m for m in rejected) and any("NOT-AN-IMAGE.jpg" in m for m in rejected), lines
-    (summary,) = [message for name, message in lines if name == "flows.catalogue" and "images generated" in message]
+    (summary,) = [message for name, message in lines if name == "flows.runs.catalogue" and "images generated" in message]
     assert "5 products listed, 3 ingested" in summary and "6 images generated, 0 failed" in summary, summary
     platform_lines = [message for name, message in lines if name.startswith("flows.")]
     assert any("3 products ingested" in m for m in platform_lines), platform_lines  # ingest counts as they happen

@@ -3,10 +3,10 @@ task batch, which on CPU sat at 0% for minutes), and a re-run says how much was 
 
 from typer.testing import CliRunner
 
-from flows import catalogue as catalogue_module
-from flows.catalogue import run_embedded
+from flows.runs import catalogue as catalogue_module
+from flows.runs.catalogue import run_embedded
 from flows.cli import app
-from flows.params import CatalogueRunParams
+from flows.platform.params import CatalogueRunParams
 
 
 def test_the_bar_moves_as_each_image_is_recorded_and_names_the_step(platform_env, catalogue, monkeypatch):

@@ -2,8 +2,8 @@
 
 import urllib.request
 
-from flows import platform as platform_module
-from flows.run_report import public_link
+from flows.platform import resources as platform_module
+from flows.runs.run_report import public_link
 
 
 def test_artifact_links_use_the_public_endpoint(platform_env, s3_bucket, s3_endpoint):

@@ -12,12 +12,12 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from db.session import transaction
-from flows.catalogue import run_embedded
+from flows.runs.catalogue import run_embedded
 from flows.cli import app
-from flows.params import CatalogueRunParams
-from flows.platform import Platform, get_platform
-from flows.publish import COLUMNS, PublishError, publish
-from flows.review import decide
+from flows.platform.params import CatalogueRunParams
+from flows.platform.resources import Platform, get_platform
+from flows.steps.publish import COLUMNS, PublishError, publish
+from flows.steps.review import decide
 from tests.helpers import save_tiny_scorers
 
 

@@ -4,7 +4,7 @@ way the library fills a None (`Recommended.resolve`): one home for the defaults.
 import pytest
 
 from dreamcache.core.weights import AUTHORS_INFERENCE, Recommended
-from flows.params import CatalogueRunParams
+from flows.platform.params import CatalogueRunParams
 
 MODEL = Recommended(steps=10, images_per_prompt=1, image_scale=5.0, text_scale=4.0, sampler="ddim", eta=0.3,
                     negative_prompt="blurred")
@@ -47,7 +47,7 @@ def test_an_eta_the_models_sampler_does_not_take_is_named():
 def test_every_recommended_setting_that_is_a_run_parameter_is_left_to_the_model_by_its_default():
     from dataclasses import fields
 
-    from flows.params import LEFT_TO_MODEL
+    from flows.platform.params import LEFT_TO_MODEL
 
     assert set(LEFT_TO_MODEL) == {f.name for f in fields(Recommended)} & set(CatalogueRunParams.model_fields)
     assert {"steps", "text_scale", "eta", "deep_reuse_interval"} <= set(LEFT_TO_MODEL)

@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 from db import queries
 from db.models import Generation, ReviewState, Score, Subject, SubjectCache
 from db.session import transaction
-from flows.catalogue import run_embedded
+from flows.runs.catalogue import run_embedded
 from flows.cli import app
-from flows.params import CatalogueRunParams
-from flows.platform import Platform, get_platform
-from flows.review import ReviewDecision, ReviewError, auto_approve, decide, pending_shots, review_markdown
+from flows.platform.params import CatalogueRunParams
+from flows.platform.resources import Platform, get_platform
+from flows.steps.review import ReviewDecision, ReviewError, auto_approve, decide, pending_shots, review_markdown
 from tests.helpers import save_tiny_scorers
 
 # The masked DINO scores the tests give MUG-1's three shots (by seed): masking finds no product in the tiny
@@ -255,8 +255,8 @@ def test_a_decision_the_form_cannot_apply_leaves_the_shots_waiting_and_says_why(
     """The paused run's answer names a shot both approved and rejected: the run does not fail (its shots are made),
     the decision is not applied, and the summary says why. (The pause itself is Prefect's: test_review_pause.py.)"""
     from db.models import Run as RunRecord
-    from flows import catalogue
-    from flows.summary import RunSummary
+    from flows.runs import catalogue
+    from flows.steps.run_summary import RunSummary
 
     shot = run.shots["MUG-1", 0]
     with transaction(run.platform.sessions) as s:

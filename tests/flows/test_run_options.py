@@ -8,7 +8,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from flows.cli import EXAMPLES, app
-from flows.params import CatalogueRunParams
+from flows.platform.params import CatalogueRunParams
 
 FIELDS = CatalogueRunParams.model_fields
 # The command's spellings that are not --field-name (kept from before the options were generated).
@@ -25,7 +25,7 @@ def options() -> dict:
 @pytest.fixture(scope="module")
 def form() -> dict:
     """The deployment's form: the parameter schema Prefect registers for catalogue_run, field by field."""
-    from flows.catalogue import catalogue_run
+    from flows.runs.catalogue import catalogue_run
 
     return catalogue_run.parameters.model_dump()["definitions"]["CatalogueRunParams"]["properties"]
 
@@ -96,7 +96,7 @@ def test_a_run_given_no_options_has_the_models_defaults(options):
 def test_publish_goes_to_the_same_prefix_from_the_command_and_the_library():
     import inspect
 
-    from flows.publish import publish
+    from flows.steps.publish import publish
 
     command = typer.main.get_command(app).commands["publish"]
     (to,) = [param for param in command.params if param.name == "to"]

@@ -1,10 +1,10 @@
-"""The run summary is a typed record (flows/summary.py): the keys it writes are those the runs table, the flow
+"""The run summary is a typed record (flows/steps/run_summary.py): the keys it writes are those the runs table, the flow
 run's result and `dreamcache run` have always had, and a record written before the model reads back."""
 
 import pytest
 from pydantic import ValidationError
 
-from flows.summary import DryRunSummary, RunSummary, read_summary
+from flows.steps.run_summary import DryRunSummary, RunSummary, read_summary
 
 # A completed run's record as the code wrote it before RunSummary (the keys of orchestrate's dict, the review's
 # and the publication's facts added after).

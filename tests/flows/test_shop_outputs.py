@@ -11,9 +11,9 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
-from flows.catalogue import run_embedded
+from flows.runs.catalogue import run_embedded
 from flows.cli import app
-from flows.params import CatalogueRunParams
+from flows.platform.params import CatalogueRunParams
 from tests.helpers import scene
 
 RED, YELLOW = (200, 30, 40), (240, 200, 60)

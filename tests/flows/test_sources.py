@@ -3,10 +3,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from flows.params import CatalogueRunParams
-from flows.platform import safe_key_part
-from flows.places import Places
-from flows.sources import list_source
+from flows.platform.params import CatalogueRunParams
+from flows.platform.resources import safe_key_part
+from flows.platform.places import Places
+from flows.steps.source import list_source
 
 
 def test_a_folder_gives_skus_from_file_names_and_categories_from_folders(catalogue):

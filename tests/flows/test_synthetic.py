@@ -7,7 +7,7 @@ from PIL import Image
 from dreamcache.training import synthetic
 from dreamcache.training.data import load_manifest
 from dreamcache.perception.segmentation import BorderColourSegmenter
-from flows.synthetic import SyntheticParams, plan_items, run_embedded
+from flows.runs.synthetic import SyntheticParams, plan_items, run_embedded
 from tests.helpers import scene
 
 
@@ -67,7 +67,7 @@ def test_the_flow_runs_one_child_run_per_shard(prefect_server, platform_env, tin
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.synthetic import synthesize_triplets
+    from flows.runs.synthetic import synthesize_triplets
 
     params = SyntheticParams(output=str(tmp_path / "synthetic"), count=6, steps=2, shard_size=2,
                              text_to_image=str(tiny_model / "base"))

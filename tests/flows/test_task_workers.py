@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def embedded_stores_on_purpose(env, tmp_path) -> None:
-    """Under Prefect the stores are named (flows.platform.require_named_stores): here the embedded ones."""
+    """Under Prefect the stores are named (flows.platform.resources.require_named_stores): here the embedded ones."""
     env.setenv("DREAMCACHE_DATABASE_URL", f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
     env.setenv("DREAMCACHE_OBJECTS_URL", str(tmp_path / "home" / "objects"))
 
@@ -22,8 +22,8 @@ def embedded_stores_on_purpose(env, tmp_path) -> None:
 def test_batches_go_to_a_task_worker(prefect_server, platform_env, catalogue, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.catalogue import catalogue_run
-    from flows.params import CatalogueRunParams
+    from flows.runs.catalogue import catalogue_run
+    from flows.platform.params import CatalogueRunParams
 
     platform_env.setenv("PREFECT_API_URL", prefect_server.url)
     platform_env.setenv("PREFECT_HOME", str(prefect_server.home))
@@ -55,8 +55,8 @@ def test_a_large_plan_is_sharded_into_child_runs(prefect_server, platform_env, c
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.catalogue import catalogue_run
-    from flows.params import CatalogueRunParams
+    from flows.runs.catalogue import catalogue_run
+    from flows.platform.params import CatalogueRunParams
 
     platform_env.setenv("PREFECT_API_URL", prefect_server.url)
     embedded_stores_on_purpose(platform_env, tmp_path)
@@ -87,7 +87,7 @@ class _NotYetStarted:
 
 
 def test_waiting_for_a_deferred_batch_outlasts_a_run_without_state_yet():
-    from flows.catalogue import wait_for_deferred
+    from flows.runs.catalogue import wait_for_deferred
 
     future = _NotYetStarted(empty_reads=2)
     wait_for_deferred(future)

@@ -23,10 +23,10 @@ from db.models import Generation, Subject
 from dreamcache.core.errors import ReferenceImageError
 from dreamcache.core.images import decode_image
 from dreamcache.perception.segmentation import BorderColourSegmenter, SegmentationError
-from flows.catalogue import run_embedded
-from flows.params import CatalogueRunParams
-from flows.places import InvalidInputs, Places
-from flows.sources import list_source, read_uri
+from flows.runs.catalogue import run_embedded
+from flows.platform.params import CatalogueRunParams
+from flows.platform.places import InvalidInputs, Places
+from flows.steps.source import list_source, read_uri
 from flows.steps.prompts import MissingColumn, load_prompts, render_prompt
 from tests.helpers import scene
 
@@ -231,8 +231,8 @@ def test_malformed_manifest_rows_are_rejected_with_their_line_and_the_others_kep
 
 
 def test_many_rejections_are_logged_as_the_first_few_and_a_count(platform_env, tmp_path, caplog):
-    from flows.platform import get_platform
-    from flows.steps.runs import LOGGED_REJECTIONS, reject
+    from flows.platform.resources import get_platform
+    from flows.steps.run_record import LOGGED_REJECTIONS, reject
 
     platform = get_platform()
     platform.migrate()
@@ -416,7 +416,7 @@ def test_an_embedded_run_over_the_whole_corpus_finishes_the_good_and_accounts_fo
 
 
 def test_unread_formats_and_odd_csv_columns_are_named_not_passed_over(tmp_path):
-    from flows.places import InvalidInputs
+    from flows.platform.places import InvalidInputs
 
     (tmp_path / "shop" / "mug").mkdir(parents=True)
     (tmp_path / "shop" / "mug" / "MUG-9.avif").write_bytes(b"\x00\x00\x00\x1cftypavif")

@@ -17,10 +17,10 @@ import boto3
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from flows.catalogue import catalogue_run, run_embedded
-from flows.params import CatalogueRunParams
-from flows.places import InvalidInputs, OutsidePlaces, Places
-from flows.sources import list_source
+from flows.runs.catalogue import catalogue_run, run_embedded
+from flows.platform.params import CatalogueRunParams
+from flows.platform.places import InvalidInputs, OutsidePlaces, Places
+from flows.steps.source import list_source
 from tests.helpers import scene
 
 SECRET = "aws_secret_access_key = PLANTED-SECRET-7f3a"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from db.objects import ObjectNotFound, S3Error, S3Store, s3_error
 from dreamcache.app.config import SettingsError, load_settings
 from flows.cli import app
-from flows.failures import is_permanent, one_line
+from flows.platform.failures import is_permanent, one_line
 from tests.flows.conftest import served  # noqa: F401  (the catalogue deployment, served in-process)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,7 +113,7 @@ def test_a_missing_config_file_is_named(platform_env, tmp_path):
 
 
 def test_the_platform_loads_its_settings_through_the_loader(platform_env):
-    from flows.platform import get_platform
+    from flows.platform.resources import get_platform
 
     platform_env.setenv("DREAMCACHE_LEASE_SECONDS", "0")
     with pytest.raises(SettingsError, match="^DREAMCACHE_LEASE_SECONDS: "):
@@ -179,7 +179,7 @@ def test_access_denied_says_which_permission_is_missing():
 
 
 def test_sources_on_s3_name_the_bucket_and_key(s3_bucket):
-    from flows.sources import list_source, read_uri
+    from flows.steps.source import list_source, read_uri
 
     with pytest.raises(S3Error, match=rf"^download of s3://{s3_bucket}/catalogue/none.png failed|"
                                       rf"^s3://{s3_bucket}/catalogue/none.png does not exist \(NoSuchKey\)$"):
@@ -221,8 +221,8 @@ def test_permanent_and_transient_failures(exc, permanent):
 def test_every_catalogue_task_retries_only_transient_failures():
     from prefect import Task
 
-    from flows import catalogue
-    from flows.failures import retry_unless_permanent
+    from flows.runs import catalogue
+    from flows.platform.failures import retry_unless_permanent
 
     tasks = [value for value in vars(catalogue).values() if isinstance(value, Task)]
     assert len(tasks) >= 6
@@ -238,7 +238,7 @@ def test_every_catalogue_task_retries_only_transient_failures():
 def test_a_task_retries_a_transient_failure_and_not_a_permanent_one(prefect_server, monkeypatch, failure, attempts):
     from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 
-    from flows import catalogue
+    from flows.runs import catalogue
 
     calls = []
 
@@ -336,8 +336,8 @@ def test_a_prefect_run_without_the_platform_stores_is_refused_naming_them(prefec
     in one line naming the missing settings, and writes nothing in its own home."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.catalogue import catalogue_run
-    from flows.params import CatalogueRunParams
+    from flows.runs.catalogue import catalogue_run
+    from flows.platform.params import CatalogueRunParams
 
     platform_env.setenv("PREFECT_API_URL", prefect_server.url)
     params = CatalogueRunParams(source=str(catalogue), prompts=["a {category} on a beach"], steps=2)

@@ -30,8 +30,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from db import objects
 from db.session import make_engine
 from db.models import Generation, Run, RunStatus, Segmentation, Subject, SubjectCache
-from flows.catalogue import run_embedded
-from flows.params import CatalogueRunParams
+from flows.runs.catalogue import run_embedded
+from flows.platform.params import CatalogueRunParams
 from tests.servers import PostgresServer
 
 PRODUCTS = 3  # the good products of the `catalogue` fixture (it also has two bad files, rejected at ingest)

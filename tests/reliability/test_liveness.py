@@ -20,9 +20,9 @@ from sqlalchemy import create_engine, func, select, update
 from typer.testing import CliRunner
 
 from db.models import Generation, Run, SubjectCache, WorkStatus, utcnow
-from flows.catalogue import run_embedded
+from flows.runs.catalogue import run_embedded
 from flows.cli import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED, app
-from flows.params import CatalogueRunParams
+from flows.platform.params import CatalogueRunParams
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
@@ -187,7 +187,7 @@ def test_a_rerun_killed_too_leaves_nothing_the_third_run_cannot_finish(catalogue
 
 
 def test_a_heartbeat_renews_what_its_worker_holds_and_its_runs(catalogue, engine):
-    from flows.platform import get_platform, worker_id
+    from flows.platform.resources import get_platform, worker_id
 
     summary = run_embedded(params(catalogue), progress=False)
     platform = get_platform()

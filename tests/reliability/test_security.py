@@ -16,9 +16,9 @@ from sqlalchemy.engine import make_url
 from db import migrate
 from db.objects import LocalStore, clean_key
 from db.session import make_engine, session_factory, transaction
-from flows.catalogue import run_embedded
-from flows.params import CatalogueRunParams
-from flows.steps.generate import output_key
+from flows.runs.catalogue import run_embedded
+from flows.platform.params import CatalogueRunParams
+from flows.steps.layout import output_key
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [p for folder in ("dreamcache", "db", "flows") for p in sorted((ROOT / folder).rglob("*.py"))]

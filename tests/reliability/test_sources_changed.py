@@ -8,12 +8,12 @@ from PIL import Image
 
 from db.models import Segmentation, Subject
 from db.session import transaction
-from flows.params import CatalogueRunParams
-from flows.platform import get_platform
-from flows.places import Places
-from flows.sources import list_source
-from flows.steps import ingest, runs, segment
-from flows.steps.shared import product_key
+from flows.platform.params import CatalogueRunParams
+from flows.platform.resources import get_platform
+from flows.platform.places import Places
+from flows.steps.source import list_source
+from flows.steps import ingest, run_record, segment
+from flows.steps.layout import product_key
 from tests.flows.conftest import PRODUCTS
 from tests.helpers import scene
 
@@ -30,7 +30,7 @@ def test_a_file_swapped_between_ingest_and_segmentation_does_not_reach_the_produ
     platform = get_platform()
     platform.migrate()
     params = CatalogueRunParams(source=str(catalogue), prompts=["a {category}"])
-    run_id = runs.start_run(platform, params)
+    run_id = run_record.start_run(platform, params)
     items = [i for i in list_source(str(catalogue)).items if i.sku == "MUG-1"]
     (subject_id,) = ingest.ingest(platform, run_id, items, Places.for_run(str(catalogue), []))
     swapped = scene(product_color=(20, 200, 20), background=(250, 250, 250), size=(96, 96), box=(20, 16, 76, 80))[0]
@@ -44,7 +44,7 @@ def test_a_lost_copy_comes_back_from_an_unchanged_source_and_a_changed_one_is_na
     platform = get_platform()
     platform.migrate()
     params = CatalogueRunParams(source=str(catalogue), prompts=["a {category}"])
-    run_id = runs.start_run(platform, params)
+    run_id = run_record.start_run(platform, params)
     items = {i.sku: i for i in list_source(str(catalogue)).items}
     subjects = ingest.ingest(platform, run_id, [items["MUG-1"], items["LAMP-1"]], Places.for_run(str(catalogue), []))
     with transaction(platform.sessions) as s:
@@ -56,7 +56,7 @@ def test_a_lost_copy_comes_back_from_an_unchanged_source_and_a_changed_one_is_na
     usable = segment.segment(platform, run_id, sorted(subjects))
     assert usable == [by_sku["MUG-1"][0]]
     assert platform.objects.exists(product_key(by_sku["MUG-1"][1]))  # restored from the unchanged source
-    summary = runs.summarise(platform, run_id, 2, subjects, [], 0, {}, "shots")
+    summary = run_record.summarise(platform, run_id, 2, subjects, [], 0, {}, "shots")
     (rejection,) = summary.rejections
     assert rejection.item == "LAMP-1" and "has changed since it was ingested" in rejection.reason
 
@@ -65,7 +65,7 @@ def test_a_source_image_changed_between_runs_supersedes_the_old_images_shots(pla
     from sqlalchemy import select
 
     from db.models import Generation, SubjectCache
-    from flows.catalogue import run_embedded
+    from flows.runs.catalogue import run_embedded
 
     params = CatalogueRunParams(source=str(catalogue), prompts=["a {category}"], images_per_prompt=2, steps=1)
     original = (catalogue / "mug" / "MUG-1.png").read_bytes()
@@ -98,7 +98,7 @@ def test_a_superseded_shot_cannot_be_approved_or_published_even_by_its_id(platfo
     from typer.testing import CliRunner
 
     from db.models import Generation, SubjectCache
-    from flows.catalogue import run_embedded
+    from flows.runs.catalogue import run_embedded
     from flows.cli import app
 
     params = CatalogueRunParams(source=str(catalogue), prompts=["a {category}"], images_per_prompt=1, steps=1)

@@ -10,9 +10,9 @@ from sqlalchemy import create_engine, func, select
 from typer.testing import CliRunner
 
 from db.models import Generation, Segmentation, SubjectCache
-from flows.catalogue import run_embedded
+from flows.runs.catalogue import run_embedded
 from flows.cli import app
-from flows.params import CatalogueRunParams
+from flows.platform.params import CatalogueRunParams
 from flows.steps.plan import OutputsElsewhere
 
 PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
@@ -111,7 +111,7 @@ def test_a_lost_sidecar_and_a_half_written_sheet_are_made_whole_by_the_next_run(
 
 
 def test_skus_that_escape_alike_get_their_own_folders_end_to_end(platform_env, catalogue, tmp_path):
-    from flows.platform import safe_key_part
+    from flows.platform.resources import safe_key_part
 
     image = catalogue / "mug" / "MUG-1.png"
     lookalike = safe_key_part("a b")  # the SKU "a b" escaped, written out as a SKU of its own
@@ -198,7 +198,7 @@ def test_verify_checks_the_product_copies_and_repair_restores_them(made, tmp_pat
 
 
 def test_a_sidecar_that_spells_scores_the_older_way_is_whole():
-    from flows.verify import _same_sidecar
+    from flows.runs.verify import _same_sidecar
 
     expected = json.dumps(dict(sku="MUG-1", scores={"clip_i": 0.5, "mclip_i": 0.7}), indent=2).encode()
     assert _same_sidecar(json.dumps(dict(sku="MUG-1", scores={"clip-i": 0.5, "mclip-i": 0.7})).encode(), expected)

@@ -21,10 +21,10 @@ import torch
 from sqlalchemy import create_engine, func, select
 
 from db.models import Generation, Subject
-from flows.catalogue import TASK_BATCHES, run_embedded
+from flows.runs.catalogue import TASK_BATCHES, run_embedded
 from flows.cli import EXIT_INCOMPLETE
-from flows.params import CatalogueRunParams
-from flows.platform import get_platform
+from flows.platform.params import CatalogueRunParams
+from flows.platform.resources import get_platform
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a {category} on a beach", "a {category} in the snow"]

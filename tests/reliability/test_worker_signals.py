@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def worker_env(prefect_server, platform_env, tmp_path):
     platform_env.setenv("PREFECT_API_URL", prefect_server.url)
-    # Under Prefect the stores are named, here the embedded ones on purpose (flows.platform.require_named_stores).
+    # Under Prefect the stores are named, here the embedded ones on purpose (flows.platform.resources.require_named_stores).
     platform_env.setenv("DREAMCACHE_DATABASE_URL", f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
     platform_env.setenv("DREAMCACHE_OBJECTS_URL", str(tmp_path / "home" / "objects"))
     platform_env.setenv("PREFECT_HOME", str(prefect_server.home))
@@ -66,8 +66,8 @@ def test_an_idle_worker_stops_at_once_on_sigterm(worker_env, tmp_path):
 def test_a_worker_stopped_mid_batch_finishes_what_it_holds_and_loses_nothing(worker_env, catalogue, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.catalogue import catalogue_run
-    from flows.params import CatalogueRunParams
+    from flows.runs.catalogue import catalogue_run
+    from flows.platform.params import CatalogueRunParams
 
     engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"

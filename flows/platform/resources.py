@@ -105,7 +105,7 @@ class Platform:
     @cached_property
     def heartbeat(self):
         """This process's heartbeat (started on first use): its leases and runs renewed while it lives."""
-        from flows.liveness import Heartbeat
+        from flows.platform.liveness import Heartbeat
 
         beat = Heartbeat(self.sessions, worker_id(), self.lease)
         beat.start()

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 from dreamcache.core.errors import DreamCacheError
 
-EXAMPLES = Path(__file__).resolve().parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # flows/examples
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 URI_SCHEMES = ("s3://", "file://")
 RULE_SETTING = "DREAMCACHE_ALLOWED_SOURCES"

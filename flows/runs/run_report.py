@@ -7,11 +7,11 @@ import logging
 from db import queries
 from db.session import transaction
 from dreamcache.perception.metrics import METRICS
-from flows.markdown import md, plain
-from flows.platform import get_platform
-from flows.summary import RunSummary
+from flows.platform.markdown import md, plain
+from flows.platform.resources import get_platform
+from flows.steps.run_summary import RunSummary
 
-logger = logging.getLogger("flows.run_report")
+logger = logging.getLogger("flows.runs.run_report")
 
 
 def report_run(summary: RunSummary) -> None:

@@ -31,9 +31,10 @@ from db.models import Generation, Prompt, Segmentation, Subject, SubjectCache, W
 from db.objects import CorruptObject, ObjectNotFound, ObjectStoreError
 from db.session import transaction
 from db.tensors import requeue_cache
-from flows.platform import Platform
-from flows.steps.generate import read_sidecar, sidecar, sidecar_key, text_only_key
-from flows.steps.shared import SourceChanged, product_image, product_key
+from flows.platform.resources import Platform
+from flows.steps.generate import read_sidecar, sidecar
+from flows.steps.layout import product_key, sidecar_key, text_only_key
+from flows.steps.shared import SourceChanged, product_image
 
 
 @dataclass

@@ -27,8 +27,9 @@ from db.objects import ObjectStoreError, put_if_changed
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.perception.metrics import METRICS
-from flows.params import PREFIX_PATTERN, PUBLISH_PREFIX, check_prefix, prefix_overlap
-from flows.platform import Platform, safe_key_part
+from flows.platform.params import PREFIX_PATTERN, PUBLISH_PREFIX, check_prefix, prefix_overlap
+from flows.platform.resources import Platform
+from flows.steps.layout import manifest_name, publication_name, published_key
 
 # The manifests' columns, in order (CSV header, JSON keys): the shot, its scores, where it is and who approved it.
 COLUMNS = ("generation_id", "sku", "category", "prompt", "seed", "mode", "aspect", "width", "height", *METRICS,
@@ -85,7 +86,7 @@ def publish(platform: Platform, run_id: int, prefix: str = PUBLISH_PREFIX) -> di
         if gen.published_uri:
             continue
         source = objects.key_of(gen.output_uri)
-        key = f"{prefix}/{safe_key_part(subject.sku)}/{source.rsplit('/', 1)[-1]}"
+        key = published_key(prefix, subject.sku, source)
         try:
             stored = objects.put(key, objects.get(source, expected_sha256=gen.output_sha256), "image/png")
         except ObjectStoreError as exc:
@@ -107,9 +108,9 @@ def publish(platform: Platform, run_id: int, prefix: str = PUBLISH_PREFIX) -> di
     entries = _entries(platform, under)
     result = dict(run_id=run_id, prefix=objects.uri(prefix), added=len(added), withdrawn=withdrawn,
                   total=len(entries), failed=failed, publication_csv=None, publication_json=None)
-    result["manifest_csv"], result["manifest_json"] = _write(platform, f"{prefix}/manifest", entries)
+    result["manifest_csv"], result["manifest_json"] = _write(platform, manifest_name(prefix), entries)
     if added:
-        name = f"{prefix}/publications/{now.strftime('%Y%m%dT%H%M%S.%fZ')}-run-{run_id}"
+        name = publication_name(prefix, now, run_id)
         result["publication_csv"], result["publication_json"] = _write(
             platform, name, [e for e in entries if e["generation_id"] in added])
     return result

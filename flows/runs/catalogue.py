@@ -5,7 +5,7 @@ step is a task, the unit of retry; generation goes out in batches, in-process or
 task workers, and large plans are sharded into child flow runs. Embedded (`run_embedded`, the
 CLI without a Prefect server) the same steps run directly in this process with a progress bar.
 Tasks take and return keys (ids, URIs), never images or tensors. What the run shows in the UI (its
-artifacts) is flows/run_report.py's; how the platform's log lines reach a run's logs, flows/run_logs.py's.
+artifacts) is flows/runs/run_report.py's; how the platform's log lines reach a run's logs, flows/runs/run_logs.py's.
 
 (No `from __future__ import annotations` here: Prefect reads the flow's parameter types at run time.)
 """
@@ -27,23 +27,23 @@ from sqlalchemy import select
 from db.models import RejectedItem
 from db.session import transaction
 from dreamcache.core.schedulers import TAKES_ETA
-from flows.places import InvalidInputs, Places
-from flows.sources import IMAGE_SUFFIXES, Listing, SourceItem, list_source
+from flows.platform.places import InvalidInputs, Places
+from flows.steps.source import IMAGE_SUFFIXES, Listing, SourceItem, list_source
 from flows.steps.prompts import Prompts, check_templates, load_prompts
-from flows import publish, review
-from flows.steps import assets, caches, generate, ingest, plan, runs, segment, sheets
+from flows.steps import publish, review
+from flows.steps import assets, caches, generate, ingest, plan, run_record, segment, sheets
 from flows.steps.shared import chunks
-from flows import liveness
-from flows.failures import is_expected, one_line, retry_unless_permanent
-from flows.params import CatalogueRunParams, parse_rule, shop_formats
-from flows.platform import get_platform, require_named_stores
-from flows.run_logs import log_platform_info, send_platform_logs_to_prefect
-from flows.run_report import report_run, thumbnail
-from flows.summary import DryRunSummary, RunSummary
+from flows.platform import liveness
+from flows.platform.failures import is_expected, one_line, retry_unless_permanent
+from flows.platform.params import CatalogueRunParams, parse_rule, shop_formats
+from flows.platform.resources import get_platform, require_named_stores
+from flows.runs.run_logs import log_platform_info, send_platform_logs_to_prefect
+from flows.runs.run_report import report_run, thumbnail
+from flows.steps.run_summary import DryRunSummary, RunSummary
 
 # Named, not __name__: a worker runs this file as the script `catalogue`, and only the platform's loggers
 # (PLATFORM_LOGGERS) reach the flow run's logs.
-logger = logging.getLogger("flows.catalogue")
+logger = logging.getLogger("flows.runs.catalogue")
 
 # Products per ingest/segment/cache/contact-sheet task: 10,000 products make ~630 task runs.
 INGEST_BATCH = 64
@@ -178,7 +178,7 @@ class PrefectRunner(Runner):
 
 
 # On load of this file, in every process that runs the flow or its tasks (a worker runs it as the script
-# `catalogue`): the platform's log lines made in a run go to that run's logs (flows/run_logs.py).
+# `catalogue`): the platform's log lines made in a run go to that run's logs (flows/runs/run_logs.py).
 send_platform_logs_to_prefect()
 
 
@@ -253,16 +253,16 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
     on_stage("checking inputs")
     inputs = prepare(params, Places.for_run(params.source, platform.settings.allowed_sources))
     if params.dry_run:
-        return runs.dry_run(params, inputs)
+        return run_record.dry_run(params, inputs)
     platform.migrate()
-    run_id = runs.start_run(platform, params, flow_run_id, name)
+    run_id = run_record.start_run(platform, params, flow_run_id, name)
     removed = platform.objects.remove_stale_temporaries()
     if removed:
         logger.info("removed %d temporary objects left by writers that died", removed)
     try:
         listing, prompts, places = inputs
-        runs.reject(platform, run_id, "ingest", listing.rejected)
-        runs.reject(platform, run_id, "prompts", prompts.rejected)
+        run_record.reject(platform, run_id, "ingest", listing.rejected)
+        run_record.reject(platform, run_id, "prompts", prompts.rejected)
         if listing.skipped:
             logger.warning("run %d: %d files of %s are not product images and are skipped (e.g. %s)", run_id,
                            len(listing.skipped), params.source, ", ".join(listing.skipped[:5]))
@@ -308,20 +308,20 @@ def orchestrate(params: CatalogueRunParams, runner: Runner, flow_run_id: str | N
         runner.map(approve_task, [(planned["planned"], params.approve_if, params.keep_best)])
         with transaction(platform.sessions) as session:
             caches_open = caches.open_caches(session, platform, usable, preparation)
-        summary = runs.summarise(
+        summary = run_record.summarise(
             platform, run_id, len(listing.items) + len(listing.rejected), subject_ids, cache_ids, len(todo), sheet_uris,
             params.output_prefix, caches_open, already_made=made, repaired=planned["repaired"], assets=asset_uris,
             skipped=listing.skipped)
     except KeyboardInterrupt:
-        runs.cancel_run(platform, run_id, "interrupted (SIGINT)")
+        run_record.cancel_run(platform, run_id, "interrupted (SIGINT)")
         raise
     except liveness.Cancelled as exc:
-        runs.cancel_run(platform, run_id, f"stopped ({exc})")
+        run_record.cancel_run(platform, run_id, f"stopped ({exc})")
         raise
     except Exception as exc:
-        runs.finish_run(platform, run_id, {}, error=f"{type(exc).__name__}: {exc}")
+        run_record.finish_run(platform, run_id, {}, error=f"{type(exc).__name__}: {exc}")
         raise
-    runs.finish_run(platform, run_id, summary)
+    run_record.finish_run(platform, run_id, summary)
     runner.report(summary)
     return summary
 
@@ -440,7 +440,7 @@ def review_and_publish(params: CatalogueRunParams, summary: RunSummary, on_prefe
                     facts["review_decision"] = review.decide(platform, run_id, decision.approve, decision.reject,
                                                              decision.rest, decision.reviewer, decision.note)
                     with transaction(platform.sessions) as session:
-                        facts["review"] = runs.review_counts(session, run_id)
+                        facts["review"] = run_record.review_counts(session, run_id)
                     counts = facts["review"]
                     logger.info("run %d reviewed: %d approved, %d rejected, %d still waiting", run_id,
                                 counts["approved"], counts["rejected"], counts["pending"])
@@ -456,7 +456,7 @@ def review_and_publish(params: CatalogueRunParams, summary: RunSummary, on_prefe
     if not facts:
         return summary
     summary = summary.model_copy(update=facts)
-    runs.record(platform, summary)
+    run_record.record(platform, summary)
     return summary
 
 

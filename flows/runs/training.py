@@ -1,7 +1,7 @@
 """Training runs from the platform: a Prefect flow and the entry point for multi-process launches.
 
 Single process: the flow runs the trainer in its own process. Several GPUs (or nodes): the flow
-starts `accelerate launch -m flows.training CONFIG`, whose processes each run `main` below; the
+starts `accelerate launch -m flows.runs.training CONFIG`, whose processes each run `main` below; the
 platform's loader lets manifests and images live on S3 as well as on local disk. (The manifest
 `world://` trains on the procedural product world: `dreamcache.app.training`.)
 """
@@ -14,7 +14,7 @@ from prefect import flow
 
 from dreamcache.app import training as app_training
 from dreamcache.training.trainer import TrainConfig
-from flows.sources import read_uri
+from flows.steps.source import read_uri
 
 
 def trainer_for(config: TrainConfig):
@@ -29,7 +29,7 @@ def train_adapters(config: str, processes: int = 1, resume: str | None = None) -
     if processes == 1:
         return str(trainer_for(settings).train(resume=resume))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(processes), "-m", "flows.training", config] + (["--resume", resume] if resume else [])
+               str(processes), "-m", "flows.runs.training", config] + (["--resume", resume] if resume else [])
     subprocess.run(command, check=True)
     return str(Path(settings.output_dir) / "adapter")
 

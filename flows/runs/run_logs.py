@@ -13,7 +13,7 @@ def send_platform_logs_to_prefect() -> None:
     """Send the platform's log lines made inside a Prefect flow or task run to that run's logs, in whichever
     process runs it: a worker's flow run, a served deployment, `dreamcache run --prefect`, a task worker.
 
-    Called when the flow's module is loaded (flows/catalogue.py), rather than left to
+    Called when the flow's module is loaded (flows/runs/catalogue.py), rather than left to
     PREFECT_LOGGING_EXTRA_LOGGERS: that setting must reach every process's environment, and it attaches the
     handler without a level, so the loggers would keep the root's WARNING and drop the INFO lines (the run's
     summary; `log_platform_info` lets them through where a run starts). Lines made outside any run (embedded

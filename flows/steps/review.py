@@ -3,7 +3,7 @@
 A done shot's `review` starts pending. The run's rules (`approve_if`, `keep_best`) only ever approve pending
 shots that no person has decided (`auto_approve`); a person decides any shot of a run, and may change their
 mind (`decide`: `dreamcache review`, or the form of a run paused for review). `reviewed_by` says who decided:
-a reviewer's name, or `rule: ...` for the rules. Publishing (flows/publish.py) withdraws what is no longer
+a reviewer's name, or `rule: ...` for the rules. Publishing (flows/steps/publish.py) withdraws what is no longer
 approved.
 """
 
@@ -22,11 +22,11 @@ from db.models import SUPERSEDED, Generation, ReviewState, Run, Subject, Subject
 from db.session import transaction
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.perception.metrics import METRICS, ranking_key
-from flows.markdown import md
-from flows.params import in_reading_order
+from flows.platform.markdown import md
+from flows.platform.params import in_reading_order
 
 if TYPE_CHECKING:  # the platform module loads the model library: this one stays cheap to import
-    from flows.platform import Platform
+    from flows.platform.resources import Platform
 
 RULE = "rule:"  # how `reviewed_by` begins when the run's rules approved a shot, not a person
 DEFAULT_REVIEWER = "reviewer"

@@ -11,11 +11,11 @@ from db import claims, queries
 from db.models import Generation, RejectedItem, ReviewState, Run, RunStatus, WorkStatus, utcnow
 from db.session import transaction
 from dreamcache.core.images import decode_image
-from flows import liveness
-from flows.params import CatalogueRunParams
-from flows.platform import Platform, worker_id
-from flows.sources import MAX_IMAGE_BYTES
-from flows.summary import DryRunSummary, Rejection, RunSummary
+from flows.platform import liveness
+from flows.platform.params import CatalogueRunParams
+from flows.platform.resources import Platform, worker_id
+from flows.steps.source import MAX_IMAGE_BYTES
+from flows.steps.run_summary import DryRunSummary, Rejection, RunSummary
 
 logger = logging.getLogger(__name__)
 

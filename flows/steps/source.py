@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from flows.places import (MANIFEST_SUFFIXES, InvalidInputs, MissingInput, OutsidePlaces, Places, locate, open_resolved,
+from flows.platform.places import (MANIFEST_SUFFIXES, InvalidInputs, MissingInput, OutsidePlaces, Places, locate, open_resolved,
                           read_s3)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
