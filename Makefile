@@ -3,14 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test stack install postgres chromium clean
+.PHONY: demo test test-fast stack install postgres chromium clean
 
 # The bundled model's recommended settings apply: UniPC, 10 steps, one shot per prompt, image scale 5 (docs/models.md).
 demo: $(VENV)/.installed
 	$(BIN)/dreamcache run --compare-text-only
 
+# Both on pytest-xdist's workers (`-n auto`, pyproject.toml); the layers are the markers tests/conftest.py gives.
 test: $(VENV)/.installed postgres chromium
 	$(BIN)/pytest --durations=25
+
+# The unit layer without the slow tests: no server, no catalogue run, no compile or benchmark (README "Tests").
+test-fast: $(VENV)/.installed
+	$(BIN)/pytest -m "unit and not slow" --durations=10
 
 # PostgreSQL, S3 (moto) and a Prefect server on this host without Docker, until Ctrl-C (docs/operations.md).
 stack: $(VENV)/.installed postgres

@@ -31,6 +31,33 @@ def sd21_unet():
     return build_unet("sd21")
 
 
+# --- layers ---------------------------------------------------------------------------------
+# Every test is `unit` or `e2e`, told by what it uses; `slow` ones are the benchmark smoke runs and the tests of
+# the session's trained tiny world (marked `slow` in their files or below). `make test-fast`: -m "unit and not slow".
+
+# A real server, or the platform itself (an embedded or served catalogue run): end to end.
+_E2E_FIXTURES = {"postgres_server", "postgres_url", "s3_endpoint", "s3_bucket", "prefect_server",
+                 "prefect_server_on_sqlite", "prefect_server_on_postgres", "platform_env"}
+_ROOT = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        bench = item.path.is_relative_to(_ROOT / "bench")  # whole benchmarks, their catalogue runs included
+        e2e = bench or bool(_E2E_FIXTURES & set(item.fixturenames)) or params.get("database_url") == "postgres"
+        item.add_marker(pytest.mark.e2e if e2e else pytest.mark.unit)
+        if bench:
+            item.add_marker(pytest.mark.slow)
+        if "tiny_world" in item.fixturenames:
+            # One worker trains the tiny world (a session fixture) and runs every test of it, rather than each.
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("tiny_world"))
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 # --- databases --------------------------------------------------------------------------------
 
 _upgrade = migrate.upgrade

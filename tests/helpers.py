@@ -1,7 +1,10 @@
-"""Small models and images built in code, shared by the tests."""
+"""Small models and images built in code, and the embedded run's database, shared by the tests."""
+
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from sqlalchemy import Engine, create_engine
 
 from dreamcache.core.architectures import build_tiny_pipeline_components
 from dreamcache.core.pipeline import DreamCachePipeline
@@ -72,3 +75,9 @@ def save_tiny_scorers(directory) -> tuple[str, str]:
     from dreamcache.core.architectures import save_random_scorers
 
     return save_random_scorers(directory, "tiny")
+
+
+def home_database(home: Path) -> Engine:
+    """An engine on the SQLite database an embedded run keeps in its DREAMCACHE_HOME (the platform_env
+    fixture's is tmp_path / "home"); the caller disposes of it."""
+    return create_engine(f"sqlite:///{home / 'dreamcache.db'}")

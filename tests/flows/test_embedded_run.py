@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 
 from PIL import Image
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select, text
 from typer.testing import CliRunner
 
 from db.models import Generation, RejectedItem
 from flows.runs.catalogue import run_embedded
 from flows.cli import app
 from flows.platform.params import CatalogueRunParams
+from tests.helpers import home_database
 
 PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
 
@@ -23,10 +24,6 @@ PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
 def params(source, **kwargs) -> CatalogueRunParams:
     return CatalogueRunParams(source=str(source), prompts=PROMPTS, images_per_prompt=2, steps=2, batch_size=4,
                               **kwargs)
-
-
-def database(home: Path):
-    return create_engine(f"sqlite:///{home / 'dreamcache.db'}")
 
 
 def test_a_run_writes_images_sheets_and_history(platform_env, catalogue, tmp_path):
@@ -37,7 +34,7 @@ def test_a_run_writes_images_sheets_and_history(platform_env, catalogue, tmp_pat
     reasons = {r["item"].rsplit("/", 1)[-1]: r["reason"] for r in summary["rejections"]}
     assert "truncated or corrupt" in reasons["BROKEN.png"] and "not an image" in reasons["NOT-AN-IMAGE.jpg"]
 
-    with database(home).connect() as db:
+    with home_database(home).connect() as db:
         rows = db.execute(text("SELECT sku, prompt, seed, output_uri, status FROM generation_history")).all()
         assert len(rows) == 12 and {r.status for r in rows} == {"done"}
         assert {r.prompt for r in rows} == {"a mug on a beach", "a mug in the snow", "a lamp on a beach",
@@ -58,7 +55,7 @@ def test_a_second_run_generates_nothing_new(platform_env, catalogue, tmp_path):
     again = run_embedded(params(catalogue), progress=False)
     assert again["images_generated"] == 0 and again["images_planned"] == 0
     assert sorted((tmp_path / "home" / "objects" / "shots").rglob("*.png")) == outputs
-    with database(tmp_path / "home").connect() as db:
+    with home_database(tmp_path / "home").connect() as db:
         assert db.scalar(select(func.count()).select_from(Generation)) == 12
     # A new prompt is new work, and only that.
     more = run_embedded(params(catalogue).model_copy(update={"prompts": PROMPTS + ["a {category} on a table"]}),
@@ -107,7 +104,7 @@ def test_a_run_killed_midway_then_rerun_completes_exactly_the_missing_work(platf
                "-p", "a {category} in the snow", "-p", "a {category} at night", "--images-per-prompt", "3",
                "--steps", "3", "--batch-size", "2"]
     planned = 3 * 3 * 3
-    engine = database(tmp_path / "home")
+    engine = home_database(tmp_path / "home")
     process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], env=dict(os.environ),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -148,7 +145,7 @@ def test_the_same_photo_under_two_skus_is_cached_once(platform_env, catalogue, t
     (catalogue / "mug" / "MUG-1-COPY.png").write_bytes((catalogue / "mug" / "MUG-1.png").read_bytes())
     summary = run_embedded(params(catalogue), progress=False)
     assert summary["products_ingested"] == 4 and summary["products_cached"] == 4
-    with database(tmp_path / "home").connect() as db:
+    with home_database(tmp_path / "home").connect() as db:
         digests = db.scalars(select(SubjectCache.sha256)).all()
     assert len(digests) == 4 and len(set(digests)) == 3
     stored = list((tmp_path / "home" / "objects" / "caches").rglob("*.safetensors"))
@@ -169,7 +166,7 @@ def test_a_corrupt_cache_is_detected_recomputed_and_repaired(platform_env, catal
     repaired = sorted((tmp_path / "home" / "objects" / "caches").rglob("*.safetensors"))
     assert damaged not in repaired and len(repaired) == 3  # the damaged object is gone, a good one replaces it
     assert all(sha256(p.read_bytes()).hexdigest() == p.stem for p in repaired)
-    with database(tmp_path / "home").connect() as db:
+    with home_database(tmp_path / "home").connect() as db:
         rows = db.execute(select(SubjectCache.sha256, SubjectCache.error)).all()
     assert {digest for digest, _ in rows} == {p.stem for p in repaired}
     (note,) = [error for _, error in rows if error]
@@ -185,7 +182,7 @@ def test_shots_are_scored_when_scorer_models_are_configured(platform_env, catalo
     summary = run_embedded(params(catalogue).model_copy(update={"prompts": PROMPTS[:1], "images_per_prompt": 1}),
                            progress=False)
     assert summary["images_generated"] == 3
-    with database(tmp_path / "home").connect() as db:
+    with home_database(tmp_path / "home").connect() as db:
         rows = db.execute(text("SELECT sku, dino, clip_i, clip_t, output_uri FROM generation_history")).all()
         models = db.scalars(text("SELECT DISTINCT scorer_model_id FROM scores")).all()
     assert len(rows) == 3 and all(r.dino is not None and r.clip_i is not None and r.clip_t is not None for r in rows)
@@ -203,7 +200,7 @@ def test_text_only_twins_are_stored_beside_their_shots_and_paired_on_the_sheets(
 
     summary = run_embedded(params(catalogue, compare_text_only=True), progress=False)
     assert summary["images_generated"] == 12 and summary["images_planned"] == 12
-    with database(tmp_path / "home").connect() as db:
+    with home_database(tmp_path / "home").connect() as db:
         rows = db.execute(text("SELECT generation_id, sku, output_uri FROM generation_history "
                                "ORDER BY generation_id")).all()
     for row in rows:
@@ -231,7 +228,7 @@ def test_asking_for_twins_later_regenerates_nothing(platform_env, catalogue, tmp
     assert again["images_planned"] == 0 and again["images_generated"] == 0
     after = {p: p.read_bytes() for p in shots.rglob("*") if p.is_file() and p.name != "contact_sheet.png"}
     assert after == before, "shots made without twins stay as they were, and get none"
-    with database(tmp_path / "home").connect() as db:
+    with home_database(tmp_path / "home").connect() as db:
         assert db.scalar(select(func.count()).select_from(Generation)) == 12
         assert len(set(db.scalars(select(Generation.params_sha256)))) == 1
     # New work of a run that asks for twins gets them; the old shots still have none.
@@ -256,7 +253,7 @@ def test_a_default_run_records_all_five_scores_of_every_shot_with_the_bundled_mo
                                               prompt_file=str(EXAMPLES / "prompts.txt"), images_per_prompt=1,
                                               approve_if=["mdino>=0.3"]), progress=False)
     assert summary["images_generated"] == 3 and summary["products_not_found"] == 0
-    with database(tmp_path / "home").connect() as db:
+    with home_database(tmp_path / "home").connect() as db:
         scores = db.execute(text("SELECT generation_id, metric, masked, scorer_model_id FROM scores")).all()
         history = db.execute(text("SELECT dino, mdino, clip_i, clip_t, mclip_i FROM generation_history")).all()
     assert sorted((metric, bool(masked)) for _, metric, masked, _ in scores) == sorted(
@@ -275,7 +272,7 @@ def test_a_sheet_shows_every_done_shot_under_its_prefix_whichever_run_made_it(pl
     second = run_embedded(params(catalogue), progress=False)  # the other prompt's 2 shots
     assert second["images_generated"] == 3 * 2
     assert Image.open(sheet).width == 5 * TILE  # the reference and all 4 shots, from both runs
-    with database(tmp_path / "home").connect() as db:
+    with home_database(tmp_path / "home").connect() as db:
         assert db.scalar(text("SELECT COUNT(DISTINCT run_id) FROM generation_history WHERE sku = 'MUG-1'")) == 2
     written = sheet.stat().st_mtime_ns
     run_embedded(params(catalogue), progress=False)

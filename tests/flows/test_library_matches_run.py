@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from dreamcache.app.config import BUNDLED_DIR
@@ -21,6 +21,7 @@ from dreamcache.core.images import open_image
 from dreamcache.core.pipeline import DreamCachePipeline
 from dreamcache.world.segmenter import WorldSegmenter
 from flows.cli import EXAMPLES, app
+from tests.helpers import home_database
 
 PRODUCT = EXAMPLES / "catalogue" / "mug" / "MUG-TEAL-DOTS.png"
 SEEDS = [3, 4]
@@ -35,7 +36,7 @@ def test_the_library_at_the_models_defaults_makes_the_shots_of_dreamcache_run(pl
                                       "beach", "--images-per-prompt", str(len(SEEDS)), "--seed", str(SEEDS[0]),
                                       "--resolution", "64"])
     assert result.exit_code == 0, result.output
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     with engine.connect() as db:
         rows = db.execute(text("SELECT seed, prompt, sampler, steps, image_scale, text_scale, output_uri "
                                "FROM generation_history ORDER BY seed")).all()

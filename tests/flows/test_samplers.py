@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from dreamcache.core.weights import AUTHORS_NEGATIVE_PROMPT
 from flows.cli import app
+from tests.helpers import home_database
 
 
 def run(*args):
@@ -15,7 +16,7 @@ def run(*args):
 
 
 def history(home) -> list:
-    engine = create_engine(f"sqlite:///{home / 'dreamcache.db'}")
+    engine = home_database(home)
     with engine.connect() as db:
         rows = db.execute(text("SELECT sku, sampler, eta, negative_prompt, steps, image_scale, cache_preparation "
                                "FROM generation_history ORDER BY generation_id")).all()
@@ -24,7 +25,7 @@ def history(home) -> list:
 
 
 def caches(home) -> list:
-    engine = create_engine(f"sqlite:///{home / 'dreamcache.db'}")
+    engine = home_database(home)
     with engine.connect() as db:
         rows = db.execute(text("SELECT subject_id, preparation FROM subject_caches ORDER BY id")).all()
     engine.dispose()
@@ -92,7 +93,7 @@ def test_the_prefect_form_parameters_reach_the_shots(served):
 
 def test_deep_feature_reuse_is_part_of_a_shots_identity_only_when_on(platform_env, catalogue, tmp_path):
     def parameters(home) -> list[dict]:
-        engine = create_engine(f"sqlite:///{home / 'dreamcache.db'}")
+        engine = home_database(home)
         with engine.connect() as db:
             rows = db.execute(text("SELECT parameters FROM generations ORDER BY id")).scalars().all()
         engine.dispose()

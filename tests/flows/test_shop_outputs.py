@@ -8,19 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from flows.runs.catalogue import run_embedded
 from flows.cli import app
 from flows.platform.params import CatalogueRunParams
-from tests.helpers import scene
+from tests.helpers import home_database, scene
 
 RED, YELLOW = (200, 30, 40), (240, 200, 60)
 
 
 def history(home: Path, columns: str):
-    engine = create_engine(f"sqlite:///{home / 'dreamcache.db'}")
+    engine = home_database(home)
     with engine.connect() as db:
         rows = db.execute(text(f"SELECT {columns} FROM generation_history ORDER BY generation_id")).all()
     engine.dispose()
@@ -130,7 +130,7 @@ def test_formats_cutouts_and_packshots(platform_env, catalogue, tmp_path):
         sidecar = json.loads(local(row.output_uri).with_suffix(".json").read_text())
         assert sidecar["parameters"].get("aspect", "1:1") == row.aspect
 
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     with engine.connect() as db:
         assets = db.execute(text("SELECT s.sku, a.kind, a.aspect, a.width, a.height, a.uri FROM product_assets a "
                                  "JOIN subjects s ON s.id = a.subject_id ORDER BY a.id")).all()
@@ -188,7 +188,7 @@ def test_a_placed_shot_has_a_soft_shadow_by_default_and_none_when_asked(platform
     soft = CliRunner().invoke(app, common + ["--output-prefix", "soft"])
     none = CliRunner().invoke(app, common + ["--shadow", "none", "--output-prefix", "none"])
     assert soft.exit_code == 0 and none.exit_code == 0, soft.output + none.output
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     with engine.connect() as db:
         rows = db.execute(text("SELECT output_uri, parameters FROM generations ORDER BY id")).all()
     engine.dispose()

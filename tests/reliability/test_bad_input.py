@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 
 from db.models import Generation, Subject
 from dreamcache.core.errors import ReferenceImageError
@@ -28,7 +28,7 @@ from flows.platform.params import CatalogueRunParams
 from flows.platform.places import InvalidInputs, Places
 from flows.steps.source import list_source, read_uri
 from flows.steps.prompts import MissingColumn, load_prompts, render_prompt
-from tests.helpers import scene
+from tests.helpers import home_database, scene
 
 RED, WHITE = (200, 30, 40), (255, 255, 255)
 
@@ -401,7 +401,7 @@ def test_an_embedded_run_over_the_whole_corpus_finishes_the_good_and_accounts_fo
     assert set(summary["contact_sheets"]) == set(good)
 
     # Nothing lost, nothing twice: every manifest row is a finished product or a rejection.
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     with engine.connect() as db:
         generations = db.scalar(select(func.count()).select_from(Generation))
         outputs = db.scalars(select(Generation.output_uri)).all()

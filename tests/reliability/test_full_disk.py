@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from db import objects
 from db.models import Generation, Run
 from flows.cli import app
+from tests.helpers import home_database
 
 PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
 PLANNED = 3 * 2 * 2
@@ -83,7 +84,7 @@ def test_a_full_disk_leaves_no_partial_file_and_keeps_what_was_made(platform_env
     root = tmp_path / "home" / "objects"
     files = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
     assert not [key for key in files if Path(key).name.startswith(".")], "a temporary was left behind"
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     with engine.connect() as db:
         done = db.execute(select(Generation.output_uri, Generation.output_sha256)
                           .where(Generation.status == "done")).all()

@@ -32,6 +32,7 @@ from db.session import make_engine
 from db.models import Generation, Run, RunStatus, Segmentation, Subject, SubjectCache
 from flows.runs.catalogue import run_embedded
 from flows.platform.params import CatalogueRunParams
+from tests.helpers import home_database
 from tests.servers import PostgresServer
 
 PRODUCTS = 3  # the good products of the `catalogue` fixture (it also has two bad files, rejected at ingest)
@@ -198,7 +199,7 @@ def test_object_storage_faults_are_retried_and_a_lost_upload_fails_only_its_item
         (poisoned,) = proxy.poisoned
         poisoned_key = urlparse(poisoned).path.split("/", 2)[2]
 
-        engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+        engine = home_database(tmp_path / "home")
         with engine.connect() as db:
             rows = db.execute(select(Generation.id, Generation.status, Generation.output_uri, Generation.error)).all()
         (failed,) = [r for r in rows if r.status == "failed"]
@@ -327,7 +328,7 @@ def test_a_damaged_cache_object_is_detected_recomputed_and_recorded(platform_env
         bucket = request.getfixturevalue("s3_bucket")
         platform_env.setenv("DREAMCACHE_OBJECTS_URL", f"s3://{bucket}/platform")
     run_embedded(params(catalogue, ["a {category} on a beach"], images_per_prompt=1), progress=False)
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     with engine.connect() as db:
         caches = db.execute(select(SubjectCache.id, SubjectCache.sha256).order_by(SubjectCache.id)).all()
     assert len(caches) == PRODUCTS

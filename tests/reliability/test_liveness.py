@@ -16,13 +16,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select, update
+from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 from db.models import Generation, Run, SubjectCache, WorkStatus, utcnow
 from flows.runs.catalogue import run_embedded
 from flows.cli import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED, app
 from flows.platform.params import CatalogueRunParams
+from tests.helpers import home_database
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
@@ -41,7 +42,7 @@ def cli_args(catalogue) -> list[str]:
 
 @pytest.fixture
 def engine(platform_env, tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     yield engine
     engine.dispose()
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from db.models import Generation, Prompt, Run, Subject
 from flows.cli import app
+from tests.helpers import home_database
 
 
 def rows(home, model) -> int:
@@ -66,7 +67,7 @@ def test_defaults_come_from_the_model(platform_env, catalogue, tiny_model, tmp_p
 
     result = run("--source", str(catalogue), "-p", "a {category} on a beach")
     assert result.exit_code == 0, result.output
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     with engine.connect() as db:
         (parameters,) = db.scalars(select(Run.parameters)).all()
         shots = db.execute(select(Generation.steps, Generation.image_scale)).all()

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from db.models import Generation, Segmentation, SubjectCache
@@ -14,6 +14,7 @@ from flows.runs.catalogue import run_embedded
 from flows.cli import app
 from flows.platform.params import CatalogueRunParams
 from flows.steps.plan import OutputsElsewhere
+from tests.helpers import home_database
 
 PROMPTS = ["a {category} on a beach", "a {category} in the snow"]
 PLANNED = 3 * 2 * 2
@@ -29,7 +30,7 @@ def made(platform_env, catalogue, tmp_path):
     """A finished run: its database and the paths of its shots, by generation id."""
     summary = run_embedded(params(catalogue), progress=False)
     assert summary["status"] == "completed" and summary["images_generated"] == PLANNED
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     with engine.connect() as db:
         shots = {i: Path(uri.removeprefix("file://")) for i, uri in db.execute(select(Generation.id, Generation.output_uri))}
     yield engine, shots
@@ -122,7 +123,7 @@ def test_skus_that_escape_alike_get_their_own_folders_end_to_end(platform_env, c
     assert summary["images_generated"] == 4 and len(summary["contact_sheets"]) == 2
     folders = {Path(uri.removeprefix("file://")).parent for uri in summary["contact_sheets"].values()}
     assert len(folders) == 2
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     with engine.connect() as db:
         outputs = db.scalars(select(Generation.output_uri)).all()
     engine.dispose()

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 
 from db.models import Generation
+from tests.helpers import home_database
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,7 +70,7 @@ def test_a_worker_stopped_mid_batch_finishes_what_it_holds_and_loses_nothing(wor
     from flows.runs.catalogue import catalogue_run
     from flows.platform.params import CatalogueRunParams
 
-    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'dreamcache.db'}")
+    engine = home_database(tmp_path / "home")
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = start_worker(first_log)
     name = f"{socket.gethostname()}:{first.pid}"

@@ -70,6 +70,7 @@ def test_static_batches_pad_to_a_power_of_two_and_drop_the_copies(tiny_pipe):
     assert np.abs(padded - exact).max() < 1e-5
 
 
+@pytest.mark.slow  # torch.compile on the CPU: inductor builds C++ kernels
 def test_compiled_halves_match_eager_fp32(tiny_pipe):
     """Inductor on the CPU: the same graph rewriting the GPU workers get, held to 1e-4 of eager fp32."""
     eager = _images(tiny_pipe, FastPaths(), prompts=("a red mug", "a blue lamp"))

@@ -102,6 +102,7 @@ def test_reuse_changes_the_numbers_but_keeps_the_picture(tiny_pipe, guidance, sa
     assert change < 0.25 * (other_seeds - plain).abs().mean()  # far nearer its own plain image than another seed's
 
 
+@pytest.mark.slow  # torch.compile on the CPU: inductor builds C++ kernels
 def test_compiled_halves_reuse_as_the_eager_ones(tiny_pipe):
     eager = _latents(tiny_pipe, 3, steps=4)
     tiny_pipe.enable_fast_paths(FastPaths(compile=True))
