@@ -59,9 +59,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         params = item.callspec.params if hasattr(item, "callspec") else {}
         bench = item.path.is_relative_to(_ROOT / "bench")  # whole benchmarks, their catalogue runs included
-        e2e = bench or bool(_E2E_FIXTURES & set(item.fixturenames)) or params.get("database_url") == "postgres"
-        item.add_marker(pytest.mark.e2e if e2e else pytest.mark.unit)
         module = item.path.relative_to(_ROOT).as_posix() if item.path.is_relative_to(_ROOT) else ""
+        e2e = (bench or module == "flows/test_stack.py"  # starts the stack's real servers itself
+               or bool(_E2E_FIXTURES & set(item.fixturenames)) or params.get("database_url") == "postgres")
+        item.add_marker(pytest.mark.e2e if e2e else pytest.mark.unit)
         if bench or module in _SLOW_MODULES or item.originalname in _SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
         if "tiny_world" in item.fixturenames:
