@@ -278,8 +278,10 @@ def main() -> None:
              ("region only", shots[:a], kept[:a], [FIXED] * a, [""] * a),
              ("negative only", shots[:a], kept[:a], [replace(FIXED, cache_band=None)] * a, categories[:a])]
     plans = [p for p in plans if not args.variants or p[0] in args.variants]
-    record["command"] += "".join(f" --ablation-shots {a}" for _ in [0] if a != 6)
-    record["command"] += " --variants " + " ".join(repr(p[0]) if " " in p[0] else p[0] for p in plans) if args.variants else ""
+    if a != 6:
+        record["command"] += f" --ablation-shots {a}"
+    if args.variants:
+        record["command"] += " --variants " + " ".join(repr(p[0]) if " " in p[0] else p[0] for p in plans)
     for name, subset, masks, placements, negatives in plans:
         rows = run_variant(pipe, name, subset, masks, placements, negatives, unet, classifier)
         record["variants"][name] = dict(summary=summary(rows), shots=rows)
