@@ -4,8 +4,8 @@ The base UNet, VAE and text encoder are frozen; only the adapters train, with th
 noise-prediction (or v-prediction) MSE at timesteps drawn uniformly. Each sample's cache is computed
 on the fly from its reference by the base UNet at t = 1 (no gradient); its caption is dropped to
 the empty prompt with probability 0.07; its reference gets the method's augmentations. AdamW at a
-constant learning rate (1e-5 in the paper), gradient accumulation, mixed precision and gradient
-checkpointing as options.
+constant learning rate (1e-5 in the paper) or one that falls along a cosine (`lr_schedule`), gradient
+accumulation, mixed precision and gradient checkpointing as options.
 
 Every random draw of a step comes from generators seeded by (seed, step, sample), never from global
 state: a resumed run repeats exactly the steps it would have taken, and N processes with batch B
@@ -37,6 +37,7 @@ from torch import nn
 from dreamcache.core.adapter import DreamCacheAdapter, LayerMemory, apply_dreamcache, set_memory
 from dreamcache.core.cache import extract_features
 from dreamcache.training.data import Loader, ManifestReport, TripletDataset, load_manifest, read_bytes
+from dreamcache.training.schedule import lr_factor, stage_progress
 from dreamcache.core.layers import resolve_preset
 from dreamcache.core.weights import (
     FINGERPRINT_PREFIX, AdapterConfig, base_identity, load_adapters, read_adapter_config, save_adapters,
@@ -62,6 +63,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=12, ge=1, description="Samples per process per micro-step (the paper: 12).")
     gradient_accumulation: int = Field(default=1, ge=1, description="Micro-steps per optimiser step (the paper: 4).")
     learning_rate: float = Field(default=1e-5, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="constant (the paper's), or cosine: falling to a tenth of the rate by "
+        "max_steps or max_minutes, whichever ends the run first (dreamcache/training/schedule.py).")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW's default.")
     max_steps: int = Field(default=25_000, ge=1, description="Optimiser steps (the paper: 25k at batch 128).")
     max_minutes: float | None = Field(default=None, gt=0, description="Stop after this much training time even "
@@ -456,6 +460,7 @@ class Trainer:
         batches = self.batches()
         last = False
         while not last:
+            lr = self._schedule_lr(started)
             loss = self.train_step(batches)
             samples += per_step
             if not math.isfinite(loss):
@@ -464,7 +469,7 @@ class Trainer:
             validating = self.step % config.validate_every == 0
             if acc.is_main_process and (self.step % config.log_every == 0 or last or validating):
                 elapsed = time.perf_counter() - started
-                record = dict(step=self.step, loss=loss, lr=config.learning_rate, samples_per_s=samples / elapsed,
+                record = dict(step=self.step, loss=loss, lr=lr, samples_per_s=samples / elapsed,
                               elapsed_s=elapsed, processes=acc.num_processes)
                 if torch.cuda.is_available():
                     record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -481,6 +486,21 @@ class Trainer:
         if acc.is_main_process:
             save_adapters(final, self.adapter_modules, self.adapter_config())
         return final
+
+    def _schedule_lr(self, started: float) -> float:
+        """Sets the learning rate of the coming step from the run's progress and returns it. Time
+        differs a little between processes, so they share the mean progress: the same rate everywhere."""
+        config = self.config
+        if config.lr_schedule == "constant":
+            return config.learning_rate
+        progress = stage_progress(self.step, config.max_steps, time.perf_counter() - started, config.max_minutes)
+        if self.accelerator.num_processes > 1:
+            shared = torch.tensor(progress, device=self.accelerator.device)
+            progress = self.accelerator.reduce(shared, reduction="mean").item()
+        lr = config.learning_rate * lr_factor(config.lr_schedule, progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _out_of_time(self, started: float) -> bool:
         """Whether `max_minutes` of training have passed; every process gets the main process's answer."""

@@ -47,6 +47,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
 from dreamcache.core.architectures import tiny_tokenizer
+from dreamcache.training.schedule import lr_factor, stage_progress
 from dreamcache.world import scene as world
 from dreamcache.world.classifier import HEADS, AttributeClassifier
 from dreamcache.world.pool import PoolTriplets, WorldPool, pixels, render_pool
@@ -101,11 +102,15 @@ class WorldModelConfig:
     # `latents-once` (the adapter stage's target latents encoded once, as the UNet stage's are). Each
     # applies on CUDA only, so CPU runs are the eager ones; "none" is the fourth training's settings.
     levers: str = "compile,channels-last,fused-adamw,latents-once"
+    # The learning rate along every stage (dreamcache/training/schedule.py): "constant", the first six
+    # trainings'; or "cosine", falling to a tenth by the stage's steps or minutes, whichever ends it.
+    lr_schedule: str = "constant"
 
     def __post_init__(self):
         unknown = self.lever_names() - LEVERS
         if unknown:
             raise ValueError(f"unknown speed lever(s) {', '.join(sorted(unknown))}: choose from {', '.join(sorted(LEVERS))} or none")
+        lr_factor(self.lr_schedule, 0.0)  # a clear error for an unknown schedule, before any stage starts
 
     def lever_names(self) -> set[str]:
         return {name.strip() for name in self.levers.split(",") if name.strip() and name.strip() != "none"}
@@ -181,6 +186,12 @@ class Processes:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index]
                                                          if self.device.type == "cuda" else None)
 
+    def mean(self, value: float) -> float:
+        """The mean of `value` over the processes, the same number on each."""
+        if self.count == 1:
+            return value
+        return self.accelerator.reduce(torch.tensor(float(value), device=self.device), reduction="mean").item()
+
     def any(self, flag: bool) -> bool:
         """True on every process if it is true on any (so that all stop at the same step)."""
         if self.count == 1:
@@ -202,9 +213,11 @@ class _Progress:
     at its step count or time budget (every process at the same step)."""
 
     def __init__(self, stage: str, optimizer: torch.optim.Optimizer, processes: Processes, steps: int,
-                 minutes: float = 0, warmup: int = 0, log_every: int = 250, batch: int = 0):
+                 minutes: float = 0, warmup: int = 0, log_every: int = 250, batch: int = 0,
+                 schedule: str = "constant"):
         self.stage, self.optimizer, self.processes = stage, optimizer, processes
         self.steps, self.minutes, self.warmup, self.log_every = steps, minutes, warmup, log_every
+        self.schedule, self.progress = schedule, 0.0
         self.batch = batch  # global samples per step, for the throughput
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.losses: list[float] = []
@@ -217,15 +230,18 @@ class _Progress:
             if self.minutes and n % 10 == 0 and self.processes.any(self.seconds > 60 * self.minutes):
                 logger.info("%s: time budget of %g minutes reached at step %d", self.stage, self.minutes, n)
                 return
+            if self.schedule != "constant" and n % 10 == 0:  # with the budget's check: one exchange
+                self.progress = self.processes.mean(stage_progress(n, self.steps, self.seconds, self.minutes))
             yield n
 
     def step(self, loss: torch.Tensor) -> None:
         n = len(self.losses)
         if n == self.timed_from:
             self.timed_at = self._synchronized_time()
-        if self.warmup:  # linear warm-up, then constant
+        if self.warmup or self.schedule != "constant":  # linear warm-up, then the schedule
+            factor = min(1.0, (n + 1) / self.warmup) if self.warmup else 1.0
             for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
-                group["lr"] = lr * min(1.0, (n + 1) / self.warmup)
+                group["lr"] = lr * factor * lr_factor(self.schedule, self.progress)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -301,7 +317,7 @@ def train_vae(pool: WorldPool, config: WorldModelConfig, p: Processes) -> tuple[
     vae = (vae if vae is not None else make_vae(config)).to(p.device).train()
     model = _fast(_VaeRoundTrip(vae), p, config)
     progress = _Progress("vae", _adamw(vae.parameters(), config.learning_rate, config, p.device), p, config.vae_steps,
-                         config.vae_minutes, batch=config.batch_size)
+                         config.vae_minutes, batch=config.batch_size, schedule=config.lr_schedule)
     g = p.generator(config.seed)
     half = p.share(config.batch_size) // 2
     for _ in progress:
@@ -354,7 +370,7 @@ def train_clip(pool: WorldPool, config: WorldModelConfig, p: Processes) -> tuple
     clip = (clip if clip is not None else make_clip(tokenizer, config)).to(p.device).train()
     model = p.wrap(clip)
     progress = _Progress("clip", _adamw(clip.parameters(), config.learning_rate, config, p.device), p,
-                         config.clip_steps, config.clip_minutes, batch=config.batch_size)
+                         config.clip_steps, config.clip_minutes, batch=config.batch_size, schedule=config.lr_schedule)
     tokens = caption_tokens(tokenizer, world.CAPTIONS, p.device)  # all 48 captions, every step
     g = p.generator(config.seed + 1)
     for _ in progress:
@@ -415,7 +431,7 @@ def train_unet(pool: WorldPool, config: WorldModelConfig, vae: AutoencoderKL, te
     # A continued UNet needs no warm-up: its optimiser state is new, its weights are not.
     progress = _Progress("unet", _adamw(unet.parameters(), config.learning_rate, config, p.device), p,
                          config.unet_steps, config.unet_minutes, warmup=0 if config.init_from else 500,
-                         batch=config.unet_batch_size)
+                         batch=config.unet_batch_size, schedule=config.lr_schedule)
     g = p.generator(config.seed + 3)
     # Noise is drawn where it is used: megabytes a step, too many to make on the CPU and copy over.
     noise_g = torch.Generator(p.device).manual_seed(g.initial_seed())
@@ -449,7 +465,7 @@ def train_classifier(pool: WorldPool, config: WorldModelConfig, vae: Autoencoder
     vae = vae.to(p.device).eval()
     progress = _Progress("classifier", _adamw(classifier.parameters(), 1e-3, config, p.device), p,
                          config.classifier_steps, config.classifier_minutes, warmup=0 if config.init_from else 200,
-                         batch=config.batch_size)
+                         batch=config.batch_size, schedule=config.lr_schedule)
     g = p.generator(config.seed + 4)
     b = p.share(config.batch_size)
     for _ in progress:
@@ -477,7 +493,8 @@ def train_adapters(base: Path, output: Path, preset: str, pool: WorldPool, confi
                                init_adapter=str(init) if init else None,
                                channels_last="channels-last" in levers, fused_optimizer="fused-adamw" in levers,
                                batch_size=config.adapter_batch_size // accelerator.num_processes,
-                               learning_rate=config.adapter_learning_rate, max_steps=steps,
+                               learning_rate=config.adapter_learning_rate, lr_schedule=config.lr_schedule,
+                               max_steps=steps,
                                max_minutes=minutes or None,
                                # The pool lives on the GPU, and forked data workers must not touch it (CUDA
                                # cannot be re-initialised in a fork); drawing a sample's numbers is cheap.

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from dreamcache.training.schedule import lr_factor, stage_progress
 from dreamcache.training.trainer import TrainConfig, Trainer
 from tests.helpers import TEST_RESOLUTION, make_tiny_pipeline, scene
 
@@ -192,6 +193,26 @@ def test_training_stops_at_its_time_budget_and_saves_the_adapter(base_model, man
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert 0 < trainer.step < 10_000 and log[-1]["step"] == trainer.step
     assert log[-1]["elapsed_s"] >= 1.2 and (final / "adapter_model.safetensors").is_file()
+
+
+def test_a_cosine_schedule_falls_from_the_full_rate_to_a_tenth_by_the_last_step(base_model, manifest, tmp_path):
+    trainer = Trainer(config(base_model, manifest, tmp_path, max_steps=12, lr_schedule="cosine", checkpoint_every=10**6))
+    trainer.train()
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # Logged after each step: the rate that step used, from progress (step - 1) / 12.
+    assert rates[0] == pytest.approx(1e-2) and rates[-1] == pytest.approx(1e-2 * lr_factor("cosine", 11 / 12))
+    assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] < 0.12 * rates[0]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
+
+
+def test_the_cosine_schedule_follows_the_time_budget_when_it_ends_the_run_first():
+    assert stage_progress(10, 100_000, seconds=30, minutes=1) == 0.5  # 10 of 100k steps, half the minute
+    assert stage_progress(60, 100, seconds=30, minutes=1) == 0.6
+    assert stage_progress(10, 100, seconds=600, minutes=1) == 1.0
+    assert [round(lr_factor("cosine", f), 3) for f in (0, 0.5, 1)] == [1.0, 0.55, 0.1]
+    assert lr_factor("constant", 0.7) == 1.0
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        lr_factor("linear", 0.5)
 
 
 def test_the_cache_effect_is_zero_for_adapters_that_ignore_the_memory(base_model, tmp_path):

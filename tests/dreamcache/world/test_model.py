@@ -4,6 +4,7 @@ import json
 import shutil
 import time
 
+import pytest
 import torch
 from accelerate import Accelerator
 
@@ -11,6 +12,7 @@ from dreamcache.core.cache import model_fingerprint
 from dreamcache.core.layers import resolve_preset
 from dreamcache.core.pipeline import DreamCachePipeline
 from dreamcache.core.weights import read_adapter_config
+from dreamcache.training.schedule import lr_factor
 from dreamcache.world import model as world_model
 from dreamcache.world import scene as world
 from dreamcache.world.classifier import AttributeClassifier
@@ -114,6 +116,24 @@ def test_a_stage_stops_at_its_time_budget():
         progress.step(model(torch.ones(1, 2)).sum() ** 2)
     summary = progress.summary()
     assert 10 <= summary["steps"] < 1000 and summary["steps"] % 10 == 0  # the budget is checked every 10 steps
+
+
+def test_a_stage_on_the_cosine_schedule_ends_at_a_tenth_of_its_rate_and_warms_up_first():
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    progress = _Progress("probe", optimizer, Processes(Accelerator(cpu=True)), steps=100, warmup=5, schedule="cosine")
+    rates = []
+    for _ in progress:
+        progress.step(model(torch.ones(1, 2)).sum() ** 2)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(0.1 / 5) and rates[4] == pytest.approx(0.1)  # warm-up; progress 0 until step 10
+    assert rates[50] == pytest.approx(0.1 * lr_factor("cosine", 0.5)) and rates[-1] == pytest.approx(0.1 * lr_factor("cosine", 0.9))
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] < 0.15 * rates[4]
+
+
+def test_an_unknown_schedule_is_refused_before_any_stage_starts():
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
+        WorldModelConfig(lr_schedule="step")
 
 
 def test_adapter_stages_run_side_by_side_keep_each_others_records(tiny_world, tmp_path, monkeypatch):
