@@ -5,7 +5,7 @@
 # never started twice; a job that failed is started again (finished stages are kept, and a fix in
 # the working tree is picked up). What comes back: results.tgz (records, figures, logs) and the
 # model's folders as model.tgz.part-* (cat them together); both grow as stages finish.
-# Usage: bench/world_device.sh WAIT_SECONDS [python -m dreamcache.world.model args...]
+# Usage: bench/world_device.sh WAIT_SECONDS [python -m dreamcache.world.model args...] (none: wait for the started job)
 set -u
 wait_s=$1; shift
 W=/tmp/world
@@ -14,6 +14,12 @@ if [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH=/tmp/site:$W/src
 [ -f $W/failed ] && rm -rf $W/started $W/failed $W/src $W/model/runs
+if [ ! -f $W/started ] && [ $# = 0 ]; then
+  # A call to keep waiting that lands on a fresh machine (the warm one was given back) must not start
+  # a different job, from scratch: a job is started only with its arguments (defaults: --seed 0).
+  echo "no job on this machine to wait for: it is a fresh one; start the job again with its arguments"
+  exit 1
+fi
 if [ ! -f $W/started ]; then
   mkdir -p $W/src && touch $W/started
   cp -r dreamcache bench $W/src/  # the code as of the first call
