@@ -6,12 +6,15 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # How long a new PostgreSQL connection keeps trying while the server is unreachable, starting up or
 # shutting down (a restart, a fail-over): work waits for the database instead of failing.
@@ -85,3 +88,30 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: committed when the block ends, rolled back on any error."""
     with factory() as session, session.begin():
         yield session
+
+
+# How often a unit of work is run again after its connection was lost under it (each new connection itself
+# waits up to CONNECT_RETRY_S for the server).
+LOST_CONNECTION_ATTEMPTS = 3
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """The connection died under a statement (the server restarted, failed over or cut it): the transaction
+    was rolled back, nothing of it is written."""
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def in_transaction(factory: sessionmaker[Session], work: Callable[[Session], T]) -> T:
+    """`work(session)` as one transaction, run again from the start on a new connection when the connection
+    is lost under it. Only for work that is safe to repeat as a whole (a lost transaction left nothing
+    behind, so work that writes the same rows again is): recording a shot, renewing leases."""
+    for attempt in range(1, LOST_CONNECTION_ATTEMPTS + 1):
+        try:
+            with transaction(factory) as session:
+                return work(session)
+        except DBAPIError as exc:
+            if not connection_lost(exc) or attempt == LOST_CONNECTION_ATTEMPTS:
+                raise
+            logger.warning("database connection lost (%s): running the transaction again",
+                           str(exc.orig).strip().splitlines()[0])
+    raise AssertionError("unreachable")

@@ -12,11 +12,12 @@ from typing import Callable, Literal, Sequence
 
 from PIL import Image
 from sqlalchemy import delete, select
+from sqlalchemy.exc import DBAPIError
 
 from db import claims
 from db.models import Generation, Prompt, Score, Segmentation, Subject, SubjectCache
 from db.repository import insert_missing
-from db.session import transaction
+from db.session import in_transaction, transaction
 from dreamcache.core.images import decode_image
 from dreamcache.core.placement import PlacedProduct, Placement
 from dreamcache.perception.scoring import canonical_name, metric_name
@@ -138,8 +139,8 @@ def _generate_claimed(platform: Platform, claimed: list[int], output_prefix: str
         while rows:
             part = [r for r in rows[:size] if _canvas(r[0]) == _canvas(rows[0][0])]
             # Renew the leases of what this call still holds: a long (or split) batch is not taken over.
-            with transaction(platform.sessions) as s:
-                claims.heartbeat(s, Generation, [g.id for g, _, _ in rows], me, platform.lease)
+            held = [g.id for g, _, _ in rows]
+            in_transaction(platform.sessions, lambda s: claims.heartbeat(s, Generation, held, me, platform.lease))
             try:
                 finish = _generate_part(platform, part, caches, references, placed, output_prefix, compare_text_only,
                                         result)
@@ -291,20 +292,26 @@ def _write_part(platform, part, images, twins, scores, products, output_prefix: 
             written.append(key)
             platform.objects.put(sidecar_key(key), sidecar(gen, subject, text, score_rows, twin_uri), "application/json")
             written.append(sidecar_key(key))
-            with transaction(platform.sessions) as s:
-                # A shot made again (it was lost or damaged) is scored again: its old image's scores go.
-                s.execute(delete(Score).where(Score.generation_id == gen.id))
-                insert_missing(s, Score, score_rows)
-                claims.complete(s, Generation, gen.id, me, output_uri=stored.uri, output_sha256=stored.sha256,
-                                output_bytes=stored.size, duration_s=seconds)
+            # A database restart under the recording loses nothing: the transaction is run again.
+            in_transaction(platform.sessions, partial(_record_done, gen.id, me, stored, seconds, score_rows))
             result.add("done", [gen.id])
         except claims.LostClaimError:
             result.add("skipped", [gen.id])  # our lease ran out and another worker took it over
+        except DBAPIError:
+            raise  # the database's fault, not the shot's: the run fails with it, and a re-run records the shot
         except Exception as exc:  # an upload that failed after its retries: the item fails, the batch goes on
             _remove(platform, written)
             with transaction(platform.sessions) as s:
                 claims.fail(s, Generation, gen.id, me, f"writing results failed: {exc}")
             result.add("failed", [gen.id])
+
+
+def _record_done(generation_id: int, me: str, stored, seconds: float, score_rows: list[dict], s) -> None:
+    # A shot made again (it was lost or damaged) is scored again: its old image's scores go.
+    s.execute(delete(Score).where(Score.generation_id == generation_id))
+    insert_missing(s, Score, score_rows)
+    claims.complete(s, Generation, generation_id, me, output_uri=stored.uri, output_sha256=stored.sha256,
+                    output_bytes=stored.size, duration_s=seconds)
 
 
 def _remove(platform: Platform, keys: Sequence[str]) -> None:
