@@ -5,6 +5,9 @@
 # never started twice; a job that failed is started again (finished stages are kept, and a fix in
 # the working tree is picked up). What comes back: results.tgz (records, figures, logs) and the
 # model's folders as model.tgz.part-* (cat them together); both grow as stages finish.
+# The device lacks some packages: their wheels travel in .whl/ (git-ignored; pass `carry: [".whl"]`), made with
+#   pip download --no-deps --only-binary :all: --python-version 3.12 -d .whl diffusers==0.42.1 pydantic==2.14.4 \
+#     pydantic_core==2.50.5 annotated_types typing_inspection typing_extensions importlib_metadata zipp
 # Usage: bench/world_device.sh WAIT_SECONDS [python -m dreamcache.world.model args...] (none: wait for the started job)
 set -u
 wait_s=$1; shift
