@@ -12,6 +12,18 @@ from tests.helpers import make_tiny_pipeline
 from tests.servers import PostgresServer
 
 
+def pytest_configure(config):
+    """Each of pytest-xdist's workers gets its share of the cores for torch's (OpenMP) threads, and so do the
+    processes its tests start (`dreamcache run`, workers). Oversubscribed, the threads spin-wait on each other:
+    a tiny pipeline's step took 40 times longer with 2 workers x 2 threads on the 2-core CI machine (15 s
+    instead of 0.4 s). An OMP_NUM_THREADS set by the caller wins."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and config.getoption("numprocesses", None):
+        return  # the controller: it runs no test, and its workers inherit its environment
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture
 def tiny_pipe():
     """A fresh tiny pipeline with freshly initialised default adapters (fp32, CPU)."""
