@@ -40,6 +40,14 @@ def _processes() -> dict[int, tuple[str, int]]:
     return found
 
 
+def _descendants(processes: dict[int, tuple[str, int]], roots: set[int]) -> set[int]:
+    """`roots` and every process they started, and those started, ..."""
+    found = set(roots)
+    while more := {pid for pid, (_, parent) in processes.items() if parent in found} - found:
+        found |= more
+    return found
+
+
 def _answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(2)
@@ -88,12 +96,12 @@ def test_the_stack_starts_answers_and_stops_leaving_nothing(tmp_path, stop_with)
             database, exports["AWS_ENDPOINT_URL"], exports["PREFECT_API_URL"])]
         assert all(_answers(port) for port in ports)
         before = _processes()
+        # By the ports they listen on, whole: another test's server beside this one may have a port that starts
+        # with the same digits (`--port 3912` is in `--port 39125`).
         servers = {pid for pid, (command, _) in before.items()
-                   if f"-p {ports[0]} " in command or f"--port {ports[2]}" in command}
-        assert len(servers) == 2, before  # the postmaster and the Prefect server
-        started = set(servers)  # and everything they started: PostgreSQL's backends, the Prefect server's children
-        while more := {pid for pid, (_, parent) in before.items() if parent in started} - started:
-            started |= more
+                   if re.search(rf"(-p {ports[0]}|--port {ports[2]})(\s|$)", command)}
+        assert len(servers) == 2, {pid: before[pid] for pid in servers}  # the postmaster and the Prefect server
+        started = _descendants(before, servers)  # PostgreSQL's backends, the Prefect server's children
         assert len(started) > 2
         started = {pid: before[pid] for pid in started}
         # Their folders: PostgreSQL's cluster, and the stack's own (the Prefect server's home).
@@ -115,8 +123,12 @@ def test_the_stack_starts_answers_and_stops_leaving_nothing(tmp_path, stop_with)
         assert up.wait(timeout=GUARD_S) == 0, printed + rest
     finally:
         guard.cancel()
-        if up.poll() is None:
-            up.kill()
+        if up.poll() is None:  # a failed assertion: the stack stops its servers on Ctrl-C (killed, it would leak them)
+            up.send_signal(signal.SIGINT)
+            try:
+                up.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                up.kill()
     assert "stack stopped: PostgreSQL, S3 and the Prefect server are down" in rest
 
     after = _processes()
