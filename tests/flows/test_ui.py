@@ -153,6 +153,8 @@ def test_a_reviewer_decides_in_the_paused_runs_form(served, prefect_server):
         field(page, "Reject (Optional)").fill(str(ids[1]))
         field(page, "Reviewer (Optional)").fill("ana")
         dialog.get_by_role("button", name="Submit").click()
+        # The browser stays open until the server has the decision: closed at once, it can drop the form's request.
+        wait_for(flow_run.id, lambda state: not state.is_paused(), "resumed by the form")
         browser.close()
 
     final = wait_for(flow_run.id, lambda state: state.is_final(), "finished after the review")
