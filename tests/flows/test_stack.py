@@ -98,9 +98,11 @@ def test_the_stack_starts_answers_and_stops_leaving_nothing(tmp_path, stop_with)
         before = _processes()
         # By the ports they listen on, whole: another test's server beside this one may have a port that starts
         # with the same digits (`--port 3912` is in `--port 39125`).
+        # The programs themselves, not a helper that names the port on its way (runuser, pg_ctl, a shell).
         servers = {pid for pid, (command, _) in before.items()
-                   if re.search(rf"(-p {ports[0]}|--port {ports[2]})(\s|$)", command)}
-        assert len(servers) == 2, {pid: before[pid] for pid in servers}  # the postmaster and the Prefect server
+                   if re.match(rf"\S*/bin/postgres .*-p {ports[0]}(\s|$)", command)
+                   or re.match(rf"\S*python\S* -m prefect server start .*--port {ports[2]}(\s|$)", command)}
+        assert len(servers) == 2, "\n".join(f"{pid}: {before[pid]}" for pid in servers)  # postmaster, Prefect server
         started = _descendants(before, servers)  # PostgreSQL's backends, the Prefect server's children
         assert len(started) > 2
         started = {pid: before[pid] for pid in started}
