@@ -11,7 +11,8 @@ from db.session import connection_lost, in_transaction, make_engine, session_fac
 
 
 @pytest.fixture
-def sessions(postgres_url):
+def shots_db(postgres_url):
+    """Sessions on a database of one table (not the migrated schema of tests/db/conftest.py's `sessions`)."""
     engine = make_engine(postgres_url)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE shots (id integer PRIMARY KEY)"))
@@ -19,7 +20,7 @@ def sessions(postgres_url):
     engine.dispose()
 
 
-def test_work_whose_connection_is_cut_runs_again_and_commits_once(sessions):
+def test_work_whose_connection_is_cut_runs_again_and_commits_once(shots_db):
     attempts = []
 
     def record(s):
@@ -29,13 +30,13 @@ def test_work_whose_connection_is_cut_runs_again_and_commits_once(sessions):
             s.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
         return "recorded"
 
-    assert in_transaction(sessions, record) == "recorded"
+    assert in_transaction(shots_db, record) == "recorded"
     assert len(attempts) == 2
-    with sessions() as s:
+    with shots_db() as s:
         assert s.execute(text("SELECT id FROM shots")).scalars().all() == [1]  # the cut attempt left nothing
 
 
-def test_any_other_database_error_is_raised_at_once(sessions):
+def test_any_other_database_error_is_raised_at_once(shots_db):
     attempts = []
 
     def record(s):
@@ -43,5 +44,5 @@ def test_any_other_database_error_is_raised_at_once(sessions):
         s.execute(text("INSERT INTO shots VALUES (1), (1)"))
 
     with pytest.raises(IntegrityError) as raised:
-        in_transaction(sessions, record)
+        in_transaction(shots_db, record)
     assert len(attempts) == 1 and not connection_lost(raised.value)

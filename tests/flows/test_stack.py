@@ -40,14 +40,6 @@ def _processes() -> dict[int, tuple[str, int]]:
     return found
 
 
-def _descendants(processes: dict[int, tuple[str, int]], roots: set[int]) -> set[int]:
-    """`roots` and every process they started, and those started, ..."""
-    found = set(roots)
-    while more := {pid for pid, (_, parent) in processes.items() if parent in found} - found:
-        found |= more
-    return found
-
-
 def _answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(2)
@@ -96,14 +88,15 @@ def test_the_stack_starts_answers_and_stops_leaving_nothing(tmp_path, stop_with)
             database, exports["AWS_ENDPOINT_URL"], exports["PREFECT_API_URL"])]
         assert all(_answers(port) for port in ports)
         before = _processes()
-        # By the ports they listen on, whole: another test's server beside this one may have a port that starts
-        # with the same digits (`--port 3912` is in `--port 39125`).
-        # The programs themselves, not a helper that names the port on its way (runuser, pg_ctl, a shell).
+        # The programs themselves (not a helper that names the port on its way: runuser, pg_ctl, a shell), by their
+        # whole ports (another test's server beside this one may have one that starts with the same digits).
         servers = {pid for pid, (command, _) in before.items()
                    if re.match(rf"\S*/bin/postgres .*-p {ports[0]}(\s|$)", command)
                    or re.match(rf"\S*python\S* -m prefect server start .*--port {ports[2]}(\s|$)", command)}
         assert len(servers) == 2, "\n".join(f"{pid}: {before[pid]}" for pid in servers)  # postmaster, Prefect server
-        started = _descendants(before, servers)  # PostgreSQL's backends, the Prefect server's children
+        started = set(servers)  # and everything they started: PostgreSQL's backends, the Prefect server's children
+        while more := {pid for pid, (_, parent) in before.items() if parent in started} - started:
+            started |= more
         assert len(started) > 2
         started = {pid: before[pid] for pid in started}
         # Their folders: PostgreSQL's cluster, and the stack's own (the Prefect server's home).
