@@ -127,6 +127,9 @@ def test_a_reviewer_decides_in_the_paused_runs_form(served, prefect_server):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        resumes = []  # what the server answered the form: named in the failure should the run stay paused
+        page.on("response", lambda r: resumes.append(f"{r.request.method} {r.url} -> {r.status}")
+                if "/resume" in r.url else None)
         page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
         page.get_by_role("button", name="Resume", exact=True).first.click()
         dialog = page.get_by_role("dialog")
@@ -154,7 +157,11 @@ def test_a_reviewer_decides_in_the_paused_runs_form(served, prefect_server):
         field(page, "Reviewer (Optional)").fill("ana")
         dialog.get_by_role("button", name="Submit").click()
         # The browser stays open until the server has the decision: closed at once, it can drop the form's request.
-        wait_for(flow_run.id, lambda state: not state.is_paused(), "resumed by the form")
+        try:
+            wait_for(flow_run.id, lambda state: not state.is_paused(), "resumed by the form")
+        except TimeoutError as e:
+            shown = dialog.first.inner_text(timeout=5_000) if dialog.count() else "(the dialog is closed)"
+            raise AssertionError(f"{e}; the server's answers to the form: {resumes or 'none'}; the dialog: {shown}")
         browser.close()
 
     final = wait_for(flow_run.id, lambda state: state.is_final(), "finished after the review")

@@ -2,11 +2,9 @@
 
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
-from dreamcache.core.denoiser import FastPaths
 from tests.helpers import product_image
 
 PROMPTS = ("a red mug", "a blue lamp", "a box")
@@ -102,15 +100,7 @@ def test_reuse_changes_the_numbers_but_keeps_the_picture(tiny_pipe, guidance, sa
     assert change < 0.25 * (other_seeds - plain).abs().mean()  # far nearer its own plain image than another seed's
 
 
-@pytest.mark.slow  # torch.compile on the CPU: inductor builds C++ kernels
-def test_compiled_halves_reuse_as_the_eager_ones(tiny_pipe):
-    eager = _latents(tiny_pipe, 3, steps=4)
-    tiny_pipe.enable_fast_paths(FastPaths(compile=True))
-    try:
-        compiled = _latents(tiny_pipe, 3, steps=4)
-    finally:
-        tiny_pipe.enable_fast_paths(FastPaths())
-    assert (compiled - eager).abs().max() < 1e-4
+# The compiled halves with reuse: tests/dreamcache/core/test_denoiser.py, test_compiled_halves_match_eager_fp32.
 
 
 @pytest.mark.parametrize("interval", [0, -2, 1.5, True, "2"])
