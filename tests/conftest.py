@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import os
 import shutil
@@ -80,9 +81,25 @@ def pytest_collection_modifyitems(config, items):
         if "tiny_world" in item.fixturenames:
             # One worker trains the tiny world (a session fixture) and runs every test of it, rather than each.
             item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.xdist_group("tiny_world"))
+            _xdist_group(item, "tiny_world")
+        elif any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values() if defs):
+            _xdist_group(item, module)  # its module's fixture is built once, on one worker, rather than on each
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+def _xdist_group(item: pytest.Item, name: str) -> None:
+    """Sends the item to the one worker that runs its group (`--dist loadgroup`).
+
+    pytest-xdist 3.8 (the newest release) names an item's group by appending "@name" to `item._nodeid`,
+    which pytest 9 no longer reads: its id lives in `item._id`. The groups were silently ignored, and each
+    worker trained its own tiny world. The suffix is written where pytest reads it."""
+    item.add_marker(pytest.mark.xdist_group(name))
+    node_id = getattr(item, "_id", None)
+    if item.config.getoption("loadgroup", False) and node_id is not None and not item.nodeid.endswith(f"@{name}"):
+        last = node_id.names[-1] + ("" if node_id.params is None else f"[{node_id.params}]")
+        item._id = dataclasses.replace(node_id, names=(*node_id.names[:-1], f"{last}@{name}"), params=None)
+        assert item.nodeid.endswith(f"@{name}"), item.nodeid
 
 
 # --- databases --------------------------------------------------------------------------------
