@@ -76,7 +76,7 @@ def test_static_batches_pad_to_a_power_of_two_and_drop_the_copies(tiny_pipe):
 def test_compiled_halves_match_eager_fp32(tiny_pipe):
     """Inductor on the CPU: the same graph rewriting the GPU workers get, held to 1e-4 of eager fp32, at every
     step and with deep feature reuse (issue 35). One test, so that both share the compiled encoder half and
-    VAE decoder: on a cold inductor cache each compilation costs CI a minute."""
+    VAE decoder: on CI's cold inductor cache, compiling is nearly all of this test's time."""
     prompts = ("a red mug", "a blue lamp", "a box")
     for interval in (None, 3):
         eager = _images(tiny_pipe, FastPaths(), prompts=prompts, deep_reuse_interval=interval)
