@@ -7,7 +7,7 @@
 Each round starts a fresh database (on a PostgreSQL server, or a SQLite file where no server can be
 had), a Prefect server shared by the rounds, N long-lived `dreamcache worker` processes (each loads
 the model once, before taking work; worker i runs on the i-th --gpus id), and `--runs` consecutive
-`execution=task-workers` catalogue runs whose generation batches go to them: the first finds the
+`execution=task-workers` catalogue runs (in one process) whose generation batches go to them: the first finds the
 workers cold (compilation, CUDA-graph capture), the next ones warm, as a long-lived pool is. It
 records each run's wall time and images/hour, which worker generated each image, and checks that
 every planned image was generated exactly once, by the workers.
@@ -30,15 +30,17 @@ sys.path.insert(0, str(ROOT))
 from bench.provenance import git_commit  # noqa: E402
 from tests.servers import PostgresServer, PrefectServer  # noqa: E402  (the suite's real-server harness)
 
+# A round's runs one after another in one process, as a scheduler's would be: its imports are paid once, and
+# each run's wall time is its own.
 RUN = """
 import json, time
 from flows.runs.catalogue import catalogue_run
 from flows.platform.params import CatalogueRunParams
-params = CatalogueRunParams(**json.loads({params!r}))
-start = time.perf_counter()
-summary = catalogue_run(params)
-print(json.dumps(dict(wall_s=time.perf_counter() - start, generated=summary["images_generated"],
-                      planned=summary["images_planned"], failed=summary["images_failed"])))
+for params in json.loads({runs!r}):
+    start = time.perf_counter()
+    summary = catalogue_run(CatalogueRunParams(**params))
+    print(json.dumps(dict(wall_s=time.perf_counter() - start, generated=summary["images_generated"],
+                          planned=summary["images_planned"], failed=summary["images_failed"])), flush=True)
 """
 
 
@@ -106,16 +108,20 @@ def round_(n: int, args, env: dict, new_database, folder: Path) -> dict:
     try:
         for worker, log in zip(workers, logs):
             wait_ready(worker, log)
-        for r in range(args.runs):
-            params = dict(source=str(ROOT / "flows/examples/catalogue"), prompts=args.prompts,
-                          images_per_prompt=args.images_per_prompt, steps=args.steps, batch_size=args.batch_size,
-                          guidance="combined", execution="task-workers", output_prefix=f"scaling-{n}-{r}",
-                          seed=1000 * r)  # new seeds: a re-run would otherwise find its work done
-            proc = subprocess.run([sys.executable, "-c", RUN.format(params=json.dumps(params))], cwd=ROOT, env=env,
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"run failed:\n{proc.stderr[-4000:]}")
-            run = json.loads(proc.stdout.strip().splitlines()[-1])
+        plans = [dict(source=str(ROOT / "flows/examples/catalogue"), prompts=args.prompts,
+                      images_per_prompt=args.images_per_prompt, steps=args.steps, batch_size=args.batch_size,
+                      guidance="combined", execution="task-workers", output_prefix=f"scaling-{n}-{r}",
+                      seed=1000 * r)  # new seeds: a re-run would otherwise find its work done
+                 for r in range(args.runs)]
+        proc = subprocess.run([sys.executable, "-c", RUN.format(runs=json.dumps(plans))], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"run failed:\n{proc.stderr[-4000:]}")
+        lines = [line for line in proc.stdout.splitlines() if line.startswith('{"wall_s"')]
+        if len(lines) != args.runs:
+            raise RuntimeError(f"{len(lines)} of {args.runs} runs reported:\n{proc.stdout[-4000:]}")
+        for r, line in enumerate(lines):
+            run = json.loads(line)
             runs.append(dict(run, warm=r > 0, images_per_hour=run["generated"] / run["wall_s"] * 3600))
             print(f"{n} worker(s), run {r}: {runs[-1]}", flush=True)
         alive = all(w.poll() is None for w in workers)  # same processes throughout: each loaded the model once
