@@ -29,9 +29,10 @@ def pytest_configure(config):
 def _scalar_inductor_kernels() -> None:
     """Inductor's CPU kernels without SIMD code, here and in the processes the tests start. The compiled-path
     checks (test_levers, test_denoiser) hold inductor's graph rewriting (fusion, layouts, the compiled
-    backward) to eager; its C++ vector code is the CPU backend's own, which no worker runs by default (GPUs get
-    Triton; on CPU, FastPaths.for_device leaves compile off). Scalar kernels compile a third faster, and compiling is nearly all those checks'
-    time on CI's cold cache: test_levers 58 s instead of 85, the compiled halves 81 s instead of 105."""
+    backward) to eager; its C++ vector code is the CPU backend's own, which no worker runs by default
+    (GPUs get Triton; on CPU, FastPaths.for_device leaves compile off). Scalar kernels compile a third
+    faster, and compiling is nearly all those checks' time on CI's cold cache: alone, test_levers took
+    58 s instead of 85 and the compiled halves 77 s instead of 105 (BENCHMARKS.md, issue 34)."""
     os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
     import torch._inductor.config as inductor  # read once, at import: set the live value as well
 

@@ -32,8 +32,8 @@ def _train_unet(folder: Path, levers: str) -> tuple[torch.nn.Module, dict]:
 def _two_level_world(folder: Path, tmp_path: Path) -> Path:
     """The tiny world with a two-level UNet that has one of each block the shipped UNet has (cross-attention
     down and up, plain down and up, the middle one). Compiling is nearly all of this test's time on a cold
-    inductor cache, and it grows with the number of blocks, not with their kinds: the four-level UNet took
-    about 4 minutes of the suite's one thread, for no part of the stage this one leaves out."""
+    inductor cache, and it grows with the number of blocks, not with their kinds: alone, on one thread, the
+    test took 233 s with the four-level UNet and 85 s with this one, which leaves out no part of the stage."""
     small = tmp_path / "world"
     shutil.copytree(folder, small)
     shutil.rmtree(small / "base" / "unet")
@@ -41,7 +41,8 @@ def _two_level_world(folder: Path, tmp_path: Path) -> Path:
     unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(8, 16),
-                                layers_per_block=1, attention_head_dim=(1, 1), cross_attention_dim=128, norm_num_groups=8)
+                                layers_per_block=1, attention_head_dim=(1, 1), cross_attention_dim=128,
+                                norm_num_groups=8)
     unet.save_pretrained(small / "base" / "unet")
     return small
 
