@@ -7,8 +7,8 @@
 Each round starts a fresh database (on a PostgreSQL server, or a SQLite file where no server can be
 had), a Prefect server shared by the rounds, N long-lived `dreamcache worker` processes (each loads
 the model once, before taking work; worker i runs on the i-th --gpus id), and `--runs` consecutive
-`execution=task-workers` catalogue runs, in one process, whose generation batches go to them: the first finds the
-workers cold (compilation, CUDA-graph capture), the next ones warm, as a long-lived pool is. It
+`execution=task-workers` catalogue runs, in one process, whose generation batches go to them: the first
+finds the workers cold (compilation, CUDA-graph capture), the next ones warm, as a long-lived pool is. It
 records each run's wall time and images/hour, which worker generated each image, and checks that
 every planned image was generated exactly once, by the workers.
 """

@@ -37,12 +37,12 @@ def _two_level_world(folder: Path, tmp_path: Path) -> Path:
     small = tmp_path / "world"
     shutil.copytree(folder, small)
     shutil.rmtree(small / "base" / "unet")
+    config = UNet2DConditionModel.load_config(folder / "base" / "unet")  # the shipped architecture, fewer levels
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(8, 16),
-                                layers_per_block=1, attention_head_dim=(1, 1), cross_attention_dim=128,
-                                norm_num_groups=8)
+    unet = UNet2DConditionModel.from_config({
+        **config, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "layers_per_block": 1,
+        "block_out_channels": config["block_out_channels"][:2], "attention_head_dim": config["attention_head_dim"][:2]})
     unet.save_pretrained(small / "base" / "unet")
     return small
 
