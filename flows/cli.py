@@ -519,15 +519,18 @@ def worker(limit: int = typer.Option(1, min=1, help="Batches at a time (1 per GP
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        from flows.runs.catalogue import generate_task
         from flows.platform.resources import get_platform
+
+        platform = get_platform(library_cli.settings_or_fail())
+        # Before the model loads and the worker subscribes, and before the run's stack (torch, diffusers, Prefect)
+        # is imported: a worker that cannot record its work says so in a second, not after ten.
+        _check_stores(platform, "dreamcache worker")
+
+        from flows.runs.catalogue import generate_task
         from flows.runs.run_logs import log_platform_info
         from flows.worker import serve_until_stopped
 
         log_platform_info()  # its batches' lines go to their task runs' logs
-
-        platform = get_platform(library_cli.settings_or_fail())
-        _check_stores(platform, "dreamcache worker")  # before the model loads and the worker subscribes
         platform.pipeline  # load the model before taking work
         stopped_by = serve_until_stopped(generate_task, limit=limit)
     except (Cancelled, KeyboardInterrupt) as exc:
