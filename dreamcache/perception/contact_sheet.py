@@ -8,7 +8,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 TILE = 256
-CAPTION_LINES = 3
+CAPTION_WIDTH = 34  # characters a caption line holds under a tile
 LINE_HEIGHT = 16
 TITLE_HEIGHT = 28
 # A comparison sheet's pairs per row: three prompts, the demo's, read across one row.
@@ -46,7 +46,9 @@ def _draw(rows: Sequence[Sequence[Tile | None]], title: str) -> Image.Image:
     """Rows of captioned tiles (None leaves its place blank)."""
     font = ImageFont.load_default(size=13)
     cols = max(len(row) for row in rows)
-    caption_h = CAPTION_LINES * LINE_HEIGHT + 8
+    # Every caption whole: the rows are as tall as the longest needs (a shot's five scores take a fourth line).
+    captions = [[textwrap.wrap(tile[1], width=CAPTION_WIDTH) if tile else [] for tile in row] for row in rows]
+    caption_h = max((len(lines) for row in captions for lines in row), default=1) * LINE_HEIGHT + 8
     title_h = TITLE_HEIGHT if title else 0
     sheet = Image.new("RGB", (cols * TILE, title_h + len(rows) * (TILE + caption_h)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -56,13 +58,13 @@ def _draw(rows: Sequence[Sequence[Tile | None]], title: str) -> Image.Image:
         for c, tile in enumerate(row):
             if tile is None:
                 continue
-            image, caption = tile
+            image = tile[0]
             x, y = c * TILE, title_h + r * (TILE + caption_h)
             thumb = _fit(image.convert("RGB"), TILE)  # a 16:9 or 4:5 shot keeps its shape, letterboxed
             sheet.paste(thumb, (x + (TILE - thumb.width) // 2, y + (TILE - thumb.height) // 2))
-            lines = textwrap.wrap(caption, width=34)[:CAPTION_LINES]
-            for j, line in enumerate(lines):
-                draw.text((x + 6, y + TILE + 4 + j * LINE_HEIGHT), line, fill="black", font=font)
+            for j, line in enumerate(captions[r][c]):
+                # A no-break space keeps words together on a line; the font has no glyph for it, so it prints as a space.
+                draw.text((x + 6, y + TILE + 4 + j * LINE_HEIGHT), line.replace("\u00a0", " "), fill="black", font=font)
     return sheet
 
 

@@ -61,7 +61,8 @@ def contact_sheets(platform: Platform, subject_ids: Sequence[int], output_prefix
                 except (CorruptObject, ObjectNotFound) as exc:
                     remake(s, gen.id, f"its image {gen.output_uri} is {_damage(exc)} (found by the contact sheet)")
                     continue
-                values = "  ".join(f"{k} {v:.2f}" for k, v in sorted(scores.get(gen.id, {}).items()))
+                # A no-break space keeps each score's name and value on one caption line.
+                values = "  ".join(f"{k}\u00a0{v:.2f}" for k, v in sorted(scores.get(gen.id, {}).items()))
                 # The id is what a reviewer types to approve or reject it (`dreamcache review`, the paused run's form).
                 label = f"#{gen.id} {text} (seed {gen.seed}{_format(gen)}) {values}"
                 shots.append((shot, label))

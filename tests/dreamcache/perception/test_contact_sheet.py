@@ -40,3 +40,17 @@ def test_each_shot_follows_its_text_only_shot_and_a_missing_one_leaves_a_gap():
 def test_text_only_shots_must_match_the_shots_one_to_one():
     with pytest.raises(ValueError, match="2 shots but 1 text-only"):
         contact_sheet(solid("white"), [(solid("red"), "a"), (solid("blue"), "b")], text_only=[(solid("red"), "a")])
+
+
+def test_a_long_caption_is_drawn_whole_and_a_score_keeps_its_value_on_its_line():
+    """A shot's five scores took a fourth caption line, which the sheet used to cut (`mclip_i` without its value)."""
+    scores = "  ".join(f"{name}\u00a0{value:.2f}" for name, value in
+                       [("clip_i", 0.5), ("clip_t", 0.84), ("dino", 0.94), ("mclip_i", 0.8), ("mdino", 0.71)])
+    short = contact_sheet(solid("white"), [(solid("red"), "#5 a bottle")], columns=2)
+    long = contact_sheet(solid("white"), [(solid("red"), f"#5 a bottle on a snowy mountain (seed 0) {scores}")],
+                         columns=2)
+    captions = np.asarray(long.convert("L"))[TILE:, TILE:]  # under the shot
+    inked = [y for y in range(captions.shape[0]) if (captions[y] < 128).any()]
+    lines = 1 + sum(1 for a, b in zip(inked, inked[1:]) if b - a > 3)  # bands of ink, one per caption line
+    assert lines == 4 and long.height == short.height + 3 * 16  # four lines, each 16 px: none dropped
+    assert inked[-1] < long.height - TILE - 4  # the last line ends inside the sheet
