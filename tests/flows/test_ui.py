@@ -34,6 +34,7 @@ def field(page, label: str):
 
 
 def test_custom_run_from_the_ui(served, prefect_server, catalogue, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
     ui = prefect_server.url.removesuffix("/api")
@@ -58,8 +59,16 @@ def test_custom_run_from_the_ui(served, prefect_server, catalogue, tmp_path):
         field(page, "Images Per Prompt (Optional)").fill("1")
         field(page, "Steps (Optional)").fill("2")
         field(page, "Output Prefix (Optional)").fill("ui-run")
+        created = []  # what the server answered the form: named in the failure should the page stay on it
+        page.on("response", lambda r: created.append(f"{r.request.method} {r.url} -> {r.status}")
+                if "create_flow_run" in r.url else None)
         page.get_by_role("button", name="Submit").click()
-        page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+\?tab=Runs"), timeout=30_000)
+        try:  # a minute: on the loaded 2-core CI machine the first submit once took longer than 30 s
+            page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+\?tab=Runs"), timeout=60_000)
+        except PlaywrightTimeout:
+            page.screenshot(path=tmp_path / "form.png")
+            pytest.fail(f"Submit did not open the deployment's runs; the server answered {created or 'nothing'}; "
+                        f"the page ({tmp_path / 'form.png'}) says: {page.inner_text('body')[:2000]}")
 
         run = wait_for_final_state()
         assert run.state.is_completed(), run.state
