@@ -63,7 +63,7 @@ def test_custom_run_from_the_ui(served, prefect_server, catalogue, tmp_path):
         page.on("response", lambda r: created.append(f"{r.request.method} {r.url} -> {r.status}")
                 if "create_flow_run" in r.url else None)
         page.get_by_role("button", name="Submit").click()
-        try:  # a minute: on the loaded 2-core CI machine the first submit once took longer than 30 s
+        try:  # a minute: once, on the loaded 2-core machine, the page had not left the form after 30 s
             page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+\?tab=Runs"), timeout=60_000)
         except PlaywrightTimeout:
             page.screenshot(path=tmp_path / "form.png")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamcache.perception.contact_sheet import PAIRS_PER_ROW, TILE, TITLE_HEIGHT, contact_sheet
+from dreamcache.perception.contact_sheet import LINE_HEIGHT, PAIRS_PER_ROW, TILE, TITLE_HEIGHT, contact_sheet
 
 
 def solid(color) -> Image.Image:
@@ -52,5 +52,5 @@ def test_a_long_caption_is_drawn_whole_and_a_score_keeps_its_value_on_its_line()
     captions = np.asarray(long.convert("L"))[TILE:, TILE:]  # under the shot
     inked = [y for y in range(captions.shape[0]) if (captions[y] < 128).any()]
     lines = 1 + sum(1 for a, b in zip(inked, inked[1:]) if b - a > 3)  # bands of ink, one per caption line
-    assert lines == 4 and long.height == short.height + 3 * 16  # four lines, each 16 px: none dropped
+    assert lines == 4 and long.height == short.height + 3 * LINE_HEIGHT  # four lines against one: none dropped
     assert inked[-1] < long.height - TILE - 4  # the last line ends inside the sheet
