@@ -34,6 +34,7 @@ evaluate() {
     --image-scale auto --output $W/results/world_fidelity.json --figures $W/results > $W/results/evaluation.log 2>&1
 }
 gates() {
+  [ "${GATES:-1}" = 1 ] || return 0  # GATES=0: the base is the one continued, its gates already on record
   export CUDA_VISIBLE_DEVICES=$(( GPUS - 1 ))
   python3 bench/world_sdedit_bound.py $W/model --output $W/results/world_sdedit_bound.json > $W/results/gates.log 2>&1
   python3 bench/world_prior.py $W/model --output $W/results/world_prior.json >> $W/results/gates.log 2>&1

@@ -97,6 +97,9 @@ class WorldModelConfig:
     # starts from its weights instead of fresh ones, and a stage given 0 steps keeps them as they are,
     # so that the device time of several sessions adds up to one model. Empty: train from scratch.
     init_from: str = ""
+    # With init_from: train the adapters from fresh weights on the continued base, as the paper's
+    # placement ablation compares presets (docs/toy-world.md, "The placement ablation").
+    fresh_adapters: bool = False
     # Speed levers, comma-separated (BENCHMARKS.md, "Training throughput"): `compile` (torch.compile of
     # the UNet stage's model; the adapter stage runs eager), `channels-last`, `fused-adamw`, and
     # `latents-once` (the adapter stage's target latents encoded once, as the UNet stage's are). Each
@@ -488,7 +491,7 @@ def train_adapters(base: Path, output: Path, preset: str, pool: WorldPool, confi
 
     run = output.parent / "runs" / output.name
     levers = config.levers_on(accelerator.device)
-    init = Path(config.init_from) / output.name if config.init_from else None
+    init = _adapter_init(config, output.name)
     train_config = TrainConfig(base_model=str(base), output_dir=str(run), preset=preset,
                                init_adapter=str(init) if init else None,
                                channels_last="channels-last" in levers, fused_optimizer="fused-adamw" in levers,
@@ -518,6 +521,17 @@ def train_adapters(base: Path, output: Path, preset: str, pool: WorldPool, confi
                 processes=accelerator.num_processes, samples_per_s=_steady_rate(log, config.adapter_batch_size),
                 first_loss=losses[0], final_loss=losses[-1], logged_losses=losses,
                 cache_effect=[[r["step"], r["cache_effect"]] for r in log if "cache_effect" in r])
+
+
+def _adapter_init(config: WorldModelConfig, name: str) -> Path | None:
+    """The adapter folder `name` continues from: init_from's own, or None for fresh weights."""
+    if not config.init_from or config.fresh_adapters:
+        return None
+    init = Path(config.init_from) / name
+    if not init.is_dir():
+        raise FileNotFoundError(f"init_from {config.init_from} has no {name}/ to continue: "
+                                "pass --fresh-adapters to train it from fresh weights")
+    return init
 
 
 def _steady_rate(log: list[dict], batch: int) -> float:
@@ -565,6 +579,8 @@ def train_world_model(output: Path, config: WorldModelConfig, accelerator=None,
     """
     from accelerate import Accelerator
 
+    for name in adapters:  # a missing adapter to continue is named before any stage starts
+        _adapter_init(config, name)
     accelerator = accelerator or Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     p = Processes(accelerator)
     output.mkdir(parents=True, exist_ok=True)
@@ -575,7 +591,10 @@ def train_world_model(output: Path, config: WorldModelConfig, accelerator=None,
     stages = record.setdefault("stages", {})
     if "earlier_sessions" not in record:  # what the model continued from had already seen
         before = Path(config.init_from) / "training.json" if config.init_from else None
-        record["earlier_sessions"] = json.loads(before.read_text())["sessions"] if before and before.exists() else []
+        earlier = json.loads(before.read_text())["sessions"] if before and before.exists() else []
+        if config.fresh_adapters:  # the adapters start over: what earlier ones saw is not theirs
+            earlier = [dict(s, samples={k: v for k, v in s["samples"].items() if k not in ADAPTERS}) for s in earlier]
+        record["earlier_sessions"] = earlier
 
     def done(name: str, summary: dict) -> None:
         if p.main:
@@ -641,13 +660,21 @@ def _train_base(output: Path, config: WorldModelConfig, pool: WorldPool, p: Proc
         done("classifier", summary)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the procedural world's model (docs/toy-world.md).")
     parser.add_argument("--output", type=Path, required=True)
     for field in fields(WorldModelConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        flag = f"--{field.name.replace('_', '-')}"
+        if isinstance(field.default, bool):  # type=bool would read "False" as true
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
     parser.add_argument("--adapters", default=",".join(ADAPTERS), help=f"adapter folders to train: {', '.join(ADAPTERS)}")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes in every stage

@@ -3,10 +3,12 @@
 import json
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
 from dreamcache.core.cache import model_fingerprint
 from dreamcache.core.layers import resolve_preset
@@ -152,3 +154,34 @@ def test_adapter_stages_run_side_by_side_keep_each_others_records(tiny_world, tm
     on_disk = json.loads((folder / "training.json").read_text())["stages"]
     assert {"adapter", "adapter-middle", "adapter-other"} <= set(on_disk) == set(record["stages"])
     assert on_disk["adapter-middle"]["preset"] == "middle"
+
+
+def test_an_adapter_missing_from_the_model_continued_is_named_before_any_stage_starts(tiny_world, tmp_path):
+    source = tmp_path / "shipped"
+    shutil.copytree(tiny_world[0], source, ignore=shutil.ignore_patterns("adapter-middle", "pool", "runs"))
+    continued = replace(TINY, init_from=str(source))
+    with pytest.raises(FileNotFoundError, match="no adapter-middle/ to continue: pass --fresh-adapters"):
+        world_model.train_world_model(tmp_path / "out", continued)
+    assert not (tmp_path / "out").exists()
+    assert world_model._adapter_init(continued, "adapter") == source / "adapter"
+    assert world_model._adapter_init(replace(continued, fresh_adapters=True), "adapter-middle") is None
+
+
+def test_fresh_adapters_on_a_continued_base_count_only_their_own_samples(tiny_world, tmp_path):
+    source = tmp_path / "shipped"
+    shutil.copytree(tiny_world[0], source, ignore=shutil.ignore_patterns("adapter-middle", "pool", "runs"))
+    config = replace(TINY, init_from=str(source), fresh_adapters=True, vae_steps=0, clip_steps=0, unet_steps=0,
+                     classifier_steps=0, adapter_steps=1, middle_adapter_steps=1)
+    weights = source / "adapter" / "adapter_model.safetensors"
+    shifted = {k: v + 1.0 for k, v in load_file(weights).items()}  # continuing would start a whole unit away
+    save_file(shifted, weights)
+    record = world_model.train_world_model(tmp_path / "out", config)
+    assert record["samples"]["adapter"] == record["samples"]["adapter-middle"] == TINY.adapter_batch_size
+    assert record["samples"]["unet"] == tiny_world[1]["samples"]["unet"]  # the base's own history is kept
+    fresh = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    assert min((fresh[k] - shifted[k]).abs().mean().item() for k in shifted) > 0.5  # one step from fresh weights
+
+
+def test_boolean_settings_are_flags():
+    assert world_model._parser().parse_args(["--output", "x", "--fresh-adapters"]).fresh_adapters is True
+    assert world_model._parser().parse_args(["--output", "x"]).fresh_adapters is False
