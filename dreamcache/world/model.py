@@ -100,6 +100,10 @@ class WorldModelConfig:
     # With init_from: train the adapters from fresh weights on the continued base, as the paper's
     # placement ablation compares presets (docs/toy-world.md, "The placement ablation").
     fresh_adapters: bool = False
+    # With init_from: train only the VAE's decoder. The encoder stays as it is, so the latents the UNet
+    # and the adapters learned keep their meaning and scale, and only detail the decoder loses (the VAE
+    # round trip's gate, docs/toy-world.md) is trained for.
+    vae_decoder_only: bool = False
     # Speed levers, comma-separated (BENCHMARKS.md, "Training throughput"): `compile` (torch.compile of
     # the UNet stage's model; the adapter stage runs eager), `channels-last`, `fused-adamw`, and
     # `latents-once` (the adapter stage's target latents encoded once, as the UNet stage's are). Each
@@ -114,6 +118,8 @@ class WorldModelConfig:
         if unknown:
             raise ValueError(f"unknown speed lever(s) {', '.join(sorted(unknown))}: choose from {', '.join(sorted(LEVERS))} or none")
         lr_factor(self.lr_schedule, 0.0)  # a clear error for an unknown schedule, before any stage starts
+        if self.vae_decoder_only and not self.init_from:
+            raise ValueError("vae_decoder_only trains the decoder of a finished model's VAE: give init_from as well")
 
     def lever_names(self) -> set[str]:
         return {name.strip() for name in self.levers.split(",") if name.strip() and name.strip() != "none"}
@@ -318,8 +324,13 @@ def train_vae(pool: WorldPool, config: WorldModelConfig, p: Processes) -> tuple[
     torch.manual_seed(config.seed)  # the same initial weights on every process
     vae = _continued(config, "base/vae", AutoencoderKL.from_pretrained)
     vae = (vae if vae is not None else make_vae(config)).to(p.device).train()
-    model = _fast(_VaeRoundTrip(vae), p, config)
-    progress = _Progress("vae", _adamw(vae.parameters(), config.learning_rate, config, p.device), p, config.vae_steps,
+    if config.vae_decoder_only:
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+    trained = [w for w in vae.parameters() if w.requires_grad]
+    model = _fast(_VaeRoundTrip(vae, encoder_frozen=config.vae_decoder_only), p, config)
+    progress = _Progress("vae", _adamw(trained, config.learning_rate, config, p.device), p, config.vae_steps,
                          config.vae_minutes, batch=config.batch_size, schedule=config.lr_schedule)
     g = p.generator(config.seed)
     half = p.share(config.batch_size) // 2
@@ -328,8 +339,8 @@ def train_vae(pool: WorldPool, config: WorldModelConfig, p: Processes) -> tuple[
         with _autocast(p.device):
             reconstruction, kl = model(_layout(images, config))
         progress.step(F.l1_loss(reconstruction.float(), images) + 1e-6 * kl.float().mean())
-    vae = vae.eval().to(memory_format=torch.contiguous_format)
-    if not progress.losses:  # continued for no steps: its latents, and their scale, stay the UNet's
+    vae = vae.eval().to(memory_format=torch.contiguous_format).requires_grad_(True)
+    if not progress.losses or config.vae_decoder_only:  # the encoder as it was: its latents, and their scale, stay the UNet's
         return vae, progress.summary()
     with torch.no_grad():  # SD's convention: scaled latents have about unit variance
         sample = pixels(pool.targets[pool.sample(torch.Generator().manual_seed(config.seed), 1024)])
@@ -341,12 +352,14 @@ def train_vae(pool: WorldPool, config: WorldModelConfig, p: Processes) -> tuple[
 class _VaeRoundTrip(torch.nn.Module):
     """The VAE's training forward as one module call, so that DDP sees the encoder and decoder used."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, encoder_frozen: bool = False):
         super().__init__()
         self.vae = vae
+        self.encoder_frozen = encoder_frozen
 
     def forward(self, images):
-        posterior = self.vae.encode(images).latent_dist
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            posterior = self.vae.encode(images).latent_dist
         return self.vae.decode(posterior.sample()).sample, posterior.kl()
 
 
@@ -618,9 +631,29 @@ def train_world_model(output: Path, config: WorldModelConfig, accelerator=None,
     for name in adapters:
         if not (output / name).exists():
             steps, minutes = (getattr(config, field) for field in LENGTHS[name])
-            done(name, train_adapters(output / "base", output / name, ADAPTERS[name], pool, config, accelerator,
-                                      steps, minutes))
+            init = _adapter_init(config, name)
+            if init is not None and steps == 0 and not minutes:  # continued for no steps: kept as they are
+                if p.main:
+                    keep_adapters(init, output / "base", output / name)
+                done(name, dict(steps=0, preset=ADAPTERS[name], kept_from=str(init)))
+            else:
+                done(name, train_adapters(output / "base", output / name, ADAPTERS[name], pool, config, accelerator,
+                                          steps, minutes))
     return record
+
+
+def keep_adapters(init: Path, base: Path, output: Path) -> None:
+    """`init`'s adapters copied to `output`, their config naming `base` as the base they go with: only the
+    UNet's features reach them, so a base whose decoder alone was trained keeps them valid."""
+    from dreamcache.core.adapter_config import CONFIG_NAME
+    from dreamcache.core.weights import base_identity
+
+    shutil.copytree(init, output)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    vae = AutoencoderKL.from_pretrained(base / "vae")
+    config = json.loads((output / CONFIG_NAME).read_text())
+    config["base_model"] = base_identity(base, unet, vae)
+    (output / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
 # Each stage's global batch, to count the samples it has seen across sessions.

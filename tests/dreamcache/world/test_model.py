@@ -8,12 +8,13 @@ from dataclasses import replace
 import pytest
 import torch
 from accelerate import Accelerator
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from dreamcache.core.cache import model_fingerprint
 from dreamcache.core.layers import resolve_preset
 from dreamcache.core.pipeline import DreamCachePipeline
-from dreamcache.core.weights import read_adapter_config
+from dreamcache.core.weights import base_identity, read_adapter_config
 from dreamcache.training.schedule import lr_factor
 from dreamcache.world import model as world_model
 from dreamcache.world import scene as world
@@ -185,3 +186,31 @@ def test_fresh_adapters_on_a_continued_base_count_only_their_own_samples(tiny_wo
 def test_boolean_settings_are_flags():
     assert world_model._parser().parse_args(["--output", "x", "--fresh-adapters"]).fresh_adapters is True
     assert world_model._parser().parse_args(["--output", "x"]).fresh_adapters is False
+
+
+def test_the_decoder_alone_trains_and_the_latents_keep_their_meaning(tiny_world, tmp_path):
+    source = tmp_path / "shipped"
+    shutil.copytree(tiny_world[0], source, ignore=shutil.ignore_patterns("pool", "runs", "stages"))
+    config = replace(TINY, init_from=str(source), vae_decoder_only=True, vae_steps=3, clip_steps=0, unet_steps=0,
+                     classifier_steps=0, adapter_steps=0)
+    record = world_model.train_world_model(tmp_path / "out", config, adapters=("adapter",))
+    assert record["stages"]["vae"]["steps"] == 3 and record["stages"]["adapter"]["steps"] == 0
+    before = AutoencoderKL.from_pretrained(source / "base" / "vae")
+    after = AutoencoderKL.from_pretrained(tmp_path / "out" / "base" / "vae")
+    old, new = before.state_dict(), after.state_dict()
+    kept = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in old if k.startswith("decoder.")]
+    assert kept and all(torch.equal(old[k], new[k]) for k in kept)
+    assert any(not torch.equal(old[k], new[k]) for k in trained)
+    assert after.config.scaling_factor == before.config.scaling_factor  # the UNet's latents, unchanged
+    # The adapters, continued for no steps, are kept as they were, for the new base.
+    kept = tmp_path / "out" / "adapter"
+    assert (kept / "adapter_model.safetensors").read_bytes() == (source / "adapter" / "adapter_model.safetensors").read_bytes()
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "base" / "unet")
+    assert read_adapter_config(kept).base_model == base_identity(tmp_path / "out" / "base", unet, after)
+    assert read_adapter_config(kept).base_model != read_adapter_config(source / "adapter").base_model
+
+
+def test_training_the_decoder_alone_needs_a_model_to_continue():
+    with pytest.raises(ValueError, match="vae_decoder_only .* give init_from"):
+        WorldModelConfig(vae_decoder_only=True)
