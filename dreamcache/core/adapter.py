@@ -18,14 +18,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from torch import nn
 
 from dreamcache.core.layers import Layer
+
+if TYPE_CHECKING:  # only named here: loading adapters or caches needs no diffusers import
+    from diffusers import UNet2DConditionModel
 
 
 @dataclass

@@ -12,11 +12,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
-from diffusers.utils.torch_utils import randn_tensor
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
@@ -25,6 +23,9 @@ from dreamcache.core.adapter import LayerMemory, use_memory
 from dreamcache import __version__
 from dreamcache.core.errors import CacheError
 from dreamcache.core.layers import Layer
+
+if TYPE_CHECKING:  # a cache is read and written without diffusers: only computing one needs it
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
 FORMAT = "dreamcache.feature-cache/1"
 
@@ -210,6 +211,8 @@ def extract_features(
     authors' negative prompt (their released inference).
     Returns layer name -> (B, h_l * w_l, C_l).
     """
+    from diffusers.utils.torch_utils import randn_tensor
+
     noise = randn_tensor(latents.shape, generator=list(generators) if generators else None,
                          device=latents.device, dtype=latents.dtype)
     t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
