@@ -98,7 +98,7 @@ class WorldModelConfig:
     # so that the device time of several sessions adds up to one model. Empty: train from scratch.
     init_from: str = ""
     # With init_from: train the adapters from fresh weights on the continued base, as the paper's
-    # placement ablation compares presets (docs/toy-world.md, "The placement ablation").
+    # placement ablation compares presets at equal training (docs/toy-world.md, "The models").
     fresh_adapters: bool = False
     # With init_from: train only the VAE's decoder. The encoder stays as it is, so the latents the UNet
     # and the adapters learned keep their meaning and scale, and only detail the decoder loses (the VAE
@@ -643,8 +643,9 @@ def train_world_model(output: Path, config: WorldModelConfig, accelerator=None,
 
 
 def keep_adapters(init: Path, base: Path, output: Path) -> None:
-    """`init`'s adapters copied to `output`, their config naming `base` as the base they go with: only the
-    UNet's features reach them, so a base whose decoder alone was trained keeps them valid."""
+    """`init`'s adapters copied to `output`, their config naming `base` as the base they now go with. Only
+    the UNet and the VAE's encoder shape what they see, so after a decoder trained alone they are valid as
+    they are; after UNet training they are what a later session continues from."""
     from dreamcache.core.adapter_config import CONFIG_NAME
     from dreamcache.core.weights import base_identity
 

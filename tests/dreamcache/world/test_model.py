@@ -204,11 +204,11 @@ def test_the_decoder_alone_trains_and_the_latents_keep_their_meaning(tiny_world,
     assert any(not torch.equal(old[k], new[k]) for k in trained)
     assert after.config.scaling_factor == before.config.scaling_factor  # the UNet's latents, unchanged
     # The adapters, continued for no steps, are kept as they were, for the new base.
-    kept = tmp_path / "out" / "adapter"
-    assert (kept / "adapter_model.safetensors").read_bytes() == (source / "adapter" / "adapter_model.safetensors").read_bytes()
+    adapter = tmp_path / "out" / "adapter"
+    assert (adapter / "adapter_model.safetensors").read_bytes() == (source / "adapter" / "adapter_model.safetensors").read_bytes()
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "base" / "unet")
-    assert read_adapter_config(kept).base_model == base_identity(tmp_path / "out" / "base", unet, after)
-    assert read_adapter_config(kept).base_model != read_adapter_config(source / "adapter").base_model
+    assert read_adapter_config(adapter).base_model == base_identity(tmp_path / "out" / "base", unet, after)
+    assert read_adapter_config(adapter).base_model != read_adapter_config(source / "adapter").base_model
 
 
 def test_training_the_decoder_alone_needs_a_model_to_continue():
