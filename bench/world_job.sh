@@ -30,6 +30,7 @@ cp $W/model/training.json $W/results/
 
 step "evaluation"
 evaluate() {
+  [ "${EVAL:-1}" = 1 ] || return 0  # EVAL=0: the base's gates alone (a short session measuring one stage)
   CUDA_VISIBLE_DEVICES=0 python3 -m dreamcache.world.evaluation --model $W/model --products 24 --seeds 2 \
     --image-scale auto --output $W/results/world_fidelity.json --figures $W/results > $W/results/evaluation.log 2>&1
 }
