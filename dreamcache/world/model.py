@@ -330,8 +330,12 @@ def train_vae(pool: WorldPool, config: WorldModelConfig, p: Processes) -> tuple[
             vae.quant_conv.requires_grad_(False)
     trained = [w for w in vae.parameters() if w.requires_grad]
     model = _fast(_VaeRoundTrip(vae, encoder_frozen=config.vae_decoder_only), p, config)
+    # Continued, the VAE warms up: Adam's first steps move every weight by about the learning rate at
+    # once, which set a trained decoder back (held-out L1 0.064 -> 0.085 after one step at 1e-4, batch 8;
+    # docs/toy-world.md, "What the next training should change").
     progress = _Progress("vae", _adamw(trained, config.learning_rate, config, p.device), p, config.vae_steps,
-                         config.vae_minutes, batch=config.batch_size, schedule=config.lr_schedule)
+                         config.vae_minutes, warmup=100 if config.init_from else 0, batch=config.batch_size,
+                         schedule=config.lr_schedule)
     g = p.generator(config.seed)
     half = p.share(config.batch_size) // 2
     for _ in progress:
