@@ -329,7 +329,7 @@ def train_vae(pool: WorldPool, config: WorldModelConfig, p: Processes) -> tuple[
         if vae.quant_conv is not None:
             vae.quant_conv.requires_grad_(False)
     trained = [w for w in vae.parameters() if w.requires_grad]
-    model = _fast(_VaeRoundTrip(vae, encoder_frozen=config.vae_decoder_only), p, config)
+    model = _fast(_VaeRoundTrip(vae), p, config)
     # Continued, the VAE warms up: Adam's first steps move every weight by about the learning rate at
     # once, which set a trained decoder back (held-out L1 0.064 -> 0.085 after one step at 1e-4, batch 8;
     # docs/toy-world.md, "What the next training should change").
@@ -356,14 +356,12 @@ def train_vae(pool: WorldPool, config: WorldModelConfig, p: Processes) -> tuple[
 class _VaeRoundTrip(torch.nn.Module):
     """The VAE's training forward as one module call, so that DDP sees the encoder and decoder used."""
 
-    def __init__(self, vae: AutoencoderKL, encoder_frozen: bool = False):
+    def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.vae = vae
-        self.encoder_frozen = encoder_frozen
 
     def forward(self, images):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            posterior = self.vae.encode(images).latent_dist
+        posterior = self.vae.encode(images).latent_dist  # a frozen encoder records no graph: nothing in it needs grad
         return self.vae.decode(posterior.sample()).sample, posterior.kl()
 
 
